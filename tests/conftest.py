@@ -19,6 +19,7 @@ CODE_FILES = [
     "configuration_chatglm.py",
     "modeling_chatglm.py",
     "quantization.py",
+    "loading.py",
     "tokenization_chatglm.py",
     "cpu_kernels.py",
     "cuda_kernels.py",

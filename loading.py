@@ -1,0 +1,340 @@
+"""Checkpoint loading for ChatGLM-6B: one strict, streaming loader for every transformers version.
+
+Why our own: transformers' loader differs between 4.27 and 5.x, warns (instead of failing) on
+missing/unexpected keys, and materialises full copies. Here the model skeleton is built on the
+meta device already in its quantized form, and every tensor of the checkpoint is checked (name,
+shape, dtype) and placed as it arrives: `.bin` files are memory-mapped (zero-copy on CPU), FP16
+weights meeting a quantized config are quantized layer by layer, nothing is silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .configuration_chatglm import ChatGLMConfig
+from .quantization import QuantizedLinear, quantize_weight
+
+HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
+              "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
+IGNORED_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "empty_init", "code_revision", "offload_state_dict",
+                  "use_flash_attention_2", "mirror", "from_tf", "from_flax", "load_in_8bit", "load_in_4bit")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+EMBED, HEAD = "transformer.word_embeddings.weight", "lm_head.weight"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not match config.json (names the key and what was expected)."""
+
+
+def _resolve_file(path: str, filename: str, hub_kwargs: dict) -> Optional[str]:
+    sub = hub_kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        full = os.path.join(path, sub, filename)
+        return full if os.path.isfile(full) else None
+    from transformers.utils import cached_file
+    kw = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **kw)
+    except OSError:
+        return None
+
+
+def find_weight_files(path: str, hub_kwargs: dict, use_safetensors: Optional[bool] = None):
+    names = [n for n in WEIGHT_FILES if not (use_safetensors is False and "safetensors" in n)
+             and not (use_safetensors is True and "safetensors" not in n)]
+    for name in names:
+        found = _resolve_file(path, name, hub_kwargs)
+        if found is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [found]
+        with open(found) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [_resolve_file(path, s, hub_kwargs) for s in shards]
+        missing = [s for s, f in zip(shards, files) if f is None]
+        if missing:
+            raise CheckpointError(f"{name} lists shards that are not there: {missing}; download them")
+        return files
+    raise CheckpointError(f"no weights found in {path!r}: expected one of {', '.join(names)} (official "
+                          "chatglm-6b-int8 ships pytorch_model.bin; did you download the weights / run git lfs pull?)")
+
+
+def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str]]:
+    """Yield (key, tensor, file) for every tensor, streaming file by file."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key), path
+            continue
+        _check_not_lfs_pointer(path)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise CheckpointError(f"could not read {path}: {e}") from e
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # pickle with code in it, truncated file, ...
+            raise CheckpointError(f"could not read {path} as a weights-only PyTorch checkpoint ({e}); "
+                                  "re-download it or convert it to safetensors") from e
+        for key in list(sd.keys()):
+            yield key, sd.pop(key), path
+        del sd
+
+
+def _check_not_lfs_pointer(path: str):
+    if os.path.getsize(path) < 1024:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that folder")
+
+
+def _resolve_dtype(torch_dtype, config: ChatGLMConfig):
+    if torch_dtype is None or torch_dtype == "auto":
+        return None  # keep what the checkpoint stores
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype.replace("torch.", ""), None)
+    if torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"torch_dtype must be float16, bfloat16, float32 or 'auto', got {torch_dtype!r}")
+    return torch_dtype
+
+
+def _normalize_device_map(device_map):
+    """Return None (everything on one device, given separately) or a {module_prefix: device} dict."""
+    if device_map is None:
+        return {"": "cpu"}
+    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str)
+                                                      and device_map not in ("auto", "balanced", "balanced_low_0",
+                                                                             "sequential")):
+        return {"": torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)}
+    return device_map
+
+
+def _device_for(key: str, device_map: Dict[str, object]):
+    best, best_len = None, -1
+    for prefix, dev in device_map.items():
+        if prefix == "" or key == prefix or key.startswith(prefix + "."):
+            if len(prefix) > best_len:
+                best, best_len = dev, len(prefix)
+    if best is None:
+        raise CheckpointError(f"device_map does not place {key!r}; give every module a device (or use 'auto')")
+    if isinstance(best, int):
+        return torch.device("cuda", best)
+    return torch.device(best) if best != "disk" else torch.device("cpu")
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool):
+    mod_name, _, name = key.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if name in mod._buffers:
+        mod._buffers[name] = value
+    else:
+        setattr(mod, name, nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point()))
+
+
+def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype=None, dtype=None,
+                    device_map=None, max_memory=None, offload_folder=None, use_safetensors=None,
+                    output_loading_info=False, attn_implementation=None, **kwargs):
+    path = str(pretrained_model_name_or_path)
+    hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+    for k in list(kwargs):
+        if k in IGNORED_KWARGS or k.startswith("_") or k in ("adapter_kwargs", "adapter_name", "key_mapping",
+                                                            "tp_plan", "gguf_file", "variant",
+                                                            "generation_config", "state_dict"):
+            if k == "state_dict" and kwargs[k] is not None:
+                raise TypeError("from_pretrained(state_dict=...) is not supported; load the folder instead")
+            kwargs.pop(k)
+    if config is None:
+        config, kwargs = ChatGLMConfig.from_pretrained(path, return_unused_kwargs=True, **hub_kwargs, **kwargs)
+    elif kwargs:
+        # config given (the Auto* path) but config attributes passed too: apply them like transformers does
+        for k in list(kwargs):
+            if hasattr(config, k):
+                setattr(config, k, kwargs.pop(k))
+        config.validate_chatglm()
+    if kwargs:
+        raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
+    if attn_implementation not in (None, "eager", "sdpa"):
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported (use eager or sdpa)")
+
+    target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
+    dmap = _normalize_device_map(device_map)
+    float_dtype = target_dtype or torch.float16
+    with torch.device("meta"):
+        model = cls(config, dtype=float_dtype)
+    if not isinstance(dmap, dict):  # "auto" & co: plan with accelerate on the meta model
+        dmap = _plan_device_map(model, dmap, max_memory, float_dtype)
+
+    files = find_weight_files(path, hub_kwargs, use_safetensors)
+    expected = dict(model.state_dict(keep_vars=True))
+    bits = config.quantization_bit
+    loaded, quantized_on_load = set(), False
+    for key, tensor, src in iter_checkpoint(files):
+        if key == HEAD and EMBED in loaded:
+            loaded.add(HEAD)  # tied matrix stored twice (same storage in the official .bin)
+            continue
+        if key == HEAD and EMBED in expected:
+            key = EMBED  # safetensors may keep the tied matrix under the head's name only
+        if key not in expected:
+            raise CheckpointError(_unexpected_message(key, tensor, config))
+        want = expected[key]
+        dev = _device_for(key, dmap)
+        if key.endswith(".weight") and key.rsplit(".", 1)[0] in _quantized_modules(model):
+            if tensor.dtype == torch.int8:
+                _check_shape(key, tensor, want, "int8", config)
+            elif tensor.is_floating_point():
+                lin = model.get_submodule(key.rsplit(".", 1)[0])
+                full = (lin.out_features, lin.in_features)
+                if tuple(tensor.shape) != full:
+                    raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} but config.json expects {full}")
+                q, scale = quantize_weight(tensor.to(dev), bits)
+                _set_tensor(model, key, q, False)
+                _set_tensor(model, key[:-len("weight")] + "weight_scale", scale.to(torch.float16), False)
+                loaded.update({key, key[:-len("weight")] + "weight_scale"})
+                quantized_on_load = True
+                continue
+            else:
+                raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected int8 for quantization_bit {bits}")
+            _set_tensor(model, key, tensor.to(dev), False)
+        elif key.endswith(".inv_freq"):
+            _check_shape(key, tensor, want, "float", config)
+            _set_tensor(model, key, want.new_empty(0, device="cpu"), False)  # recomputed below
+        else:
+            _check_shape(key, tensor, want, "float", config)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected a floating-point tensor")
+            new_dtype = _float_target(key, tensor.dtype, target_dtype)
+            value = tensor.to(device=dev, dtype=new_dtype)
+            if quantized_on_load and value.data_ptr() == tensor.data_ptr():
+                value = value.clone()  # don't keep the whole FP16 file mapped for a few small tensors
+            _set_tensor(model, key, value, not key.endswith("weight_scale") and not _is_quant_bias(model, key))
+        loaded.add(key)
+
+    _finish(model, config, loaded, expected, dmap)
+    model.tie_weights()
+    _attach_generation_config(model, path, hub_kwargs)
+    if isinstance(model.config, ChatGLMConfig):
+        model.config._name_or_path = path
+    model.eval()
+    if len({str(d) for d in dmap.values()}) > 1:
+        _dispatch(model, dmap, offload_folder)
+    if output_loading_info:
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return model
+
+
+def _quantized_modules(model) -> set:
+    cache = getattr(model, "_glm_qnames", None)
+    if cache is None:
+        cache = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        model._glm_qnames = cache
+    return cache
+
+
+def _is_quant_bias(model, key: str) -> bool:
+    return key.endswith(".bias") and key.rsplit(".", 1)[0] in _quantized_modules(model)
+
+
+def _float_target(key: str, stored: torch.dtype, target: Optional[torch.dtype]) -> torch.dtype:
+    if target is None:
+        return stored
+    if key.endswith("weight_scale") and target == torch.bfloat16:
+        return stored  # bf16 would drop 3 bits of every row scale
+    return target
+
+
+def _check_shape(key, tensor, want, kind, config):
+    if tuple(tensor.shape) != tuple(want.shape):
+        hint = ""
+        if kind == "int8" and config.quantization_bit == 8 and tensor.shape[-1] * 2 == want.shape[-1]:
+            hint = " — this looks like an INT4 checkpoint: set quantization_bit 4 in config.json"
+        elif kind == "int8" and config.quantization_bit == 4 and tensor.shape[-1] == want.shape[-1] * 2:
+            hint = " — this looks like an INT8 checkpoint: set quantization_bit 8 in config.json"
+        raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} in the checkpoint, but config.json "
+                              f"(hidden_size {config.hidden_size}, quantization_bit {config.quantization_bit}) "
+                              f"expects {tuple(want.shape)}{hint}")
+
+
+def _unexpected_message(key, tensor, config) -> str:
+    if key.endswith("weight_scale") and not config.quantization_bit:
+        return (f"unexpected key {key!r}: the checkpoint is quantized but config.json has no quantization_bit; "
+                "add \"quantization_bit\": 8 (or 4) to config.json")
+    if key.startswith("transformer.prefix_encoder.") and not config.pre_seq_len:
+        return (f"unexpected key {key!r}: a P-tuning prefix encoder is in the checkpoint but config.json has no "
+                "pre_seq_len; set pre_seq_len (and prefix_projection) to use it")
+    return (f"unexpected key {key!r} (shape {tuple(tensor.shape)}, {tensor.dtype}) in the checkpoint: it does not "
+            "belong to ChatGLM-6B with this config.json")
+
+
+def _finish(model, config, loaded, expected, dmap):
+    from .modeling_chatglm import rotary_inv_freq
+    missing = [k for k in expected if k not in loaded and not k.endswith(".inv_freq")]
+    if HEAD in missing and EMBED in loaded:
+        missing.remove(HEAD)
+    prefix_missing = [k for k in missing if k.startswith("transformer.prefix_encoder.")]
+    missing = [k for k in missing if k not in prefix_missing]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" … ({len(missing)} in all)" if len(missing) > 6 else "")
+        raise CheckpointError(f"the checkpoint lacks {shown}; is it complete, and does config.json match it?")
+    if prefix_missing:
+        warnings.warn("the checkpoint has no P-tuning prefix encoder (pre_seq_len is set): it is initialised "
+                      "randomly; load your trained one with model.transformer.prefix_encoder.load_state_dict(...)")
+        enc_dev = _device_for("transformer.prefix_encoder", dmap)
+        enc = model.transformer.prefix_encoder.to_empty(device=enc_dev)
+        for m in enc.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Linear):
+                m.reset_parameters()
+        for p in enc.parameters():
+            p.requires_grad = True
+    head_dim = config.hidden_size // config.num_attention_heads
+    for name, mod in model.named_modules():
+        if "inv_freq" in mod._buffers:
+            mod._buffers["inv_freq"] = rotary_inv_freq(head_dim // 2).to(_device_for(name, dmap))
+    emb_dev = model.transformer.word_embeddings.weight.device
+    model.transformer._rotary_inv_freq = rotary_inv_freq(head_dim // 2).to(emb_dev)
+    if config.pre_seq_len:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("transformer.prefix_encoder.")
+    model.tie_weights()
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"internal error: not loaded: {still_meta[:5]}")
+
+
+def _attach_generation_config(model, path, hub_kwargs):
+    from transformers import GenerationConfig
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path, **{k: v for k, v in hub_kwargs.items()
+                                                                           if v is not None})
+    except Exception:  # no generation_config.json (the official repos have none)
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+def _plan_device_map(model, strategy, max_memory, dtype):
+    try:
+        import importlib
+        accelerate = importlib.import_module("accelerate")
+    except ImportError as e:
+        raise ImportError("device_map='auto' needs accelerate: pip install accelerate") from e
+    kwargs = dict(max_memory=max_memory, no_split_module_classes=["GLMBlock"], dtype=dtype)
+    if strategy in ("balanced", "balanced_low_0", "auto") and max_memory is None:
+        kwargs["max_memory"] = accelerate.utils.get_balanced_memory(
+            model, dtype=dtype, low_zero=strategy == "balanced_low_0", no_split_module_classes=["GLMBlock"])
+    return accelerate.infer_auto_device_map(model, **kwargs)
+
+
+def _dispatch(model, dmap, offload_folder):
+    import importlib
+    accelerate = importlib.import_module("accelerate")
+    main = next((d for d in dmap.values() if d not in ("cpu", "disk")), "cpu")
+    accelerate.dispatch_model(model, device_map=dmap, main_device=main, offload_dir=offload_folder)
