@@ -29,6 +29,7 @@ import importlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -53,7 +54,7 @@ except ImportError:  # run as a script or as top-level `tools`: expose the repo 
 
 __all__ = [
     "PRESETS",
-    "PACKAGE_FILES",
+    "package_files",
     "make_config",
     "config_bits",
     "checkpoint_layout",
@@ -62,18 +63,6 @@ __all__ = [
     "copy_package_files",
     "main",
 ]
-
-# What a Hub-style folder needs besides weights and config.json (tests/conftest.py lists the same).
-PACKAGE_FILES = (
-    "configuration_chatglm.py",
-    "modeling_chatglm.py",
-    "quantization.py",
-    "tokenization_chatglm.py",
-    "cpu_kernels.py",
-    "cuda_kernels.py",
-    "ice_text.model",
-    "tokenizer_config.json",
-)
 
 # config.json keys every ChatGLM-6B release shares (SPEC §1); sizes come from a preset.
 _BASE_CONFIG = {
@@ -96,6 +85,35 @@ _BASE_CONFIG = {
     "transformers_version": "4.27.1",
     "use_cache": True,
 }
+
+# The remote code a Hub-style folder needs: the modules auto_map names, the tokenizer's module,
+# and every module they import relatively (the rule transformers uses to copy remote code).
+_ENTRY_MODULES = tuple(dict.fromkeys([v.split(".")[0] for v in _BASE_CONFIG["auto_map"].values()]
+                                     + ["tokenization_chatglm"]))
+TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+_RELATIVE_IMPORT = re.compile(r"^[ \t]*from[ \t]+\.(\w*)[ \t]+import\b[ \t]*\(?([\w ,]*)", re.MULTILINE)
+
+
+def package_files(src_dir=ROOT) -> List[str]:
+    """File names of the package's code and tokenizer files, found from the entry modules' imports."""
+    src_dir = Path(src_dir)
+    order: List[str] = []
+    todo = list(_ENTRY_MODULES)
+    while todo:
+        module = todo.pop(0)
+        if module in order:
+            continue
+        order.append(module)
+        path = src_dir / f"{module}.py"
+        if not path.is_file():
+            continue  # copy_package_files reports it missing
+        for m in _RELATIVE_IMPORT.finditer(path.read_text(encoding="utf-8")):
+            if m.group(1):  # from .module import names
+                todo.append(m.group(1))
+            else:  # from . import module[, module as alias]
+                todo += [name.split()[0] for name in m.group(2).split(",") if name.strip()]
+    return [f"{m}.py" for m in order] + list(TOKENIZER_FILES)
+
 
 SIZE_KEYS = ("hidden_size", "num_attention_heads", "inner_hidden_size", "num_layers", "vocab_size")
 PRESETS = {
@@ -380,15 +398,16 @@ def _existing_checkpoint_files(out: Path) -> List[Path]:
 
 
 def copy_package_files(dst, src_dir=ROOT) -> List[Path]:
-    """Copy the package's code and tokenizer files (PACKAGE_FILES) from ``src_dir`` into ``dst``."""
+    """Copy the package's code and tokenizer files (package_files()) from ``src_dir`` into ``dst``."""
     src_dir, dst = Path(src_dir), Path(dst)
-    missing = [n for n in PACKAGE_FILES if not (src_dir / n).is_file()]
+    names = package_files(src_dir)
+    missing = [n for n in names if not (src_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{src_dir} lacks {missing}: the package is incomplete in this checkout, so the "
                                 f"folder would not load with trust_remote_code; write them first or drop --copy-code")
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
-    for name in PACKAGE_FILES:
+    for name in names:
         shutil.copyfile(src_dir / name, dst / name)
         copied.append(dst / name)
     return copied
