@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .configuration_chatglm import ChatGLMConfig
+from .dispatch import device_for as _device_for, dispatch as _dispatch, normalize_device_map as _normalize_device_map, plan_device_map as _plan_device_map
 from .quantization import QuantizedLinear, quantize_weight
 
 HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
@@ -105,30 +106,6 @@ def _resolve_dtype(torch_dtype, config: ChatGLMConfig):
     if torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"torch_dtype must be float16, bfloat16, float32 or 'auto', got {torch_dtype!r}")
     return torch_dtype
-
-
-def _normalize_device_map(device_map):
-    """Return None (everything on one device, given separately) or a {module_prefix: device} dict."""
-    if device_map is None:
-        return {"": "cpu"}
-    if isinstance(device_map, (int, torch.device)) or (isinstance(device_map, str)
-                                                      and device_map not in ("auto", "balanced", "balanced_low_0",
-                                                                             "sequential")):
-        return {"": torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)}
-    return device_map
-
-
-def _device_for(key: str, device_map: Dict[str, object]):
-    best, best_len = None, -1
-    for prefix, dev in device_map.items():
-        if prefix == "" or key == prefix or key.startswith(prefix + "."):
-            if len(prefix) > best_len:
-                best, best_len = dev, len(prefix)
-    if best is None:
-        raise CheckpointError(f"device_map does not place {key!r}; give every module a device (or use 'auto')")
-    if isinstance(best, int):
-        return torch.device("cuda", best)
-    return torch.device(best) if best != "disk" else torch.device("cpu")
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool):
@@ -318,23 +295,3 @@ def _attach_generation_config(model, path, hub_kwargs):
                                                                            if v is not None})
     except Exception:  # no generation_config.json (the official repos have none)
         model.generation_config = GenerationConfig.from_model_config(model.config)
-
-
-def _plan_device_map(model, strategy, max_memory, dtype):
-    try:
-        import importlib
-        accelerate = importlib.import_module("accelerate")
-    except ImportError as e:
-        raise ImportError("device_map='auto' needs accelerate: pip install accelerate") from e
-    kwargs = dict(max_memory=max_memory, no_split_module_classes=["GLMBlock"], dtype=dtype)
-    if strategy in ("balanced", "balanced_low_0", "auto") and max_memory is None:
-        kwargs["max_memory"] = accelerate.utils.get_balanced_memory(
-            model, dtype=dtype, low_zero=strategy == "balanced_low_0", no_split_module_classes=["GLMBlock"])
-    return accelerate.infer_auto_device_map(model, **kwargs)
-
-
-def _dispatch(model, dmap, offload_folder):
-    import importlib
-    accelerate = importlib.import_module("accelerate")
-    main = next((d for d in dmap.values() if d not in ("cpu", "disk")), "cpu")
-    accelerate.dispatch_model(model, device_map=dmap, main_device=main, offload_dir=offload_folder)

@@ -50,6 +50,18 @@ __all__ = [
 ]
 
 _TF_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def _cache_kwarg_name() -> str:
+    """Where `generate` keeps the cache in model_kwargs: 'cache' on recent 5.x, else 'past_key_values'."""
+    try:
+        from transformers.generation.utils import ALL_CACHE_NAMES
+        return ALL_CACHE_NAMES[0]
+    except ImportError:
+        return "past_key_values"
+
+
+_CACHE_KW = _cache_kwarg_name()
 ALPHA_LAYERS = 28  # the released model scales residuals by sqrt(2 * 28) whatever num_layers is
 
 
@@ -331,6 +343,17 @@ class ChatGLMOutput(ModelOutput):
     past_key_values: Optional[GLMCache] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     last_hidden_state: Optional[torch.Tensor] = None
+    cache: Optional[GLMCache] = None  # transformers >= 5.x renames past_key_values to cache
+
+
+def _cache_of(output) -> Optional[GLMCache]:
+    cache = getattr(output, "past_key_values", None)
+    return cache if cache is not None else getattr(output, "cache", None)
+
+
+def _output(**fields) -> ChatGLMOutput:
+    fields[_CACHE_KW] = fields.pop("past_key_values", None)
+    return ChatGLMOutput(**fields)
 
 
 def compute_dtype_for(param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -466,31 +489,39 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         hidden = self.final_layernorm(hidden)
         if output_hidden_states:
             all_hidden += (hidden,)
-        return ChatGLMOutput(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
-                             hidden_states=all_hidden)
+        return _output(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
+                       hidden_states=all_hidden)
 
     def _masks_and_positions(self, input_ids, attention_mask, position_ids, b, s, past_len, device):
+        """Our bool ``[b, 1, s, past+s]`` mask (True = masked) and ``[b, 2, s]`` positions.
+
+        ``attention_mask`` may be ours (4-D) or a Hugging Face padding mask ``[b, past+s]`` (1 = token).
+        """
         cfg = self.config
         pad_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:  # HF-style [b, total], 1 = keep
-            pad_mask, attention_mask = attention_mask[:, -s:] if past_len else attention_mask, None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            pad_mask, attention_mask = attention_mask.to(device=device, dtype=torch.bool), None
+        elif attention_mask is not None:
             attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         if past_len == 0:
             if input_ids is None and (attention_mask is None or position_ids is None):
                 raise ValueError("with inputs_embeds, pass attention_mask and position_ids as well")
+            pm = pad_mask[:, -s:] if pad_mask is not None else None
             if attention_mask is None:
-                attention_mask = build_attention_mask(input_ids, cfg.bos_token_id, pad_mask)
+                attention_mask = build_attention_mask(input_ids, cfg.bos_token_id, pm)
             if position_ids is None:
                 position_ids = build_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
-                                                  cfg.gmask_token_id, pad_mask)
-        else:
-            if position_ids is None:
-                raise ValueError("continuing from past_key_values needs position_ids (generate() and chat() "
-                                 "handle this for you)")
-            if attention_mask is None and s > 1:
-                attention_mask = torch.ones(s, past_len + s, device=device).tril_(past_len) < 0.5
-                attention_mask = attention_mask[None, None].expand(b, 1, s, past_len + s)
+                                                  cfg.gmask_token_id, pm)
+            return attention_mask, position_ids.to(device)
+        if position_ids is None:
+            raise ValueError("continuing from past_key_values needs position_ids (generate() and chat() "
+                             "handle this for you)")
+        if attention_mask is None and (s > 1 or pad_mask is not None):
+            visible = torch.ones(s, past_len + s, device=device).tril_(past_len) > 0.5  # causal among new tokens
+            visible = visible[None, None].expand(b, 1, s, past_len + s)
+            if pad_mask is not None:
+                visible = visible & pad_mask[:, None, None, -(past_len + s):]
+            attention_mask = ~visible
         return attention_mask, position_ids.to(device)
 
 
@@ -524,18 +555,6 @@ def process_response(response: str) -> str:
         response = re.sub(f"({_CJK}){mark}", lambda m: m.group(1) + wide, response)
         response = re.sub(f"{mark}({_CJK})", lambda m: wide + m.group(1), response)
     return response
-
-
-def _cache_kwarg_name() -> str:
-    """Where `generate` keeps the cache in model_kwargs: 'cache' on recent 5.x, else 'past_key_values'."""
-    try:
-        from transformers.generation.utils import ALL_CACHE_NAMES
-        return ALL_CACHE_NAMES[0]
-    except ImportError:
-        return "past_key_values"
-
-
-_CACHE_KW = _cache_kwarg_name()
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -594,6 +613,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=bool(output_hidden_states),
         )
+        new_cache = _cache_of(out)
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -605,10 +625,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
         if return_dict is False:
-            return tuple(x for x in (loss, logits, out.past_key_values, out.hidden_states) if x is not None)
-        result = ChatGLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                               hidden_states=out.hidden_states)
-        return result
+            return tuple(x for x in (loss, logits, new_cache, out.hidden_states) if x is not None)
+        return _output(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=out.hidden_states)
 
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head without an fp32 copy of the (fp16) embedding matrix resident on CPU."""
@@ -651,7 +669,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                                  f"max_sequence_length={self.config.max_sequence_length}; shorten the prompt")
         return {
             "input_ids": input_ids,
-            "past_key_values": cache,
+            _CACHE_KW: cache,
             "position_ids": position_ids,
             "attention_mask": attention_mask,
             "use_cache": True if use_cache is None else use_cache,
@@ -659,7 +677,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         }
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, *args, **kwargs):
-        model_kwargs[_CACHE_KW] = outputs.past_key_values
+        model_kwargs[_CACHE_KW] = _cache_of(outputs)
         pos = model_kwargs.get("position_ids")
         mask = model_kwargs.get("attention_mask")
         if pos is not None:
@@ -678,20 +696,23 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return past.reorder(beam_idx) if past is not None else past
 
     def generate(self, inputs=None, *args, **kwargs):
-        """`transformers` generate, with positions/masks derived up front so every step is consistent."""
+        """`transformers` generate. Masks travel as a 2-D padding mask (all versions accept that);
+        the 2-D positions are derived up front so every step is consistent."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
-            mask = kwargs.get("attention_mask")
-            pad_mask = mask if mask is not None and mask.dim() == 2 else None
-            if input_ids.shape[1] > self.config.max_sequence_length:
-                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
-                                 f"max_sequence_length={self.config.max_sequence_length}; shorten the prompt")
             cfg = self.config
+            if input_ids.shape[1] > cfg.max_sequence_length:
+                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
+                                 f"max_sequence_length={cfg.max_sequence_length}; shorten the prompt")
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones_like(input_ids)
+            elif mask.dim() == 4:  # the tokenizer's mask: the last row sees exactly the real tokens
+                mask = (~mask[:, 0, -1, :].bool()).long()
+            kwargs["attention_mask"] = mask
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = build_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
-                                                            cfg.gmask_token_id, pad_mask)
-            if mask is None or pad_mask is not None:
-                kwargs["attention_mask"] = build_attention_mask(input_ids, cfg.bos_token_id, pad_mask)
+                                                            cfg.gmask_token_id, mask)
         return super().generate(inputs, *args, **kwargs)
 
     # --- chat -----------------------------------------------------------------------------
@@ -768,7 +789,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         while input_ids.shape[1] < limit:
             out = self(input_ids=step_ids, position_ids=step_pos, attention_mask=step_mask, past_key_values=cache,
                        use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = _cache_of(out)
             scores = processors(input_ids, out.logits[:, -1].float())
             if do_sample:
                 scores = warpers(input_ids, scores)

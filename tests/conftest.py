@@ -20,6 +20,7 @@ CODE_FILES = [
     "modeling_chatglm.py",
     "quantization.py",
     "loading.py",
+    "dispatch.py",
     "tokenization_chatglm.py",
     "cpu_kernels.py",
     "cuda_kernels.py",
