@@ -1,9 +1,1097 @@
-"""Placeholder: the fast CPU kernels land here (see issue). Until then the torch path runs."""
+"""Fused CPU kernels for the quantized (INT8 / INT4) and FP16 linears of ChatGLM-6B.
+
+``linear(x, q, scale, bias, bits)`` computes ``x @ (q * scale)ᵀ + bias`` straight from the
+int8 / packed-int4 weight (no dequantized copy of the weight is ever made) and
+``fp16_linear(x, w)`` computes ``x @ wᵀ`` from an fp16 weight (the LM head), both with fp32
+accumulation. Either returns ``None`` when it cannot run, and the caller falls back to torch.
+
+How it works
+  * The C source below is compiled the first time a kernel is needed (never on import, never
+    for CUDA tensors) with the system compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) and
+    loaded with ctypes. The library is cached in ``$CHATGLM_CACHE_DIR`` (default
+    ``$XDG_CACHE_HOME/chatglm6b`` or ``~/.cache/chatglm6b``) under a name that hashes the source,
+    the compiler's identity, the flags and the machine type. It is written to a temporary file
+    in that folder and renamed into place, so concurrent first loads are safe.
+  * One library holds an AVX-512, an AVX2 and a portable C version of every kernel (the x86
+    versions are compiled with per-function ``target`` attributes, so no ``-march=native``) and
+    picks one at run time with ``__builtin_cpu_supports``. On other CPUs (ARM…) only the
+    portable version is built; the compiler vectorizes its loops.
+  * Threads: OpenMP, as many as ``torch.get_num_threads()``; the output features are split
+    into contiguous ranges, one per thread. (torch ships its own ``libgomp.so.1``; the library
+    links the same soname, so one OpenMP thread pool serves both.)
+  * Without a compiler, or when compilation fails, ``available()`` is False after ONE warning
+    that says why, and the model keeps working on the torch path.
+
+Numerics: products and sums are fp32 with FMA (no reduced precision anywhere). The large-M path
+multiplies ``q * scale`` in fp32 (exact for an fp16 scale, so the weight equals the torch
+reference's dequantized weight bit for bit); only the summation order differs from torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV"]
+
+CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
+_ABI_VERSION = 1  # bump together with CG_ABI_VERSION in the C source
+
+# Codes shared with the C source.
+_W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
+_PARAM_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
+
+_C_SOURCE = r"""
+/*
+ * chatglm6b CPU kernels: y[M][N] = x[M][K] . W[N][K]^T (+ bias), fp32 in and out, W stored as
+ *   INT8  q[N][K], W = q * scale[n]
+ *   INT4  q packed two per byte (byte j = q[2j] << 4 | (q[2j+1] & 15), both sign-extended)
+ *   FP16  w[N][K]
+ *
+ * Two algorithms, chosen by the number of activation rows M:
+ *  - GEMV (decode, M <= gemv_max_m): rows of W are streamed from memory once per group of up to
+ *    4 rows of x and converted to fp32 in registers; products accumulate along K in the SIMD
+ *    lanes and are reduced once per output. Memory-bound by design.
+ *  - GEMM (prefill): y^T = W . x^T. x is packed once, transposed, into tiles of TW rows laid out
+ *    [k][TW]. A panel of NR weight rows by KC columns is converted to fp32 (scale folded in:
+ *    q * scale is exact in fp32 for an fp16 scale) into a small buffer that stays in cache, and
+ *    a register micro-kernel multiplies it against every x tile: per k, NR broadcast weights
+ *    times TW-wide x vectors. Sums for a chunk of panels accumulate in a y^T buffer over the K
+ *    blocks and are transposed into y (plus bias) when the chunk is done.
+ * Each algorithm has an AVX-512, an AVX2 and a portable version; the portable one is plain C
+ * written so that compilers vectorize it. Threads (OpenMP) split N into contiguous ranges.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CG_X86 1
+#include <immintrin.h>
+#else
+#define CG_X86 0
+#endif
+
+#define CG_API __attribute__((visibility("default")))
+#define CG_INLINE static inline __attribute__((always_inline))
+#define CG_ABI_VERSION 1
+
+enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
+enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+#define KC 512                  /* K block of the GEMM, a multiple of 32 */
+#define LDW (KC + 16)           /* row stride of a converted weight panel (+64 B: no L1 aliasing) */
+#define NR_MAX 12               /* most weight rows in a GEMM panel (any ISA) */
+#define YT_CHUNK_BYTES (4 << 20) /* per-thread y^T accumulation buffer */
+#define GEMV_ROWS 4             /* x rows handled per pass of the GEMV */
+
+typedef struct {
+    const float *x; int64_t M, K, ldx;       /* activations, row stride ldx floats */
+    const uint8_t *w; int wkind; int64_t N, ldw; /* weight rows, row stride ldw bytes */
+    const float *scale;                      /* [N] or NULL (fp16 weights) */
+    const float *bias;                       /* [N] or NULL */
+    float *y; int64_t ldy;                   /* output, row stride ldy floats */
+} problem;
+
+/* gemv: y[m0 .. m0+mb) x [n0, n1) from xs (x, or for INT4 the de-interleaved copy of x) */
+typedef void (*gemv_fn)(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
+                        int64_t n0, int64_t n1);
+/* convert rows [n0, n0+nr) x columns [k0, k0+kc) of W to fp32 (scale folded in) into
+   wt[NR][LDW]; rows nr..NR-1 are zeroed */
+typedef void (*convert_fn)(const problem *p, int64_t n0, int nr, int64_t k0, int kc, float *wt);
+/* yt[r][0..width) (+)= sum_k wt[r][k] * xt[k][0..width) for r < nr */
+typedef void (*micro_fn)(int kc, const float *xt, int width, const float *wt, float *yt,
+                         int64_t ldyt, int nr, int accumulate);
+typedef void (*halfs_fn)(const uint16_t *src, float *dst, int64_t n);
+
+typedef struct {
+    int isa;
+    int chunk4;      /* INT4 GEMV: k-chunk of the de-interleaved x copy (0: kernel reads x) */
+    int nr, tw, tmin;/* GEMM: weight rows per panel, widest x tile, tile granularity */
+    int gemv_max_m;  /* largest M that uses the GEMV */
+    gemv_fn gemv;
+    convert_fn convert;
+    micro_fn micro;
+    halfs_fn halfs;
+} isa_ops;
+
+static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* IEEE half -> float without branches on the common path (so loops of it vectorize):
+   shifting the exponent+mantissa into float position and scaling by 2^112 rebiases the
+   exponent exactly, and also handles subnormal halfs (they become float subnormals * 2^112). */
+static inline float half_to_float(uint16_t h) {
+    uint32_t em = h & 0x7fffu;
+    float mag = f32_from_bits(em << 13) * 0x1p112f;
+    if (em >= 0x7c00u) mag = f32_from_bits(0x7f800000u | ((em & 0x3ffu) << 13)); /* inf, nan */
+    return f32_from_bits(bits_from_f32(mag) | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+static inline float bf16_to_float(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+static inline int nibble_value(unsigned n) { return (int)((n & 15u) ^ 8u) - 8; } /* 4-bit two's complement */
+
+CG_INLINE void store_out(const problem *p, int64_t m, int64_t n, float dot) {
+    float v = p->scale ? dot * p->scale[n] : dot;
+    if (p->bias) v += p->bias[n];
+    p->y[m * p->ldy + n] = v;
+}
+
+/* ------------------------------------------------------------------ portable C ---------- */
+
+static void halfs_generic(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+static void gemv_generic(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
+                         int64_t n0, int64_t n1) {
+    const int64_t K = p->K;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = p->w + n * p->ldw;
+        for (int m = 0; m < mb; m++) {
+            const float *xr = xs + m * ldxs;
+            float lanes[16] = {0};
+            float dot = 0.0f;
+            int64_t k = 0;
+            if (p->wkind == W_INT8) {
+                const int8_t *q = (const int8_t *)row;
+                for (; k + 16 <= K; k += 16)
+                    for (int j = 0; j < 16; j++) lanes[j] += xr[k + j] * (float)q[k + j];
+                for (; k < K; k++) dot += xr[k] * (float)q[k];
+            } else if (p->wkind == W_INT4) {
+                for (; k + 32 <= K; k += 32)
+                    for (int j = 0; j < 16; j++) {
+                        unsigned b = row[k / 2 + j];
+                        lanes[j] += xr[k + 2 * j] * (float)nibble_value(b >> 4)
+                                  + xr[k + 2 * j + 1] * (float)nibble_value(b);
+                    }
+                for (; k < K; k += 2) {
+                    unsigned b = row[k / 2];
+                    dot += xr[k] * (float)nibble_value(b >> 4) + xr[k + 1] * (float)nibble_value(b);
+                }
+            } else {
+                const uint16_t *h = (const uint16_t *)row;
+                for (; k + 16 <= K; k += 16)
+                    for (int j = 0; j < 16; j++) lanes[j] += xr[k + j] * half_to_float(h[k + j]);
+                for (; k < K; k++) dot += xr[k] * half_to_float(h[k]);
+            }
+            for (int j = 0; j < 16; j++) dot += lanes[j];
+            store_out(p, m0 + m, n, dot);
+        }
+    }
+}
+
+#define GENERIC_NR 4
+#define GENERIC_TW 16
+
+static void convert_rows_generic(const problem *p, int64_t n0, int nr, int nr_max, int64_t k0,
+                                 int kc, float *wt) {
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = p->w + (n0 + r) * p->ldw;
+        const float s = p->scale ? p->scale[n0 + r] : 1.0f;
+        float *dst = wt + (int64_t)r * LDW;
+        if (p->wkind == W_INT8) {
+            const int8_t *q = (const int8_t *)row + k0;
+            for (int k = 0; k < kc; k++) dst[k] = (float)q[k] * s;
+        } else if (p->wkind == W_INT4) {
+            const uint8_t *b = row + k0 / 2;
+            for (int j = 0; j < kc / 2; j++) {
+                dst[2 * j] = (float)nibble_value(b[j] >> 4) * s;
+                dst[2 * j + 1] = (float)nibble_value(b[j]) * s;
+            }
+        } else {
+            const uint16_t *h = (const uint16_t *)row + k0;
+            for (int k = 0; k < kc; k++) dst[k] = half_to_float(h[k]);
+        }
+    }
+    for (int r = nr; r < nr_max; r++) memset(wt + (int64_t)r * LDW, 0, sizeof(float) * (size_t)kc);
+}
+
+static void convert_generic(const problem *p, int64_t n0, int nr, int64_t k0, int kc, float *wt) {
+    convert_rows_generic(p, n0, nr, GENERIC_NR, k0, kc, wt);
+}
+
+static void micro_generic(int kc, const float *xt, int width, const float *wt, float *yt,
+                          int64_t ldyt, int nr, int accumulate) {
+    float c[GENERIC_NR][GENERIC_TW];
+    for (int r = 0; r < GENERIC_NR; r++)
+        for (int j = 0; j < GENERIC_TW; j++)
+            c[r][j] = (accumulate && r < nr && j < width) ? yt[r * ldyt + j] : 0.0f;
+    for (int k = 0; k < kc; k++) {
+        const float *a = xt + (int64_t)k * width;
+        for (int r = 0; r < GENERIC_NR; r++) {
+            const float b = wt[r * LDW + k];
+            for (int j = 0; j < GENERIC_TW; j++) c[r][j] += b * a[j];
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int j = 0; j < width; j++) yt[r * ldyt + j] = c[r][j];
+}
+
+static const isa_ops OPS_GENERIC = {ISA_GENERIC, 0, GENERIC_NR, GENERIC_TW, GENERIC_TW, 4,
+                                    gemv_generic, convert_generic, micro_generic, halfs_generic};
+
+#if CG_X86
+/* ------------------------------------------------------------------ AVX2 + FMA + F16C ---- */
+#define T256 __attribute__((target("avx2,fma,f16c")))
+
+T256 static void halfs_avx2(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+T256 CG_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+T256 CG_INLINE __m256 i8x8_to_ps(const uint8_t *src) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
+}
+
+/* RB weight rows starting at n against MB rows of x; MB, RB are constants after inlining. */
+T256 CG_INLINE void gemv_block_avx2(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                    const int MB, int64_t n, const int RB) {
+    const int64_t K = p->K, ldw = p->ldw;
+    const uint8_t *w = p->w + n * ldw;
+    float tail[4][4] = {{0}};
+    if (p->wkind == W_INT4) {
+        /* xs holds x de-interleaved per 16-column chunk: 8 even columns, then 8 odd ones. The
+           high nibble (even column) is taken as 16*q via (v & ~15), the low one as 2^28*q via
+           v << 28; the powers of two are undone on the sums. */
+        __m256 ae[4][4], ao[4][4];
+        for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
+        const __m256i himask = _mm256_set1_epi32(~15);
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m256 xe[4], xo[4];
+            for (int m = 0; m < MB; m++) {
+                xe[m] = _mm256_loadu_ps(xs + m * ldxs + k);
+                xo[m] = _mm256_loadu_ps(xs + m * ldxs + k + 8);
+            }
+            for (int r = 0; r < RB; r++) {
+                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + k / 2)));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(v, himask));
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_slli_epi32(v, 28));
+                for (int m = 0; m < MB; m++) {
+                    ae[r][m] = _mm256_fmadd_ps(hi, xe[m], ae[r][m]);
+                    ao[r][m] = _mm256_fmadd_ps(lo, xo[m], ao[r][m]);
+                }
+            }
+        }
+        if (k < K) { /* last partial chunk: same de-interleaved layout, zero padded */
+            const int half = (int)(K - k) / 2;
+            for (int r = 0; r < RB; r++)
+                for (int j = 0; j < half; j++) {
+                    unsigned b = w[r * ldw + k / 2 + j];
+                    for (int m = 0; m < MB; m++)
+                        tail[r][m] += xs[m * ldxs + k + j] * (float)nibble_value(b >> 4)
+                                    + xs[m * ldxs + k + 8 + j] * (float)nibble_value(b);
+                }
+        }
+        for (int r = 0; r < RB; r++)
+            for (int m = 0; m < MB; m++)
+                store_out(p, m0 + m, n + r, hsum256(ae[r][m]) * 0x1p-4f + hsum256(ao[r][m]) * 0x1p-28f + tail[r][m]);
+        return;
+    }
+    __m256 acc[8][4];
+    for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv[4];
+        for (int m = 0; m < MB; m++) xv[m] = _mm256_loadu_ps(xs + m * ldxs + k);
+        for (int r = 0; r < RB; r++) {
+            __m256 wv = p->wkind == W_INT8
+                ? i8x8_to_ps(w + r * ldw + k)
+                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * ldw + 2 * k)));
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    for (; k < K; k++)
+        for (int r = 0; r < RB; r++) {
+            float wv = p->wkind == W_INT8 ? (float)((const int8_t *)(w + r * ldw))[k]
+                                          : half_to_float(((const uint16_t *)(w + r * ldw))[k]);
+            for (int m = 0; m < MB; m++) tail[r][m] += xs[m * ldxs + k] * wv;
+        }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MB; m++) store_out(p, m0 + m, n + r, hsum256(acc[r][m]) + tail[r][m]);
+}
+
+#define GEMV_ROW_LOOP(BLOCK, MB, RB)                                                   \
+    do {                                                                               \
+        int64_t n = n0;                                                                \
+        for (; n + (RB) <= n1; n += (RB)) BLOCK(p, xs, ldxs, m0, MB, n, RB);          \
+        for (; n < n1; n++) BLOCK(p, xs, ldxs, m0, MB, n, 1);                          \
+    } while (0)
+
+T256 static void gemv_avx2(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
+                           int64_t n0, int64_t n1) {
+    switch (mb) {
+    case 1: GEMV_ROW_LOOP(gemv_block_avx2, 1, 4); break;
+    case 2: GEMV_ROW_LOOP(gemv_block_avx2, 2, 2); break;
+    case 3: GEMV_ROW_LOOP(gemv_block_avx2, 3, 2); break;
+    default: GEMV_ROW_LOOP(gemv_block_avx2, 4, 1); break;
+    }
+}
+
+#define AVX2_NR 6
+
+T256 static void convert_avx2(const problem *p, int64_t n0, int nr, int64_t k0, int kc, float *wt) {
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = p->w + (n0 + r) * p->ldw;
+        const float s1 = p->scale ? p->scale[n0 + r] : 1.0f;
+        const __m256 s = _mm256_set1_ps(s1);
+        float *dst = wt + (int64_t)r * LDW;
+        int k = 0;
+        if (p->wkind == W_INT8) {
+            for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, _mm256_mul_ps(i8x8_to_ps(row + k0 + k), s));
+            for (; k < kc; k++) dst[k] = (float)((const int8_t *)row)[k0 + k] * s1;
+        } else if (p->wkind == W_INT4) {
+            for (; k + 16 <= kc; k += 16) {
+                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + (k0 + k) / 2)));
+                __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 4));
+                __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+                __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo);
+                _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x20), s));
+                _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(_mm256_permute2f128_ps(a, b, 0x31), s));
+            }
+            for (; k < kc; k += 2) {
+                unsigned b = row[(k0 + k) / 2];
+                dst[k] = (float)nibble_value(b >> 4) * s1;
+                dst[k + 1] = (float)nibble_value(b) * s1;
+            }
+        } else {
+            const uint16_t *h = (const uint16_t *)row + k0;
+            for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + k))));
+            for (; k < kc; k++) dst[k] = half_to_float(h[k]);
+        }
+    }
+    for (int r = nr; r < AVX2_NR; r++) memset(wt + (int64_t)r * LDW, 0, sizeof(float) * (size_t)kc);
+}
+
+T256 CG_INLINE void micro_avx2_body(int kc, const float *xt, const float *wt, float *yt,
+                                    int64_t ldyt, int nr, int accumulate, const int V) {
+    __m256 c[AVX2_NR][2];
+    for (int r = 0; r < AVX2_NR; r++)
+        for (int v = 0; v < V; v++)
+            c[r][v] = (accumulate && r < nr) ? _mm256_loadu_ps(yt + r * ldyt + 8 * v) : _mm256_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        const __m256 a0 = _mm256_loadu_ps(xt + k * 8 * V);
+        const __m256 a1 = V == 2 ? _mm256_loadu_ps(xt + k * 8 * V + 8) : a0;
+        for (int r = 0; r < AVX2_NR; r++) {
+            const __m256 b = _mm256_broadcast_ss(wt + r * LDW + k);
+            c[r][0] = _mm256_fmadd_ps(b, a0, c[r][0]);
+            if (V == 2) c[r][1] = _mm256_fmadd_ps(b, a1, c[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(yt + r * ldyt + 8 * v, c[r][v]);
+}
+
+T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt, float *yt,
+                            int64_t ldyt, int nr, int accumulate) {
+    if (width == 16) micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 2);
+    else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
+}
+
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, 4,
+                                 gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
+
+/* ------------------------------------------------------------------ AVX-512 ------------- */
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+T512 static void halfs_avx512(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+CG_INLINE __mmask16 first_lanes(int64_t count) { /* mask of the first min(count, 16) lanes */
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+}
+
+/* One k-step of 16 columns for INT8 / FP16 rows; `full` selects unmasked loads. */
+T512 CG_INLINE __m512 load16_w(const problem *p, const uint8_t *row, int64_t k, __mmask16 mask, const int full) {
+    if (p->wkind == W_INT8) {
+        __m128i b = full ? _mm_loadu_si128((const __m128i *)(row + k)) : _mm_maskz_loadu_epi8(mask, row + k);
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    }
+    __m256i h = full ? _mm256_loadu_si256((const __m256i *)(row + 2 * k)) : _mm256_maskz_loadu_epi16(mask, row + 2 * k);
+    return _mm512_cvtph_ps(h);
+}
+
+T512 CG_INLINE void gemv_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                      const int MB, int64_t n, const int RB) {
+    const int64_t K = p->K, ldw = p->ldw;
+    const uint8_t *w = p->w + n * ldw;
+    if (p->wkind == W_INT4) {
+        /* xs: x de-interleaved per 32-column chunk (16 even columns, then 16 odd ones), zero
+           padded to a whole chunk. Even columns (high nibbles) enter as 16*q = v & ~15, odd ones
+           as 2^28*q = v << 28, both exact in fp32; the powers of two are undone on the sums. */
+        __m512 ae[4][4], ao[4][4];
+        for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
+        const __m512i himask = _mm512_set1_epi32(~15);
+        for (int64_t k = 0; k < K; k += 32) {
+            const __mmask16 mask = first_lanes((K - k) / 2);
+            __m512 xe[4], xo[4];
+            for (int m = 0; m < MB; m++) {
+                xe[m] = _mm512_loadu_ps(xs + m * ldxs + k);
+                xo[m] = _mm512_loadu_ps(xs + m * ldxs + k + 16);
+            }
+            for (int r = 0; r < RB; r++) {
+                __m128i b = mask == 0xFFFF ? _mm_loadu_si128((const __m128i *)(w + r * ldw + k / 2))
+                                           : _mm_maskz_loadu_epi8(mask, w + r * ldw + k / 2);
+                __m512i v = _mm512_cvtepi8_epi32(b);
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(v, himask));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_slli_epi32(v, 28));
+                for (int m = 0; m < MB; m++) {
+                    ae[r][m] = _mm512_fmadd_ps(hi, xe[m], ae[r][m]);
+                    ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
+                }
+            }
+        }
+        for (int r = 0; r < RB; r++)
+            for (int m = 0; m < MB; m++)
+                store_out(p, m0 + m, n + r,
+                          _mm512_reduce_add_ps(ae[r][m]) * 0x1p-4f + _mm512_reduce_add_ps(ao[r][m]) * 0x1p-28f);
+        return;
+    }
+    __m512 acc[8][4];
+    for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 xv[4];
+        for (int m = 0; m < MB; m++) xv[m] = _mm512_loadu_ps(xs + m * ldxs + k);
+        for (int r = 0; r < RB; r++) {
+            __m512 wv = load16_w(p, w + r * ldw, k, 0xFFFF, 1);
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    if (k < K) {
+        const __mmask16 mask = first_lanes(K - k);
+        __m512 xv[4];
+        for (int m = 0; m < MB; m++) xv[m] = _mm512_maskz_loadu_ps(mask, xs + m * ldxs + k);
+        for (int r = 0; r < RB; r++) {
+            __m512 wv = load16_w(p, w + r * ldw, k, mask, 0);
+            for (int m = 0; m < MB; m++) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MB; m++) store_out(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+}
+
+T512 static void gemv_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
+                             int64_t n0, int64_t n1) {
+    if (p->wkind == W_INT4) {
+        switch (mb) {
+        case 1: GEMV_ROW_LOOP(gemv_block_avx512, 1, 4); break;
+        case 2: GEMV_ROW_LOOP(gemv_block_avx512, 2, 4); break;
+        case 3: GEMV_ROW_LOOP(gemv_block_avx512, 3, 2); break;
+        default: GEMV_ROW_LOOP(gemv_block_avx512, 4, 2); break;
+        }
+        return;
+    }
+    switch (mb) {
+    case 1: GEMV_ROW_LOOP(gemv_block_avx512, 1, 8); break;
+    case 2: GEMV_ROW_LOOP(gemv_block_avx512, 2, 4); break;
+    case 3: GEMV_ROW_LOOP(gemv_block_avx512, 3, 4); break;
+    default: GEMV_ROW_LOOP(gemv_block_avx512, 4, 4); break;
+    }
+}
+
+#define AVX512_NR 12
+
+T512 static void convert_avx512(const problem *p, int64_t n0, int nr, int64_t k0, int kc, float *wt) {
+    /* lane order that interleaves (high nibbles, low nibbles) back into column order */
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *row = p->w + (n0 + r) * p->ldw;
+        const __m512 s = _mm512_set1_ps(p->scale ? p->scale[n0 + r] : 1.0f);
+        float *dst = wt + (int64_t)r * LDW;
+        if (p->wkind == W_INT4) {
+            for (int k = 0; k < kc; k += 32) {
+                __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first_lanes((kc - k) / 2), row + (k0 + k) / 2));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
+                _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_permutex2var_ps(hi, first, lo), s));
+                _mm512_storeu_ps(dst + k + 16, _mm512_mul_ps(_mm512_permutex2var_ps(hi, second, lo), s));
+            }
+        } else if (p->wkind == W_INT8) {
+            for (int k = 0; k < kc; k += 16)
+                _mm512_storeu_ps(dst + k, _mm512_mul_ps(load16_w(p, row, k0 + k, first_lanes(kc - k), 0), s));
+        } else {
+            for (int k = 0; k < kc; k += 16)
+                _mm512_storeu_ps(dst + k, load16_w(p, row, k0 + k, first_lanes(kc - k), 0));
+        }
+    }
+    for (int r = nr; r < AVX512_NR; r++) memset(wt + (int64_t)r * LDW, 0, sizeof(float) * (size_t)kc);
+}
+
+T512 CG_INLINE void micro_avx512_body(int kc, const float *xt, const float *wt, float *yt,
+                                      int64_t ldyt, int nr, int accumulate, const int V) {
+    __m512 c[AVX512_NR][2];
+    for (int r = 0; r < AVX512_NR; r++)
+        for (int v = 0; v < V; v++)
+            c[r][v] = (accumulate && r < nr) ? _mm512_loadu_ps(yt + r * ldyt + 16 * v) : _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        const __m512 a0 = _mm512_loadu_ps(xt + k * 16 * V);
+        const __m512 a1 = V == 2 ? _mm512_loadu_ps(xt + k * 16 * V + 16) : a0;
+        for (int r = 0; r < AVX512_NR; r++) {
+            const __m512 b = _mm512_set1_ps(wt[r * LDW + k]);
+            c[r][0] = _mm512_fmadd_ps(b, a0, c[r][0]);
+            if (V == 2) c[r][1] = _mm512_fmadd_ps(b, a1, c[r][1]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < V; v++) _mm512_storeu_ps(yt + r * ldyt + 16 * v, c[r][v]);
+}
+
+T512 static void micro_avx512(int kc, const float *xt, int width, const float *wt, float *yt,
+                              int64_t ldyt, int nr, int accumulate) {
+    if (width == 32) micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 2);
+    else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
+}
+
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, 4,
+                                   gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
+#endif /* CG_X86 */
+
+/* ------------------------------------------------------------------ dispatch ------------ */
+
+static int best_isa(void) {
+#if CG_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return ISA_AVX2;
+#endif
+    return ISA_GENERIC;
+}
+
+static int g_isa = -1;          /* selected ISA; -1 until first use */
+static int g_gemv_max_m = -1;   /* override of isa_ops.gemv_max_m; -1: the ISA's default */
+
+static const isa_ops *ops(void) {
+    if (g_isa < 0) g_isa = best_isa();
+#if CG_X86
+    if (g_isa == ISA_AVX512) return &OPS_AVX512;
+    if (g_isa == ISA_AVX2) return &OPS_AVX2;
+#endif
+    return &OPS_GENERIC;
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static int thread_count(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Split [0, n) into `parts` contiguous ranges whose bounds are multiples of `align`. */
+static int64_t split_at(int64_t n, int part, int parts, int64_t align) {
+    if (part >= parts) return n;
+    int64_t units = (n + align - 1) / align;
+    int64_t b = units * part / parts * align;
+    return b < n ? b : n;
+}
+
+/* Fewer threads for small problems: a parallel region costs a few microseconds. */
+static int threads_for(int requested, double macs) {
+    if (requested < 1) requested = 1;
+    if (macs < 262144.0) return 1;
+    return requested;
+}
+
+static void *alloc_floats(int64_t n) {
+    void *ptr = NULL;
+    size_t bytes = sizeof(float) * (size_t)(n > 0 ? n : 1);
+    bytes = (bytes + 63) / 64 * 64;
+    if (posix_memalign(&ptr, 64, bytes) != 0) return NULL;
+    return ptr;
+}
+
+static int gemv_driver(const isa_ops *o, const problem *p, int nthreads) {
+    const int64_t M = p->M, K = p->K, N = p->N;
+    const float *xs = p->x;
+    int64_t ldxs = p->ldx;
+    float *perm = NULL;
+    if (p->wkind == W_INT4 && o->chunk4) {
+        /* de-interleave x per chunk: even columns first, then odd ones; pad to a whole chunk */
+        const int C = o->chunk4;
+        ldxs = (K + C - 1) / C * C;
+        perm = alloc_floats(M * ldxs);
+        if (!perm) return 1;
+        for (int64_t m = 0; m < M; m++) {
+            const float *src = p->x + m * p->ldx;
+            float *dst = perm + m * ldxs;
+            memset(dst, 0, sizeof(float) * (size_t)ldxs);
+            for (int64_t k = 0; k < K; k += 2) {
+                int64_t c0 = k / C * C, j = (k - c0) / 2;
+                dst[c0 + j] = src[k];
+                dst[c0 + C / 2 + j] = src[k + 1];
+            }
+        }
+        xs = perm;
+    }
+    const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        const int tid = thread_id(), nth = thread_count();
+        const int64_t n0 = split_at(N, tid, nth, 8), n1 = split_at(N, tid + 1, nth, 8);
+        if (n0 < n1)
+            for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+                const int mb = (int)(M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS);
+                o->gemv(p, xs + m0 * ldxs, ldxs, m0, mb, n0, n1);
+            }
+    }
+    free(perm);
+    return 0;
+}
+
+static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
+    const int64_t M = p->M, K = p->K, N = p->N;
+    const int NR = o->nr, TW = o->tw, TMIN = o->tmin;
+    /* x tiles: TW rows each, the last one rounded up to a multiple of TMIN and zero padded;
+       tile t lives at xt + t*TW*K laid out [k][width]. */
+    const int64_t ntiles = (M + TW - 1) / TW;
+    const int64_t last_w = ((M - (ntiles - 1) * TW) + TMIN - 1) / TMIN * TMIN;
+    const int64_t Mp = (ntiles - 1) * TW + last_w;
+    float *xt = alloc_floats(Mp * K);
+    if (!xt) return 1;
+    const int64_t npanels = (N + NR - 1) / NR;
+    int64_t chunk = YT_CHUNK_BYTES / ((int64_t)sizeof(float) * NR * Mp);
+    if (chunk < 1) chunk = 1;
+    int failed = 0;
+    const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        const int tid = thread_id(), nth = thread_count();
+        /* 1. pack x^T, work split over (tile, 64-column block) items */
+        const int64_t kblocks = (K + 63) / 64;
+        for (int64_t item = tid; item < ntiles * kblocks; item += nth) {
+            const int64_t t = item / kblocks, kb = (item % kblocks) * 64;
+            const int64_t m0 = t * TW, width = t == ntiles - 1 ? last_w : TW;
+            const int64_t kend = kb + 64 < K ? kb + 64 : K;
+            float *tile = xt + t * TW * K;
+            for (int64_t j = 0; j < width; j++) {
+                const int valid = m0 + j < M;
+                const float *src = p->x + (m0 + j) * p->ldx;
+                for (int64_t k = kb; k < kend; k++) tile[k * width + j] = valid ? src[k] : 0.0f;
+            }
+        }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        /* 2. this thread's panels, a chunk at a time */
+        float *wt = alloc_floats((int64_t)NR_MAX * LDW);
+        float *yt = alloc_floats(chunk * NR * Mp);
+        const int64_t p0 = split_at(npanels, tid, nth, 1), p1 = split_at(npanels, tid + 1, nth, 1);
+        if (!wt || !yt) {
+            if (p0 < p1) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+                failed = 1;
+            }
+        } else {
+            for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
+                const int64_t c1 = c0 + chunk < p1 ? c0 + chunk : p1;
+                for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                    const int kc = (int)(K - k0 < KC ? K - k0 : KC);
+                    for (int64_t pi = c0; pi < c1; pi++) {
+                        const int64_t n0 = pi * NR;
+                        const int nr = (int)(N - n0 < NR ? N - n0 : NR);
+                        o->convert(p, n0, nr, k0, kc, wt);
+                        float *ypanel = yt + (pi - c0) * NR * Mp;
+                        for (int64_t t = 0; t < ntiles; t++) {
+                            const int width = (int)(t == ntiles - 1 ? last_w : TW);
+                            o->micro(kc, xt + t * TW * K + k0 * width, width, wt,
+                                     ypanel + t * TW, Mp, nr, k0 > 0);
+                        }
+                    }
+                }
+                /* y[m][n] = y^T[n][m] + bias[n], in blocks of 16 columns */
+                const int64_t nbeg = c0 * NR, nend = c1 * NR < N ? c1 * NR : N;
+                for (int64_t nb = nbeg; nb < nend; nb += 16) {
+                    const int64_t ne = nb + 16 < nend ? nb + 16 : nend;
+                    for (int64_t m = 0; m < M; m++) {
+                        float *dst = p->y + m * p->ldy;
+                        for (int64_t n = nb; n < ne; n++)
+                            dst[n] = yt[(n - nbeg) * Mp + m] + (p->bias ? p->bias[n] : 0.0f);
+                    }
+                }
+            }
+        }
+        free(wt);
+        free(yt);
+    }
+    free(xt);
+    return failed;
+}
+
+/* fp32 copy of a per-output vector given as fp32 / fp16 / bf16; *owned is set when allocated */
+static const float *params_f32(const isa_ops *o, const void *src, int dtype, int64_t n, float **owned) {
+    *owned = NULL;
+    if (!src) return NULL;
+    if (dtype == P_F32) return (const float *)src;
+    float *dst = alloc_floats(n);
+    if (!dst) return NULL;
+    if (dtype == P_F16) o->halfs((const uint16_t *)src, dst, n);
+    else for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_float(((const uint16_t *)src)[i]);
+    *owned = dst;
+    return dst;
+}
+
+/* Returns 0 on success, 1 when memory could not be allocated, 2 for invalid arguments. */
+CG_API int cg_linear(const float *x, int64_t M, int64_t K, int64_t ldx,
+                     const void *w, int wkind, int64_t N, int64_t ldw,
+                     const void *scale, int scale_dtype, const void *bias, int bias_dtype,
+                     float *y, int64_t ldy, int nthreads) {
+    if (M < 0 || K < 0 || N < 0 || wkind < W_INT8 || wkind > W_FP16) return 2;
+    if ((wkind == W_INT4 && K % 2) || (wkind != W_FP16 && !scale)) return 2;
+    if (M == 0 || N == 0) return 0;
+    const isa_ops *o = ops();
+    float *scale_owned = NULL, *bias_owned = NULL;
+    problem p;
+    p.x = x; p.M = M; p.K = K; p.ldx = ldx;
+    p.w = (const uint8_t *)w; p.wkind = wkind; p.N = N; p.ldw = ldw;
+    p.scale = wkind == W_FP16 ? NULL : params_f32(o, scale, scale_dtype, N, &scale_owned);
+    p.bias = params_f32(o, bias, bias_dtype, N, &bias_owned);
+    p.y = y; p.ldy = ldy;
+    int rc = 0;
+    if ((wkind != W_FP16 && !p.scale) || (bias && !p.bias)) rc = 1;
+    else if (K == 0) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * ldy + n] = p.bias ? p.bias[n] : 0.0f;
+    } else {
+        const int max_m = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m;
+        rc = M <= max_m ? gemv_driver(o, &p, nthreads) : gemm_driver(o, &p, nthreads);
+    }
+    free(scale_owned);
+    free(bias_owned);
+    return rc;
+}
+
+CG_API int cg_abi_version(void) { return CG_ABI_VERSION; }
+CG_API int cg_best_isa(void) { return best_isa(); }
+CG_API int cg_isa(void) { return ops()->isa; }
+
+/* Select a kernel family (tests and benchmarks); levels above what the CPU has are clamped. */
+CG_API int cg_set_isa(int level) {
+    int best = best_isa();
+    g_isa = level < 0 ? best : (level > best ? best : level);
+    return g_isa;
+}
+
+CG_API int cg_gemv_max_m(void) { return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m; }
+CG_API void cg_set_gemv_max_m(int m) { g_gemv_max_m = m; }
+
+CG_API int cg_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+"""
+
+# ------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$CHATGLM_CACHE_DIR``, else the per-user cache dir."""
+    override = os.environ.get(CACHE_DIR_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "chatglm6b"
+
+
+_BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing"]
+
+
+class _BuildError(RuntimeError):
+    pass
+
+
+def _compiler_command() -> list:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        cmd = shlex.split(cc)  # tokenized, never run through a shell ("ccache gcc" works)
+        if shutil.which(cmd[0]) is None:
+            raise _BuildError(f"the compiler named by CC={cc!r} was not found")
+        return cmd
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    raise _BuildError("no C compiler found (looked for $CC, cc, gcc, clang)")
+
+
+def _compiler_identity(cmd: list) -> str:
+    try:
+        res = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _BuildError(f"could not run {cmd[0]!r}: {exc}") from None
+    if res.returncode != 0:
+        raise _BuildError(f"{' '.join(cmd)} --version failed: {res.stderr.strip()[-500:]}")
+    return f"{shutil.which(cmd[0])}\n{res.stdout}"
+
+
+def _library_path(cmd: list, identity: str, flags: list) -> Path:
+    key = hashlib.sha256("\0".join(
+        [_C_SOURCE, " ".join(cmd), identity, " ".join(flags), platform.machine(), str(_ABI_VERSION)]
+    ).encode()).hexdigest()[:20]
+    return cache_dir() / f"cpu_kernels-{key}.so"
+
+
+def _compile(cmd: list, flags: list, target: Path) -> None:
+    """Compile into a temporary file next to ``target`` and rename it into place (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, src = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".c", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(_C_SOURCE)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        try:
+            res = subprocess.run(cmd + flags + ["-o", tmp, src], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise _BuildError(f"running {cmd[0]!r} failed: {exc}") from None
+        if res.returncode != 0:
+            raise _BuildError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()[-1500:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        for leftover in (src, tmp):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.cg_linear.argtypes = [ptr, i64, i64, i64, ptr, c_int, i64, i64, ptr, c_int, ptr, c_int, ptr, i64, c_int]
+    lib.cg_linear.restype = c_int
+    for name in ("cg_abi_version", "cg_best_isa", "cg_isa", "cg_gemv_max_m", "cg_openmp"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = c_int
+    lib.cg_set_isa.argtypes = [c_int]
+    lib.cg_set_isa.restype = c_int
+    lib.cg_set_gemv_max_m.argtypes = [c_int]
+    lib.cg_set_gemv_max_m.restype = None
+    if lib.cg_abi_version() != _ABI_VERSION:
+        raise _BuildError("the cached library has an unexpected ABI version; delete "
+                          f"{cache_dir()} and try again")
+    return lib
+
+
+class _Kernels:
+    """The compiled library, built or loaded on first use; remembers a failure (and warns once)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._tried = False
+        self.lib: Optional[ctypes.CDLL] = None
+        self.path: Optional[Path] = None
+        self.error: Optional[str] = None
+        self.compiled = False  # whether this process ran the compiler
+        self.openmp = False
+
+    def get(self) -> Optional[ctypes.CDLL]:
+        if self._tried:
+            return self.lib
+        with self._lock:
+            if not self._tried:
+                try:
+                    self._load()
+                except (_BuildError, OSError) as exc:
+                    self.error = str(exc)
+                    self.lib = None
+                    warnings.warn(
+                        f"chatglm6b: the fast CPU kernels are unavailable, so quantized layers run "
+                        f"on the slower torch path. Reason: {self.error}. To fix: install gcc or "
+                        f"clang (or point $CC at one) and make {cache_dir()} writable (or set "
+                        f"${CACHE_DIR_ENV}); set CHATGLM_KERNELS=torch to silence this warning.",
+                        RuntimeWarning, stacklevel=4)
+                self._tried = True
+        return self.lib
+
+    def _load(self) -> None:
+        cmd = _compiler_command()
+        identity = _compiler_identity(cmd)
+        attempts = [_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS]
+        errors = []
+        for flags in attempts:
+            path = _library_path(cmd, identity, flags)
+            if path.exists():
+                try:
+                    self.lib, self.path = _bind(ctypes.CDLL(str(path))), path
+                    break
+                except (OSError, _BuildError):
+                    pass  # unreadable or stale file: rebuild it below
+            try:
+                _compile(cmd, flags, path)
+                self.lib, self.path, self.compiled = _bind(ctypes.CDLL(str(path))), path, True
+                break
+            except (_BuildError, OSError) as exc:
+                errors.append(str(exc))
+        if self.lib is None:
+            raise _BuildError(errors[0] if errors else "unknown build failure")
+        self.openmp = bool(self.lib.cg_openmp())
+        if not self.openmp:
+            warnings.warn(
+                f"chatglm6b: the CPU kernels were built without OpenMP and run on one thread "
+                f"({errors[0][:300] if errors else ''}). Install your compiler's OpenMP runtime "
+                f"(libgomp for gcc, libomp for clang) to use all cores.", RuntimeWarning, stacklevel=5)
+
+
+_KERNELS = _Kernels()
 
 
 def available() -> bool:
-    return False
+    """True when the compiled kernels can be used (builds or loads them on the first call)."""
+    return _KERNELS.get() is not None
 
 
-def linear(x, q, scale, bias, bits):
-    return None
+def kernel_info() -> dict:
+    """What was loaded and why not, for bug reports: ISA in use, library path, OpenMP, error."""
+    lib = _KERNELS.get()
+    info = {"available": lib is not None, "library": str(_KERNELS.path) if _KERNELS.path else None,
+            "compiled_in_this_process": _KERNELS.compiled, "openmp": _KERNELS.openmp,
+            "error": _KERNELS.error, "threads": torch.get_num_threads()}
+    if lib is not None:
+        info["isa"] = _ISA_NAMES[lib.cg_isa()]
+        info["best_isa"] = _ISA_NAMES[lib.cg_best_isa()]
+        info["gemv_max_m"] = lib.cg_gemv_max_m()
+    return info
+
+
+def _set_isa(name: Optional[str]) -> str:
+    """Force a kernel family ('avx512' / 'avx2' / 'generic'; None = best). For tests/benchmarks."""
+    lib = _KERNELS.get()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    codes = {v: k for k, v in _ISA_NAMES.items()}
+    return _ISA_NAMES[lib.cg_set_isa(-1 if name is None else codes[name])]
+
+
+def _set_gemv_max_m(m: Optional[int]) -> None:
+    """Override the largest M handled by the GEMV (None = default). For tests/benchmarks."""
+    lib = _KERNELS.get()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    lib.cg_set_gemv_max_m(-1 if m is None else int(m))
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor-level entry points
+
+
+def _param(t: Optional[torch.Tensor], n: int, what: str):
+    """(tensor kept alive, dtype code) for a per-output vector; None stays None."""
+    if t is None:
+        return None, 0
+    if t.device.type != "cpu" or t.numel() != n:
+        raise ValueError(f"{what} must be a CPU tensor of {n} elements, got {tuple(t.shape)} on {t.device}")
+    t = t.reshape(n)
+    if t.dtype not in _PARAM_DTYPES:
+        t = t.float()
+    return t.contiguous(), _PARAM_DTYPES[t.dtype]
+
+
+def _run(x, w, kind, N, K, scale, bias):
+    lib = _KERNELS.get()
+    if lib is None or x.device.type != "cpu" or w.device.type != "cpu":
+        return None
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dim() != 2 or w.stride(-1) != 1:
+        return None
+    if x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1]} features but the weight expects {K} "
+                         f"(weight shape {tuple(w.shape)})")
+    out_dtype = x.dtype
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()  # bf16 / fp16 activations: computed in fp32, rounded once at the end
+    if K and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    scale_t, scale_code = _param(scale, N, "scale")
+    bias_t, bias_code = _param(bias, N, "bias")
+    y = torch.empty((M, N), dtype=torch.float32)
+    if M and N:
+        rc = lib.cg_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K,
+                           w.data_ptr(), kind, N, w.stride(0) * w.element_size(),
+                           scale_t.data_ptr() if scale_t is not None else None, scale_code,
+                           bias_t.data_ptr() if bias_t is not None else None, bias_code,
+                           y.data_ptr(), N, torch.get_num_threads())
+        if rc == 1:
+            raise MemoryError(f"CPU kernel could not allocate its work buffers (M={M}, N={N}, K={K})")
+        if rc != 0:
+            raise RuntimeError(f"CPU kernel rejected its arguments (code {rc}); this is a bug")
+    y = y.view(*x.shape[:-1], N)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+           bits: int) -> Optional[torch.Tensor]:
+    """``x @ (q * scale[:, None])ᵀ + bias`` for an int8 (bits=8) or packed int4 (bits=4) weight.
+
+    ``x``: ``[..., in]`` fp32 (fp16 / bf16 are computed in fp32 and rounded back);
+    ``q``: int8 ``[out, in]`` or ``[out, in/2]``; ``scale``: ``[out]``; ``bias``: ``[out]`` or None.
+    Returns None (use the torch path) when the kernels are unavailable or the inputs are not
+    something they handle (non-CPU tensors, other dtypes, a weight whose rows are not contiguous).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
+    if q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2:
+        return None
+    K = q.shape[1] * (2 if bits == 4 else 1)
+    return _run(x, q, _W_INT4 if bits == 4 else _W_INT8, q.shape[0], K, scale, bias)
+
+
+def fp16_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``x @ wᵀ (+ bias)`` for an fp16 weight ``[out, in]`` without an fp32 copy of the weight
+    (the LM head: 130528 x 4096). fp32 accumulation. None when the kernels are unavailable."""
+    if w.dtype != torch.float16 or w.dim() != 2:
+        return None
+    return _run(x, w, _W_FP16, w.shape[0], w.shape[1], None, bias)
