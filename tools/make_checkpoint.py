@@ -128,7 +128,11 @@ INT_MODES = ("quantize", "direct")
 # float matrices on a CPU takes minutes (full size: 5.6e9).
 AUTO_DIRECT_ABOVE = 10 ** 8
 
-_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+# Weight std = gain / sqrt(in_features). A larger query/key gain gives attention patterns that are
+# far from uniform, so the random model's output depends on context (as in the conformance data).
+LINEAR_GAINS = {"attention.query_key_value": 2.0, "attention.dense": 1.0, "mlp.dense_h_to_4h": 1.0,
+                "mlp.dense_4h_to_h": 1.0}
+FINAL_LN_GAIN = dict(mean=0.0, std=1.0)
 _TIED = ("transformer.word_embeddings.weight", "lm_head.weight")
 _CHECKPOINT_NAMES = ("config.json", "pytorch_model.bin", "model.safetensors", "pytorch_model.bin.index.json")
 
@@ -251,8 +255,9 @@ def _derive_seed(seed: int, component: str) -> int:
 class _Drawer:
     """Draws the tensors of one component (embedding, layer i, final layernorm) from its own seed.
 
-    Scales keep activations O(1) at any width: linear weights have std 1/sqrt(in_features), the
-    embedding 1/sqrt(hidden) (so tied-lm_head logits are O(1)), layernorm gains ~1, biases small.
+    Scales keep activations O(1) at any width: linear weights have std gain/sqrt(in_features)
+    (LINEAR_GAINS), the embedding 1/sqrt(hidden) (so tied-lm_head logits are O(1)), block
+    layernorm gains ~1 (the final one: FINAL_LN_GAIN), biases small.
     """
 
     def __init__(self, config, bits, device, dtype, seed, int_mode):
@@ -271,12 +276,15 @@ class _Drawer:
     def embedding(self) -> torch.Tensor:
         return self._normal(self._generator("word_embeddings"), (self.vocab, self.h), self.h ** -0.5)
 
-    def _layernorm(self, g, prefix: str) -> Dict[str, torch.Tensor]:
-        return {prefix + ".weight": self._normal(g, (self.h,), 0.05, mean=1.0),
+    def _layernorm(self, g, prefix: str, mean: float = 1.0, std: float = 0.05) -> Dict[str, torch.Tensor]:
+        return {prefix + ".weight": self._normal(g, (self.h,), std, mean=mean),
                 prefix + ".bias": self._normal(g, (self.h,), 0.02)}
 
     def final_layernorm(self) -> Dict[str, torch.Tensor]:
-        return self._layernorm(self._generator("final_layernorm"), "transformer.final_layernorm")
+        # Gains ~N(0, 1) here, not ~1: the residual stream carries the input token's embedding
+        # (scaled by alpha) through every block, so with gains ~1 the tied lm_head scores the
+        # current token highest and greedy decoding repeats it forever.
+        return self._layernorm(self._generator("final_layernorm"), "transformer.final_layernorm", **FINAL_LN_GAIN)
 
     def inv_freq(self) -> torch.Tensor:
         # SPEC §4.2: rotary of dim d = head_dim/2 per half; inv_freq[i] = 1/10000^(2i/d), stored fp16.
@@ -302,8 +310,8 @@ class _Drawer:
             q = pack_int4(q)
         return q, scale
 
-    def _linear(self, g, prefix: str, out: int, inp: int) -> Dict[str, torch.Tensor]:
-        std = inp ** -0.5
+    def _linear(self, g, prefix: str, name: str, out: int, inp: int) -> Dict[str, torch.Tensor]:
+        std = LINEAR_GAINS[name] * inp ** -0.5
         tensors = {}
         if self.bits == 16:
             tensors[prefix + ".weight"] = self._normal(g, (out, inp), std)
@@ -325,7 +333,7 @@ class _Drawer:
         tensors.update(self._layernorm(g, p + "post_attention_layernorm"))
         tensors[p + "attention.rotary_emb.inv_freq"] = self.inv_freq()
         for name, (out, inp) in _linear_shapes(self.h, self.inner).items():
-            tensors.update(self._linear(g, p + name, out, inp))
+            tensors.update(self._linear(g, p + name, name, out, inp))
         return tensors
 
 
