@@ -36,6 +36,10 @@ from transformers.utils import ModelOutput
 
 from .configuration_chatglm import ChatGLMConfig
 from .quantization import QuantizedLinear, quantize_model, quantize_weight
+# transformers 4.27 copies, from a local folder, only the modules that this file itself imports
+# (not what those import in turn): name every module of the package here so none is left behind.
+from .dispatch import dispatch as _dispatch_module  # noqa: F401  (used by loading.py)
+from .cuda_kernels import available as _cuda_kernels_available  # noqa: F401  (used by quantization.py)
 
 __all__ = [
     "ChatGLMForConditionalGeneration",
@@ -751,10 +755,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         processors.append(InvalidScoreLogitsProcessor())
         inputs = self._chat_inputs(tokenizer, query, history)
         prompt_len = inputs["input_ids"].shape[1]
+        # Like the original, the step that ends generation (eos or max_length) is not yielded — so we
+        # yield each item when the next one arrives — but unlike it we always yield at least once.
+        held, yielded = None, False
         for ids in self.stream_generate(**inputs, max_length=max_length, do_sample=do_sample, top_p=top_p,
                                         temperature=temperature, logits_processor=processors, **kwargs):
+            if held is not None:
+                yield held
+                yielded = True
             response = self.process_response(tokenizer.decode(ids[0, prompt_len:].tolist()))
-            yield response, history + [(query, response)]
+            held = (response, history + [(query, response)])
+        if not yielded:
+            yield held if held is not None else ("", history + [(query, "")])
 
     @torch.inference_mode()
     def stream_generate(self, input_ids, attention_mask=None, position_ids=None, max_length: int = 2048,
