@@ -549,6 +549,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if args:  # positional use: signatures differ between transformers versions, pass through
             return super().pad(encoded_inputs, *args, **kwargs)
         return_tensors = kwargs.pop("return_tensors", None)
+        encoded_inputs, input_kind = _to_python(encoded_inputs)
+        if return_tensors is None:
+            return_tensors = input_kind  # like transformers: tensors in, same kind of tensors out
         out = super().pad(encoded_inputs, **kwargs)
         for key in ("attention_mask", "position_ids"):
             value = out.get(key)
@@ -562,6 +565,19 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if return_tensors is not None:
             out.convert_to_tensors(tensor_type=return_tensors)
         return out
+
+    def prepare_for_model(self, ids, pair_ids=None, *args, **kwargs):
+        # Convert to tensors here so the per-sequence mask/positions (numpy arrays) get their batch axis
+        # as an array: transformers 4.x would build a tensor from a list of arrays (slow, warns).
+        if args or kwargs.get("return_tensors") is None or kwargs.get("return_overflowing_tokens"):
+            return super().prepare_for_model(ids, pair_ids, *args, **kwargs)
+        return_tensors = kwargs.pop("return_tensors")
+        prepend = kwargs.pop("prepend_batch_axis", False)
+        out = super().prepare_for_model(ids, pair_ids, **kwargs)
+        if prepend:
+            for key, value in list(out.items()):
+                out[key] = value[None] if isinstance(value, np.ndarray) else [value]
+        return out.convert_to_tensors(tensor_type=return_tensors)
 
     def _pad(
         self,
@@ -793,6 +809,29 @@ def _drop_derived_keys(encoded_inputs):
     if hasattr(encoded_inputs, "items") and any(k in encoded_inputs for k in _DERIVED_KEYS):
         return {k: v for k, v in encoded_inputs.items() if k not in _DERIVED_KEYS}
     return encoded_inputs
+
+
+def _to_python(encoded_inputs):
+    """Tensors/arrays in ``encoded_inputs`` as lists, and "pt"/"np" for the kind found (else None)."""
+    kind = None
+
+    def convert(value):
+        nonlocal kind
+        if isinstance(value, np.ndarray):
+            kind = kind or "np"
+            return value.tolist()
+        if type(value).__module__.startswith("torch") and hasattr(value, "tolist"):
+            kind = "pt"
+            return value.tolist()
+        return value
+
+    if isinstance(encoded_inputs, (list, tuple)):
+        converted = [{k: convert(v) for k, v in e.items()} if hasattr(e, "items") else e for e in encoded_inputs]
+    elif hasattr(encoded_inputs, "items"):
+        converted = {k: convert(v) for k, v in encoded_inputs.items()}
+    else:
+        return encoded_inputs, None
+    return converted, kind
 
 
 def _default_of(function, name: str, fallback):
