@@ -1,0 +1,361 @@
+"""CPU kernels (cpu_kernels.py) against float64 math computed here, independently of the code.
+
+Two kinds of checks:
+  * exact: integer activations, integer weights, power-of-two scales and integer biases make
+    every product and partial sum exactly representable in fp32, so ANY summation order must
+    reproduce the float64 result bit for bit; a wrong, missing or doubled term shows up.
+  * realistic: random floats and fp16 scales, within the rigorous fp32 accumulation bound
+    |err| <= (K + 4) * 2^-24 * (|x| @ |W|^T + |b|)  (K products and sums, scale, bias).
+Every SIMD family the CPU has (AVX-512, AVX2, portable C) and both algorithms (GEMV for few
+rows, GEMM for many) are exercised on the same shapes.
+"""
+import json
+import mmap
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatglm6b import cpu_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+ISAS = ["avx512", "avx2", "generic"]
+U = 2.0 ** -24  # fp32 unit roundoff
+
+# (M, K, N): odd K (not a multiple of 16/32/64), N = 1, 3, 17..., a shape that spans several
+# GEMM K-blocks (K > 512) and GEMM panels/tiles with remainders.
+SHAPES = [(1, 64, 1), (1, 100, 3), (2, 46, 17), (3, 130, 5), (7, 258, 33), (33, 1000, 29),
+          (1, 1030, 40), (17, 600, 13)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    assert cpu_kernels.available(), (
+        f"CPU kernels failed to build on this machine: {cpu_kernels.kernel_info()['error']}")
+    return cpu_kernels
+
+
+@pytest.fixture
+def isa(lib, request):
+    """Select a kernel family; an ISA the CPU lacks falls back to the best one it has."""
+    got = lib._set_isa(request.param)
+    yield got
+    lib._set_isa(None)
+
+
+@pytest.fixture
+def path(lib, request):
+    """'gemv': every M through the GEMV; 'gemm': every M through the GEMM; 'auto': default."""
+    lib._set_gemv_max_m({"gemv": 1 << 30, "gemm": 0, "auto": None}[request.param])
+    yield request.param
+    lib._set_gemv_max_m(None)
+
+
+# ---------------------------------------------------------------------------------------
+# Independent helpers (SPEC §3), written here on purpose instead of imported from the package.
+
+def pack_int4_spec(q: torch.Tensor) -> torch.Tensor:
+    """byte[j] = (q[2j] << 4) | (q[2j+1] & 0xF), as int8."""
+    v = q.to(torch.int64)
+    byte = ((v[:, 0::2] & 0xF) << 4) | (v[:, 1::2] & 0xF)
+    return torch.where(byte >= 128, byte - 256, byte).to(torch.int8)
+
+
+def unpack_int4_spec(packed: torch.Tensor) -> torch.Tensor:
+    u = packed.to(torch.int64) & 0xFF
+    hi, lo = u >> 4, u & 0xF
+    hi = torch.where(hi >= 8, hi - 16, hi)
+    lo = torch.where(lo >= 8, lo - 16, lo)
+    return torch.stack((hi, lo), dim=-1).reshape(packed.shape[0], -1)
+
+
+def reference(x, q_values, scale, bias):
+    """float64 x @ (q * scale)^T + bias and the fp32 accumulation error bound for it."""
+    w = q_values.double() * (scale.double()[:, None] if scale is not None else 1.0)
+    xd = x.double().reshape(-1, x.shape[-1])
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    ref = xd @ w.T + b
+    bound = (x.shape[-1] + 4) * U * (xd.abs() @ w.abs().T + b.abs())
+    return ref.reshape(*x.shape[:-1], -1), bound.reshape(*x.shape[:-1], -1)
+
+
+def integer_problem(M, K, N, bits, with_bias, gen):
+    lim = 127 if bits == 8 else 7
+    q_values = torch.randint(-lim - (bits == 4), lim + 1, (N, K), generator=gen)
+    q = q_values.to(torch.int8) if bits == 8 else pack_int4_spec(q_values)
+    scale = (2.0 ** torch.randint(-3, 2, (N,), generator=gen)).half()
+    bias = torch.randint(-50, 51, (N,), generator=gen).half() if with_bias else None
+    x = torch.randint(-4, 5, (M, K), generator=gen).float()
+    return x, q, q_values, scale, bias
+
+
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("path", ["gemv", "gemm", "auto"], indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_quantized_linear_is_exact_on_integer_data(lib, isa, path, bits, with_bias):
+    gen = torch.Generator().manual_seed(1000 * bits + with_bias)
+    for M, K, N in SHAPES:
+        x, q, q_values, scale, bias = integer_problem(M, K, N, bits, with_bias, gen)
+        y = lib.linear(x, q, scale, bias, bits)
+        ref, _ = reference(x, q_values, scale, bias)
+        assert y.dtype == torch.float32 and y.shape == (M, N)
+        assert torch.equal(y.double(), ref), f"{isa}/{path} bits={bits} M={M} K={K} N={N}"
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linear_random_within_fp32_accumulation_error(lib, isa, path, bits):
+    gen = torch.Generator().manual_seed(bits)
+    for M, K, N in SHAPES:
+        lim = 127 if bits == 8 else 7
+        q_values = torch.randint(-lim, lim + 1, (N, K), generator=gen)
+        q = q_values.to(torch.int8) if bits == 8 else pack_int4_spec(q_values)
+        scale = (torch.rand(N, generator=gen) * 0.02 + 1e-3).half()
+        bias = torch.randn(N, generator=gen).half()
+        x = torch.randn(M, K, generator=gen) * 3
+        y = lib.linear(x, q, scale, bias, bits)
+        ref, bound = reference(x, q_values, scale, bias)
+        err = (y.double() - ref).abs()
+        assert (err <= bound).all(), f"{isa}/{path} bits={bits} M={M} K={K} N={N}: max err {err.max()}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_leading_dims_batches_and_noncontiguous_input(lib, bits):
+    gen = torch.Generator().manual_seed(7)
+    K, N = 96, 19
+    for lead in [(1,), (2,), (7,), (33,), (3, 5), (2, 3, 4)]:
+        x, q, q_values, scale, bias = integer_problem(int(torch.tensor(lead).prod()), K, N, bits, True, gen)
+        x = x.reshape(*lead, K)
+        ref, _ = reference(x, q_values, scale, bias)
+        assert torch.equal(lib.linear(x, q, scale, bias, bits).double(), ref)
+    # sequence-first activations viewed batch-first, and a strided slice of the features
+    x, q, q_values, scale, bias = integer_problem(12, K, N, bits, True, gen)
+    xt = x.reshape(4, 3, K).transpose(0, 1)  # [3, 4, K], not contiguous
+    assert not xt.is_contiguous()
+    ref, _ = reference(xt.contiguous(), q_values, scale, bias)
+    assert torch.equal(lib.linear(xt, q, scale, bias, bits).double(), ref)
+    wide = torch.randint(-4, 5, (5, 2 * K), generator=gen).float()
+    ref, _ = reference(wide[:, ::2].contiguous(), q_values, scale, bias)
+    assert torch.equal(lib.linear(wide[:, ::2], q, scale, bias, bits).double(), ref)
+
+
+def test_weight_rows_with_a_stride_are_read_in_place(lib):
+    gen = torch.Generator().manual_seed(3)
+    x, q, q_values, scale, bias = integer_problem(5, 70, 9, 8, True, gen)
+    big = torch.zeros(9, 128, dtype=torch.int8)
+    big[:, :70] = q
+    view = big[:, :70]  # rows 128 bytes apart
+    assert not view.is_contiguous()
+    ref, _ = reference(x, q_values, scale, bias)
+    assert torch.equal(lib.linear(x, view, scale, bias, 8).double(), ref)
+
+
+def test_weights_in_a_read_only_mapping(lib, tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    for bits in (8, 4):
+        x, q, q_values, scale, bias = integer_problem(40, 200, 30, bits, True, gen)
+        f = tmp_path / f"w{bits}.bin"
+        f.write_bytes(q.numpy().tobytes())
+        with open(f, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+            q_ro = torch.frombuffer(mm, dtype=torch.int8).view(q.shape)
+        ref, _ = reference(x, q_values, scale, bias)
+        for m in (1, 40):  # GEMV and GEMM read the mapping; a write would crash the process
+            assert torch.equal(lib.linear(x[:m], q_ro, scale, bias, bits).double(), ref[:m])
+        del q_ro
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations_are_computed_in_fp32(lib, dtype):
+    gen = torch.Generator().manual_seed(5)
+    x, q, q_values, scale, bias = integer_problem(6, 80, 11, 8, True, gen)
+    y = lib.linear(x.to(dtype), q, scale, bias, 8)
+    ref, _ = reference(x, q_values, scale, bias)
+    assert y.dtype == dtype
+    assert torch.equal(y, ref.to(dtype))  # exact in fp32, so one rounding to `dtype`
+
+
+def test_fp32_and_bf16_scales_and_bias(lib):
+    gen = torch.Generator().manual_seed(6)
+    x, q, q_values, scale, bias = integer_problem(9, 64, 7, 8, True, gen)
+    ref, _ = reference(x, q_values, scale, bias)
+    for dt in (torch.float32, torch.bfloat16):
+        assert torch.equal(lib.linear(x, q, scale.to(dt), bias.to(dt), 8).double(), ref)
+
+
+def test_results_do_not_depend_on_thread_count(lib):
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randint(-127, 128, (300, 700), generator=gen).to(torch.int8)
+    scale = torch.rand(300, generator=gen).half()
+    old = torch.get_num_threads()
+    try:
+        for M in (1, 50):
+            x = torch.randn(M, 700, generator=gen)
+            torch.set_num_threads(1)
+            one = lib.linear(x, q, scale, None, 8)
+            torch.set_num_threads(2)
+            two = lib.linear(x, q, scale, None, 8)
+            assert torch.equal(one, two)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_empty_batch(lib):
+    q = torch.ones(4, 8, dtype=torch.int8)
+    y = lib.linear(torch.empty(0, 8), q, torch.ones(4).half(), None, 8)
+    assert y.shape == (0, 4)
+
+
+def test_wrong_input_width_says_what_is_expected(lib):
+    q = torch.ones(4, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="3 features but the weight expects 8"):
+        lib.linear(torch.ones(2, 3), q, torch.ones(4).half(), None, 8)
+    with pytest.raises(ValueError, match="16"):  # INT4: 8 packed bytes hold 16 columns
+        lib.linear(torch.ones(2, 8), q, torch.ones(4).half(), None, 4)
+
+
+def test_inputs_the_kernels_do_not_handle_return_none(lib):
+    q = torch.ones(4, 8, dtype=torch.int8)
+    s = torch.ones(4).half()
+    assert lib.linear(torch.ones(2, 8, dtype=torch.float64), q, s, None, 8) is None
+    assert lib.linear(torch.ones(2, 8), q.t().contiguous().t(), s, None, 8) is None  # column-major weight
+    assert lib.fp16_linear(torch.ones(2, 8), torch.ones(4, 8)) is None  # fp32 weight
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+def test_fp16_linear(lib, isa, path):
+    gen = torch.Generator().manual_seed(9)
+    for M, K, N in SHAPES:
+        w_int = torch.randint(-1000, 1001, (N, K), generator=gen)
+        x = torch.randint(-4, 5, (M, K), generator=gen).float()
+        ref, _ = reference(x, w_int, None, None)
+        assert torch.equal(lib.fp16_linear(x, w_int.half()).double(), ref), f"{isa}/{path} {M, K, N}"
+        # realistic values, including fp16 subnormals, against the accumulation bound
+        w = torch.randn(N, K, generator=gen).half()
+        w[:, ::7] *= 1e-4
+        x = torch.randn(M, K, generator=gen)
+        b = torch.randn(N, generator=gen)
+        ref, bound = reference(x, w, None, b)
+        err = (lib.fp16_linear(x, w, b).double() - ref).abs()
+        assert (err <= bound).all(), f"{isa}/{path} {M, K, N}: max err {err.max()}"
+
+
+def test_quantized_linear_dispatch_uses_the_kernels(lib):
+    from chatglm6b.quantization import QuantizedLinear
+
+    gen = torch.Generator().manual_seed(10)
+    x, q, q_values, scale, bias = integer_problem(3, 48, 6, 8, True, gen)
+    layer = QuantizedLinear(48, 6, 8)
+    layer.weight.data, layer.weight_scale.data, layer.bias.data = q, scale, bias
+    ref, _ = reference(x, q_values, scale, bias)
+    with torch.no_grad():
+        assert torch.equal(layer(x).double(), ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Building, caching and failure handling, each in a fresh process.
+
+PROBE = textwrap.dedent("""
+    import json, sys, types, warnings
+    pkg = types.ModuleType("chatglm6b"); pkg.__path__ = [sys.argv[1]]; sys.modules["chatglm6b"] = pkg
+    import time
+    if len(sys.argv) > 2:
+        time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together with a sibling
+    import torch
+    from chatglm6b import cpu_kernels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = cpu_kernels.available()
+        ok_again = cpu_kernels.available()
+    from chatglm6b.quantization import quantized_linear
+    x = torch.arange(12.0).reshape(2, 6)
+    q = torch.arange(-9, 9, dtype=torch.int8).reshape(3, 6)
+    y = quantized_linear(x, q, torch.tensor([1.0, 0.5, 2.0]).half(), None, 8)
+    expected = [[sum(x[m, k].item() * q[n, k].item() * s for k in range(6)) for n, s in enumerate([1.0, 0.5, 2.0])] for m in range(2)]
+    info = cpu_kernels.kernel_info()
+    print(json.dumps({"ok": ok, "ok_again": ok_again, "warnings": [str(w.message) for w in caught],
+                      "correct": y.tolist() == expected, "compiled": info["compiled_in_this_process"],
+                      "library": info["library"], "error": info["error"]}))
+""")
+
+
+def run_probe(cache, extra_env=None, start_at=None):
+    env = dict(os.environ, CHATGLM_CACHE_DIR=str(cache), **(extra_env or {}))
+    env.pop("CHATGLM_KERNELS", None)
+    args = [sys.executable, "-c", PROBE, str(ROOT)] + ([str(start_at)] if start_at else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def probe_result(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_second_load_uses_the_cache(tmp_path):
+    first = probe_result(run_probe(tmp_path))
+    assert first["ok"] and first["correct"] and first["compiled"] and not first["warnings"]
+    lib_path = Path(first["library"])
+    assert lib_path.parent == tmp_path
+    stamp = lib_path.stat()
+    second = probe_result(run_probe(tmp_path))
+    assert second["ok"] and second["correct"] and not second["compiled"]
+    assert second["library"] == first["library"]
+    after = lib_path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib_path.name]  # no temporary files left
+
+
+def test_missing_compiler_warns_once_and_falls_back(tmp_path):
+    cache = tmp_path / "empty-cache"
+    res = probe_result(run_probe(cache, {"CC": str(tmp_path / "no-such-compiler")}))
+    assert res["ok"] is False and res["ok_again"] is False
+    assert len(res["warnings"]) == 1, res["warnings"]
+    assert "no-such-compiler" in res["warnings"][0] and "torch path" in res["warnings"][0]
+    assert res["correct"]  # the torch path still computes the layer
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_failing_compiler_warns_once_and_falls_back(tmp_path):
+    fake = tmp_path / "fakecc"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "fakecc 1.0"; exit 0; fi\n'
+                    'echo "fakecc: internal error" >&2\nexit 3\n')
+    fake.chmod(0o755)
+    res = probe_result(run_probe(tmp_path / "cache", {"CC": str(fake)}))
+    assert res["ok"] is False and len(res["warnings"]) == 1
+    assert "fakecc: internal error" in res["warnings"][0]
+    assert res["correct"]
+    assert not any((tmp_path / "cache").iterdir())  # temporary files were removed
+
+
+def test_two_processes_compiling_at_once_get_one_working_library(tmp_path):
+    start = time.time() + 3.0  # both interpreters are up by then
+    procs = [run_probe(tmp_path, start_at=start) for _ in range(2)]
+    results = [probe_result(p) for p in procs]
+    assert all(r["ok"] and r["correct"] and not r["warnings"] for r in results)
+    assert results[0]["library"] == results[1]["library"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [Path(results[0]["library"]).name]
+    third = probe_result(run_probe(tmp_path))
+    assert third["ok"] and third["correct"] and not third["compiled"]
+
+
+def test_import_compiles_nothing(tmp_path):
+    env = dict(os.environ, CHATGLM_CACHE_DIR=str(tmp_path / "cache"))
+    code = ("import sys, types; pkg = types.ModuleType('chatglm6b'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['chatglm6b'] = pkg; from chatglm6b import cpu_kernels, quantization")
+    subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, check=True, timeout=300)
+    assert not (tmp_path / "cache").exists()
