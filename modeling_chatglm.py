@@ -696,6 +696,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 model_kwargs["attention_mask"] = torch.cat((mask, mask.new_ones(mask.shape[0], 1)), dim=-1)
         return model_kwargs
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search / num_return_sequences repeat every row. Our position ids are [batch, 2, seq];
+        # transformers 5.x repeats 3-D position ids along dim 1 (the multimodal [3, batch, seq] layout),
+        # which would silently give every beam wrong positions: expand them on the batch dim ourselves.
+        position_ids = model_kwargs.pop("position_ids", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if position_ids is not None and expand_size > 1:
+            position_ids = position_ids.repeat_interleave(expand_size, dim=0)
+        model_kwargs["position_ids"] = position_ids
+        return input_ids, model_kwargs
+
     def _reorder_cache(self, past, beam_idx):
         return past.reorder(beam_idx) if past is not None else past
 
