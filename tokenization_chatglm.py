@@ -538,7 +538,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None
     ) -> List[int]:
         # ChatGLM has no token types; the model does not take them.
-        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+        length = len(token_ids_0) + 2 + (len(token_ids_1) + 1 if token_ids_1 is not None else 0)
+        return [0] * length
 
     # ------------------------------------------------------------------------------------------------
     # Padding: left only, with ChatGLM's 2-D positions and [1, s, s] boolean mask
