@@ -20,9 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 from transformers import PreTrainedTokenizer
-from transformers.utils import PaddingStrategy, logging
-
-logger = logging.get_logger(__name__)
+from transformers.utils import PaddingStrategy
 
 VOCAB_FILE_NAME = "ice_text.model"
 VOCAB_FILES_NAMES = {"vocab_file": VOCAB_FILE_NAME}
@@ -254,8 +252,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
       ``True`` = masked) and ``position_ids`` (``[2, s]`` per row), as the model expects. Without padding
       only ``input_ids`` are returned. Any ``attention_mask``/``position_ids`` given to :meth:`pad` are
       rebuilt from the ids (leading ``<pad>`` ids count as padding, so re-padding is stable).
-    * The special tokens ``<sop> <eop> <pad> <unk> [MASK]`` written in text map to their ids (spaces next
-      to them are dropped); ``[gMASK]`` in text is ordinary text.
+    * The special tokens ``<sop> <eop> <pad> <unk> [MASK]`` (and tokens added with ``add_tokens``) written
+      in text map to their ids, and whitespace next to them is dropped, as the reference tokenizer did;
+      ``[gMASK]`` in text is ordinary text.
     * Decoding never fails for ids of the model's output range; unused embedding rows decode to "".
     """
 
