@@ -270,52 +270,14 @@ T256 CG_INLINE __m256 i8x8_to_ps(const uint8_t *src) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-/* RB weight rows starting at n against MB rows of x; MB, RB are constants after inlining. */
+/* RB weight rows starting at n against MB rows of x (INT8 or FP16 weights); MB and RB are
+   constants after inlining. */
 T256 CG_INLINE void gemv_block_avx2(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
                                     const int MB, int64_t n, const int RB) {
     const int64_t K = p->K, ldw = p->ldw;
     const uint8_t *w = p->w + n * ldw;
     float tail[4][4] = {{0}};
-    if (p->wkind == W_INT4) {
-        /* xs holds x de-interleaved per 16-column chunk: 8 even columns, then 8 odd ones. The
-           high nibble (even column) is taken as 16*q via (v & ~15), the low one as 2^28*q via
-           v << 28; the powers of two are undone on the sums. */
-        __m256 ae[4][4], ao[4][4];
-        for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
-        const __m256i himask = _mm256_set1_epi32(~15);
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m256 xe[4], xo[4];
-            for (int m = 0; m < MB; m++) {
-                xe[m] = _mm256_loadu_ps(xs + m * ldxs + k);
-                xo[m] = _mm256_loadu_ps(xs + m * ldxs + k + 8);
-            }
-            for (int r = 0; r < RB; r++) {
-                __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + k / 2)));
-                __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(v, himask));
-                __m256 lo = _mm256_cvtepi32_ps(_mm256_slli_epi32(v, 28));
-                for (int m = 0; m < MB; m++) {
-                    ae[r][m] = _mm256_fmadd_ps(hi, xe[m], ae[r][m]);
-                    ao[r][m] = _mm256_fmadd_ps(lo, xo[m], ao[r][m]);
-                }
-            }
-        }
-        if (k < K) { /* last partial chunk: same de-interleaved layout, zero padded */
-            const int half = (int)(K - k) / 2;
-            for (int r = 0; r < RB; r++)
-                for (int j = 0; j < half; j++) {
-                    unsigned b = w[r * ldw + k / 2 + j];
-                    for (int m = 0; m < MB; m++)
-                        tail[r][m] += xs[m * ldxs + k + j] * (float)nibble_value(b >> 4)
-                                    + xs[m * ldxs + k + 8 + j] * (float)nibble_value(b);
-                }
-        }
-        for (int r = 0; r < RB; r++)
-            for (int m = 0; m < MB; m++)
-                store_out(p, m0 + m, n + r, hsum256(ae[r][m]) * 0x1p-4f + hsum256(ao[r][m]) * 0x1p-28f + tail[r][m]);
-        return;
-    }
-    __m256 acc[8][4];
+    __m256 acc[4][4];
     for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
@@ -338,6 +300,49 @@ T256 CG_INLINE void gemv_block_avx2(const problem *p, const float *xs, int64_t l
         for (int m = 0; m < MB; m++) store_out(p, m0 + m, n + r, hsum256(acc[r][m]) + tail[r][m]);
 }
 
+/* INT4 rows. xs holds x de-interleaved per 16-column chunk: 8 even columns, then 8 odd ones.
+   The high nibble (even column) enters as 16*q via (v & ~15), the low one as 2^28*q via
+   v << 28; the powers of two are undone on the sums. */
+T256 CG_INLINE void gemv_q4_block_avx2(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                       const int MB, int64_t n, const int RB) {
+    const int64_t K = p->K, ldw = p->ldw;
+    const uint8_t *w = p->w + n * ldw;
+    float tail[4][4] = {{0}};
+    __m256 ae[4][4], ao[4][4];
+    for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm256_setzero_ps();
+    const __m256i himask = _mm256_set1_epi32(~15);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xe[4], xo[4];
+        for (int m = 0; m < MB; m++) {
+            xe[m] = _mm256_loadu_ps(xs + m * ldxs + k);
+            xo[m] = _mm256_loadu_ps(xs + m * ldxs + k + 8);
+        }
+        for (int r = 0; r < RB; r++) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * ldw + k / 2)));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_and_si256(v, himask));
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_slli_epi32(v, 28));
+            for (int m = 0; m < MB; m++) {
+                ae[r][m] = _mm256_fmadd_ps(hi, xe[m], ae[r][m]);
+                ao[r][m] = _mm256_fmadd_ps(lo, xo[m], ao[r][m]);
+            }
+        }
+    }
+    if (k < K) { /* last partial chunk: same de-interleaved layout, zero padded */
+        const int half = (int)(K - k) / 2;
+        for (int r = 0; r < RB; r++)
+            for (int j = 0; j < half; j++) {
+                unsigned b = w[r * ldw + k / 2 + j];
+                for (int m = 0; m < MB; m++)
+                    tail[r][m] += xs[m * ldxs + k + j] * (float)nibble_value(b >> 4)
+                                + xs[m * ldxs + k + 8 + j] * (float)nibble_value(b);
+            }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MB; m++)
+            store_out(p, m0 + m, n + r, hsum256(ae[r][m]) * 0x1p-4f + hsum256(ao[r][m]) * 0x1p-28f + tail[r][m]);
+}
+
 #define GEMV_ROW_LOOP(BLOCK, MB, RB)                                                   \
     do {                                                                               \
         int64_t n = n0;                                                                \
@@ -347,6 +352,15 @@ T256 CG_INLINE void gemv_block_avx2(const problem *p, const float *xs, int64_t l
 
 T256 static void gemv_avx2(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
                            int64_t n0, int64_t n1) {
+    if (p->wkind == W_INT4) {
+        switch (mb) {
+        case 1: GEMV_ROW_LOOP(gemv_q4_block_avx2, 1, 4); break;
+        case 2: GEMV_ROW_LOOP(gemv_q4_block_avx2, 2, 2); break;
+        case 3: GEMV_ROW_LOOP(gemv_q4_block_avx2, 3, 1); break;
+        default: GEMV_ROW_LOOP(gemv_q4_block_avx2, 4, 1); break;
+        }
+        return;
+    }
     switch (mb) {
     case 1: GEMV_ROW_LOOP(gemv_block_avx2, 1, 4); break;
     case 2: GEMV_ROW_LOOP(gemv_block_avx2, 2, 2); break;
@@ -441,42 +455,12 @@ T512 CG_INLINE __m512 load16_w(const problem *p, const uint8_t *row, int64_t k, 
     return _mm512_cvtph_ps(h);
 }
 
+/* RB weight rows starting at n against MB rows of x (INT8 or FP16 weights); MB and RB are
+   constants after inlining, so the accumulators live in registers. */
 T512 CG_INLINE void gemv_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
                                       const int MB, int64_t n, const int RB) {
     const int64_t K = p->K, ldw = p->ldw;
     const uint8_t *w = p->w + n * ldw;
-    if (p->wkind == W_INT4) {
-        /* xs: x de-interleaved per 32-column chunk (16 even columns, then 16 odd ones), zero
-           padded to a whole chunk. Even columns (high nibbles) enter as 16*q = v & ~15, odd ones
-           as 2^28*q = v << 28, both exact in fp32; the powers of two are undone on the sums. */
-        __m512 ae[4][4], ao[4][4];
-        for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
-        const __m512i himask = _mm512_set1_epi32(~15);
-        for (int64_t k = 0; k < K; k += 32) {
-            const __mmask16 mask = first_lanes((K - k) / 2);
-            __m512 xe[4], xo[4];
-            for (int m = 0; m < MB; m++) {
-                xe[m] = _mm512_loadu_ps(xs + m * ldxs + k);
-                xo[m] = _mm512_loadu_ps(xs + m * ldxs + k + 16);
-            }
-            for (int r = 0; r < RB; r++) {
-                __m128i b = mask == 0xFFFF ? _mm_loadu_si128((const __m128i *)(w + r * ldw + k / 2))
-                                           : _mm_maskz_loadu_epi8(mask, w + r * ldw + k / 2);
-                __m512i v = _mm512_cvtepi8_epi32(b);
-                __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(v, himask));
-                __m512 lo = _mm512_cvtepi32_ps(_mm512_slli_epi32(v, 28));
-                for (int m = 0; m < MB; m++) {
-                    ae[r][m] = _mm512_fmadd_ps(hi, xe[m], ae[r][m]);
-                    ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
-                }
-            }
-        }
-        for (int r = 0; r < RB; r++)
-            for (int m = 0; m < MB; m++)
-                store_out(p, m0 + m, n + r,
-                          _mm512_reduce_add_ps(ae[r][m]) * 0x1p-4f + _mm512_reduce_add_ps(ao[r][m]) * 0x1p-28f);
-        return;
-    }
     __m512 acc[8][4];
     for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) acc[r][m] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -501,14 +485,50 @@ T512 CG_INLINE void gemv_block_avx512(const problem *p, const float *xs, int64_t
         for (int m = 0; m < MB; m++) store_out(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
 }
 
+/* INT4 rows. xs holds x de-interleaved per 32-column chunk (16 even columns, then 16 odd ones),
+   zero padded to a whole chunk. Even columns (high nibbles) enter as 16*q = v & ~15, odd ones
+   as 2^28*q = v << 28 (v: the sign-extended byte), both exact in fp32; the powers of two are
+   undone on the sums. */
+T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                         const int MB, int64_t n, const int RB) {
+    const int64_t K = p->K, ldw = p->ldw;
+    const uint8_t *w = p->w + n * ldw;
+    __m512 ae[4][4], ao[4][4];
+    for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
+    const __m512i himask = _mm512_set1_epi32(~15);
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask16 mask = first_lanes((K - k) / 2);
+        __m512 xe[4], xo[4];
+        for (int m = 0; m < MB; m++) {
+            xe[m] = _mm512_loadu_ps(xs + m * ldxs + k);
+            xo[m] = _mm512_loadu_ps(xs + m * ldxs + k + 16);
+        }
+        for (int r = 0; r < RB; r++) {
+            __m128i b = mask == 0xFFFF ? _mm_loadu_si128((const __m128i *)(w + r * ldw + k / 2))
+                                       : _mm_maskz_loadu_epi8(mask, w + r * ldw + k / 2);
+            __m512i v = _mm512_cvtepi8_epi32(b);
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(v, himask));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_slli_epi32(v, 28));
+            for (int m = 0; m < MB; m++) {
+                ae[r][m] = _mm512_fmadd_ps(hi, xe[m], ae[r][m]);
+                ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int m = 0; m < MB; m++)
+            store_out(p, m0 + m, n + r,
+                      _mm512_reduce_add_ps(ae[r][m]) * 0x1p-4f + _mm512_reduce_add_ps(ao[r][m]) * 0x1p-28f);
+}
+
 T512 static void gemv_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
                              int64_t n0, int64_t n1) {
     if (p->wkind == W_INT4) {
         switch (mb) {
-        case 1: GEMV_ROW_LOOP(gemv_block_avx512, 1, 4); break;
-        case 2: GEMV_ROW_LOOP(gemv_block_avx512, 2, 4); break;
-        case 3: GEMV_ROW_LOOP(gemv_block_avx512, 3, 2); break;
-        default: GEMV_ROW_LOOP(gemv_block_avx512, 4, 2); break;
+        case 1: GEMV_ROW_LOOP(gemv_q4_block_avx512, 1, 4); break;
+        case 2: GEMV_ROW_LOOP(gemv_q4_block_avx512, 2, 4); break;
+        case 3: GEMV_ROW_LOOP(gemv_q4_block_avx512, 3, 2); break;
+        default: GEMV_ROW_LOOP(gemv_q4_block_avx512, 4, 2); break;
         }
         return;
     }
@@ -526,24 +546,37 @@ T512 static void convert_avx512(const problem *p, int64_t n0, int nr, int64_t k0
     /* lane order that interleaves (high nibbles, low nibbles) back into column order */
     const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const int kfull = kc / 16 * 16;
     for (int r = 0; r < nr; r++) {
         const uint8_t *row = p->w + (n0 + r) * p->ldw;
         const __m512 s = _mm512_set1_ps(p->scale ? p->scale[n0 + r] : 1.0f);
         float *dst = wt + (int64_t)r * LDW;
-        if (p->wkind == W_INT4) {
+        if (p->wkind == W_INT8) {
+            const uint8_t *src = row + k0;
+            for (int k = 0; k < kfull; k += 16)
+                _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                 _mm_loadu_si128((const __m128i *)(src + k)))), s));
+            if (kfull < kc)
+                _mm512_storeu_ps(dst + kfull, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                 _mm_maskz_loadu_epi8(first_lanes(kc - kfull), src + kfull))), s));
+        } else if (p->wkind == W_INT4) {
+            const uint8_t *src = row + k0 / 2;
             for (int k = 0; k < kc; k += 32) {
-                __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(first_lanes((kc - k) / 2), row + (k0 + k) / 2));
+                const __mmask16 mask = first_lanes((kc - k) / 2);
+                __m128i b = mask == 0xFFFF ? _mm_loadu_si128((const __m128i *)(src + k / 2))
+                                           : _mm_maskz_loadu_epi8(mask, src + k / 2);
+                __m512i v = _mm512_cvtepi8_epi32(b);
                 __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 4));
                 __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28));
                 _mm512_storeu_ps(dst + k, _mm512_mul_ps(_mm512_permutex2var_ps(hi, first, lo), s));
                 _mm512_storeu_ps(dst + k + 16, _mm512_mul_ps(_mm512_permutex2var_ps(hi, second, lo), s));
             }
-        } else if (p->wkind == W_INT8) {
-            for (int k = 0; k < kc; k += 16)
-                _mm512_storeu_ps(dst + k, _mm512_mul_ps(load16_w(p, row, k0 + k, first_lanes(kc - k), 0), s));
         } else {
-            for (int k = 0; k < kc; k += 16)
-                _mm512_storeu_ps(dst + k, load16_w(p, row, k0 + k, first_lanes(kc - k), 0));
+            const uint16_t *src = (const uint16_t *)row + k0;
+            for (int k = 0; k < kfull; k += 16)
+                _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + k))));
+            if (kfull < kc)
+                _mm512_storeu_ps(dst + kfull, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(kc - kfull), src + kfull)));
         }
     }
     for (int r = nr; r < AVX512_NR; r++) memset(wt + (int64_t)r * LDW, 0, sizeof(float) * (size_t)kc);
@@ -684,6 +717,18 @@ static int gemv_driver(const isa_ops *o, const problem *p, int nthreads) {
     return 0;
 }
 
+/* Ask for the weights of the next panel while the micro-kernels work on this one: the panel's
+   rows are short pieces (KC columns) K apart, which the hardware prefetchers do not follow. */
+static void prefetch_panel(const problem *p, int64_t n0, int nr, int64_t k0, int kc) {
+    const int64_t bytes_per_col = p->wkind == W_INT8 ? 1 : 2; /* INT4: 1/2 byte, FP16: 2 */
+    int64_t from = p->wkind == W_INT4 ? k0 / 2 : k0 * bytes_per_col;
+    int64_t len = p->wkind == W_INT4 ? kc / 2 : kc * bytes_per_col;
+    for (int r = 0; r < nr && n0 + r < p->N; r++) {
+        const uint8_t *row = p->w + (n0 + r) * p->ldw + from;
+        for (int64_t b = 0; b < len; b += 64) __builtin_prefetch(row + b, 0, 2);
+    }
+}
+
 static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     const int64_t M = p->M, K = p->K, N = p->N;
     const int NR = o->nr, TW = o->tw, TMIN = o->tmin;
@@ -740,6 +785,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
                         const int64_t n0 = pi * NR;
                         const int nr = (int)(N - n0 < NR ? N - n0 : NR);
                         o->convert(p, n0, nr, k0, kc, wt);
+                        if (pi + 1 < c1) prefetch_panel(p, n0 + NR, NR, k0, kc);
                         float *ypanel = yt + (pi - c0) * NR * Mp;
                         for (int64_t t = 0; t < ntiles; t++) {
                             const int width = (int)(t == ntiles - 1 ? last_w : TW);
