@@ -142,3 +142,13 @@ def test_process_response_golden(golden):
     meta, _ = golden
     for case in meta["process_response"]:
         assert process_response(case["text"]) == case["out"], case
+
+
+def test_chat_prompt_matches_golden_prompt_and_tokenizer(tokenizer, golden):
+    from chatglm6b.modeling_chatglm import build_chat_prompt
+
+    meta, _ = golden
+    history = [("1+1=?", "2")]
+    assert build_chat_prompt("再加3呢？", history) == meta["prompts"][3]
+    assert build_chat_prompt("再加3呢？", history) == tokenizer.build_prompt("再加3呢？", history)
+    assert build_chat_prompt("你好", []) == "你好"
