@@ -1077,6 +1077,9 @@ def _param(t: Optional[torch.Tensor], n: int, what: str):
     """(tensor kept alive, dtype code) for a per-output vector; None stays None."""
     if t is None:
         return None, 0
+    code = _PARAM_DTYPES.get(t.dtype)
+    if code is not None and t.dim() == 1 and t.shape[0] == n and t.is_contiguous() and not t.is_cuda:
+        return t, code  # the common case, kept cheap: decode calls this ~224 times per token
     if t.device.type != "cpu" or t.numel() != n:
         raise ValueError(f"{what} must be a CPU tensor of {n} elements, got {tuple(t.shape)} on {t.device}")
     t = t.reshape(n)
@@ -1086,16 +1089,15 @@ def _param(t: Optional[torch.Tensor], n: int, what: str):
 
 
 def _run(x, w, kind, N, K, scale, bias):
-    lib = _KERNELS.get()
+    lib = _KERNELS.lib if _KERNELS.lib is not None else _KERNELS.get()
     if lib is None or x.device.type != "cpu" or w.device.type != "cpu":
         return None
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dim() != 2 or w.stride(-1) != 1:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.stride(-1) != 1:
         return None
     if x.shape[-1] != K:
         raise ValueError(f"input has {x.shape[-1]} features but the weight expects {K} "
                          f"(weight shape {tuple(w.shape)})")
-    out_dtype = x.dtype
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.dtype != torch.float32:
         x2 = x2.float()  # bf16 / fp16 activations: computed in fp32, rounded once at the end
     if K and x2.stride(-1) != 1:
@@ -1103,19 +1105,18 @@ def _run(x, w, kind, N, K, scale, bias):
     M = x2.shape[0]
     scale_t, scale_code = _param(scale, N, "scale")
     bias_t, bias_code = _param(bias, N, "bias")
-    y = torch.empty((M, N), dtype=torch.float32)
+    y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
     if M and N:
         rc = lib.cg_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K,
                            w.data_ptr(), kind, N, w.stride(0) * w.element_size(),
-                           scale_t.data_ptr() if scale_t is not None else None, scale_code,
-                           bias_t.data_ptr() if bias_t is not None else None, bias_code,
+                           None if scale_t is None else scale_t.data_ptr(), scale_code,
+                           None if bias_t is None else bias_t.data_ptr(), bias_code,
                            y.data_ptr(), N, torch.get_num_threads())
         if rc == 1:
             raise MemoryError(f"CPU kernel could not allocate its work buffers (M={M}, N={N}, K={K})")
         if rc != 0:
             raise RuntimeError(f"CPU kernel rejected its arguments (code {rc}); this is a bug")
-    y = y.view(*x.shape[:-1], N)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],

@@ -1,0 +1,202 @@
+"""Micro-benchmark of the CPU kernels (cpu_kernels.py) on ChatGLM-6B's full-size shapes.
+
+Decode (one token, M = 1) must be memory-bound, so each decode shape is reported as GB/s of
+weight streamed, next to the machine's read and copy bandwidth measured in the same run. Prefill
+is compute-bound and reported in GFLOP/s for M = 200. Every row also times the torch path the
+kernels replace (dequantize the weight in fp32, then F.linear), in the same process.
+
+The weights of one shape (50-128 MB) could sit in a big last-level cache and give flattering
+numbers, so each timing cycles through enough copies of the weight to cover --working-set-gb.
+`--model` additionally times a whole decode step (28 layers x 4 linears + the fp16 LM head,
+6.7 GB of weights, needs ~8 GB of free RAM).
+
+    python benchmarks/bench_cpu_kernels.py [--threads 2] [--model] [--markdown out.md]
+
+Timings are wall-clock medians; the machine's load average is printed, since on a shared
+machine other work skews them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if "chatglm6b" not in sys.modules:  # the repo root is a flat remote-code folder; import it as a package
+    _pkg = types.ModuleType("chatglm6b")
+    _pkg.__path__ = [str(ROOT)]
+    sys.modules["chatglm6b"] = _pkg
+
+from chatglm6b import cpu_kernels  # noqa: E402
+from chatglm6b.quantization import torch_quantized_linear  # noqa: E402
+
+HIDDEN, INNER, VOCAB, LAYERS = 4096, 16384, 130528, 28
+LAYER_SHAPES = [("query_key_value", 3 * HIDDEN, HIDDEN), ("attention.dense", HIDDEN, HIDDEN),
+                ("dense_h_to_4h", INNER, HIDDEN), ("dense_4h_to_h", HIDDEN, INNER)]
+GB = 1e9
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def rotating(make, bytes_each: int, working_set: float):
+    """Enough copies of a tensor (or tuple) to cover the working set, and a cycling getter."""
+    copies = [make() for _ in range(max(1, int(working_set // bytes_each) + (working_set % bytes_each > 0)))]
+    state = {"i": 0}
+
+    def next_copy():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return copies, next_copy
+
+
+def memory_bandwidth(repeats: int):
+    """Read (sum of a 1 GiB fp32 tensor) and copy (read + write, 512 MiB) bandwidth in GB/s."""
+    a = torch.ones(1 << 28)
+    read = a.numel() * 4 / timed(lambda: a.sum(), repeats)
+    src = torch.ones(1 << 27)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), repeats)
+    return read / GB, copy / GB
+
+
+def quantized_weight(n: int, k: int, bits: int):
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8) if bits == 8 else \
+        torch.randint(-128, 128, (n, k // 2), dtype=torch.int8)
+    return q, (torch.rand(n) * 0.01 + 1e-3).half(), torch.randn(n).half()
+
+
+def bench_decode(args, rows, bits: int):
+    x = torch.randn(1, HIDDEN)
+    per_token_kernel = per_token_torch = 0.0
+    for name, n, k in LAYER_SHAPES:
+        xk = x if k == HIDDEN else torch.randn(1, k)
+        nbytes = n * k * bits // 8
+        _, nxt = rotating(lambda: quantized_weight(n, k, bits), nbytes, args.working_set_gb * GB)
+        t_kernel = timed(lambda: cpu_kernels.linear(xk, *nxt(), bits), args.repeats)
+        t_torch = timed(lambda: torch_quantized_linear(xk, *nxt(), bits), max(3, args.repeats // 4))
+        per_token_kernel += LAYERS * t_kernel
+        per_token_torch += LAYERS * t_torch
+        rows.append((f"decode INT{bits} {name} [{n},{k}], M=1", f"{t_kernel * 1e3:.3f} ms",
+                     f"{nbytes / t_kernel / GB:.1f} GB/s", f"{t_torch * 1e3:.2f} ms", f"{t_torch / t_kernel:.1f}x"))
+    return per_token_kernel, per_token_torch
+
+
+def bench_lm_head(args, rows):
+    x = torch.randn(1, HIDDEN)
+    w = torch.randn(VOCAB, HIDDEN).half()  # 1.07 GB: larger than any cache, no rotation needed
+    t_kernel = timed(lambda: cpu_kernels.fp16_linear(x, w), args.repeats)
+    t_torch = timed(lambda: F.linear(x, w.float()), 3)
+    rows.append((f"decode FP16 lm_head [{VOCAB},{HIDDEN}], M=1", f"{t_kernel * 1e3:.2f} ms",
+                 f"{w.numel() * 2 / t_kernel / GB:.1f} GB/s", f"{t_torch * 1e3:.1f} ms", f"{t_torch / t_kernel:.1f}x"))
+    del w
+    return t_kernel, t_torch
+
+
+def bench_prefill(args, rows, bits: int, m: int, shapes):
+    total_kernel = total_torch = 0.0
+    for name, n, k in shapes:
+        x = torch.randn(m, k)
+        q, s, b = quantized_weight(n, k, bits)
+        flops = 2 * m * n * k
+        t_kernel = timed(lambda: cpu_kernels.linear(x, q, s, b, bits), max(3, args.repeats // 4))
+        t_torch = timed(lambda: torch_quantized_linear(x, q, s, b, bits), 3)
+        total_kernel += LAYERS * t_kernel
+        total_torch += LAYERS * t_torch
+        rows.append((f"prefill INT{bits} {name} [{n},{k}], M={m}", f"{t_kernel * 1e3:.1f} ms",
+                     f"{flops / t_kernel / GB:.0f} GFLOP/s", f"{t_torch * 1e3:.1f} ms", f"{t_torch / t_kernel:.1f}x"))
+    return total_kernel, total_torch
+
+
+def bench_model_decode(args, rows):
+    """One decode step over distinct weights for all 28 layers and the LM head (6.7 GB)."""
+    layers = [[quantized_weight(n, k, 8) for _, n, k in LAYER_SHAPES] for _ in range(LAYERS)]
+    head = torch.randn(VOCAB, HIDDEN).half()
+    x_h, x_i = torch.randn(1, HIDDEN), torch.randn(1, INNER)
+
+    def step():
+        for layer in layers:
+            for (_, n, k), (q, s, b) in zip(LAYER_SHAPES, layer):
+                cpu_kernels.linear(x_h if k == HIDDEN else x_i, q, s, b, 8)
+        cpu_kernels.fp16_linear(x_h, head)
+
+    t = timed(step, max(3, args.repeats // 4))
+    nbytes = sum(q.numel() for layer in layers for q, _, _ in layer) + head.numel() * 2
+    rows.append(("decode step, whole INT8 model (distinct weights)", f"{t * 1e3:.1f} ms",
+                 f"{nbytes / t / GB:.1f} GB/s", "", ""))
+    return t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--working-set-gb", type=float, default=1.0,
+                    help="cycle through weight copies covering this many GB (defeats big caches)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--prefill-m", type=int, default=200)
+    ap.add_argument("--model", action="store_true", help="also time a whole-model decode step (~8 GB RAM)")
+    ap.add_argument("--markdown", type=Path, help="write the results table to this file")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        sys.exit(f"CPU kernels unavailable: {cpu_kernels.kernel_info()['error']}")
+    info = cpu_kernels.kernel_info()
+    load_before = os.getloadavg()
+    read_bw, copy_bw = memory_bandwidth(max(5, args.repeats // 2))
+
+    rows, summary = [], []
+    head_kernel, head_torch = bench_lm_head(args, rows)
+    for bits in args.bits:
+        dk, dt = bench_decode(args, rows, bits)
+        dk += head_kernel
+        dt += head_torch
+        summary.append(f"INT{bits} decode estimate (28 layers x 4 linears + FP16 LM head, from the rows "
+                       f"above): kernels {dk * 1e3:.0f} ms/token, torch path {dt * 1e3:.0f} ms/token")
+    for bits in args.bits:
+        pk, pt = bench_prefill(args, rows, bits, args.prefill_m, LAYER_SHAPES)
+        summary.append(f"INT{bits} prefill estimate, {args.prefill_m} tokens, linears of 28 layers "
+                       f"(LM head for the last token only): kernels {pk + head_kernel:.2f} s, torch path {pt + head_torch:.2f} s")
+    if args.model:
+        t = bench_model_decode(args, rows)
+        summary.append(f"whole-model INT8 decode step measured directly: {t * 1e3:.0f} ms/token")
+    load_after = os.getloadavg()
+
+    lines = [
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"kernels: {info['isa']} (OpenMP {'on' if info['openmp'] else 'off'}), threads: {args.threads}, "
+        f"torch {torch.__version__}",
+        f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+        f"- memory bandwidth (torch, same run): read {read_bw:.1f} GB/s (sum of 1 GiB), "
+        f"copy {copy_bw:.1f} GB/s (read + write)",
+        "",
+        "| case | kernel | kernel rate | torch path | speed-up |",
+        "|---|---|---|---|---|",
+    ] + [f"| {' | '.join(r)} |" for r in rows] + [""] + [f"- {s}" for s in summary]
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
