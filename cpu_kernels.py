@@ -99,7 +99,8 @@ enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 #define KC 512                  /* K block of the GEMM, a multiple of 32 */
 #define LDW (KC + 16)           /* row stride of a converted weight panel (+64 B: no L1 aliasing) */
 #define NR_MAX 12               /* most weight rows in a GEMM panel (any ISA) */
-#define YT_CHUNK_BYTES (4 << 20) /* per-thread y^T accumulation buffer */
+#define YT_CHUNK_BYTES (512 << 10) /* y^T accumulation buffer of a GEMM work item (L2) */
+#define GEMV_BLOCK_BYTES (256 << 10) /* weight bytes of a GEMV work item */
 #define GEMV_ROWS 4             /* x rows handled per pass of the GEMV */
 
 typedef struct {
@@ -246,7 +247,7 @@ static void micro_generic(int kc, const float *xt, int width, const float *wt, f
         for (int j = 0; j < width; j++) yt[r * ldyt + j] = c[r][j];
 }
 
-static const isa_ops OPS_GENERIC = {ISA_GENERIC, 0, GENERIC_NR, GENERIC_TW, GENERIC_TW, 4,
+static const isa_ops OPS_GENERIC = {ISA_GENERIC, 0, GENERIC_NR, GENERIC_TW, GENERIC_TW, 8,
                                     gemv_generic, convert_generic, micro_generic, halfs_generic};
 
 #if CG_X86
@@ -429,7 +430,7 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, 4,
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, 16,
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
@@ -607,7 +608,7 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
     else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, 4,
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, 24,
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
@@ -654,13 +655,9 @@ static int thread_count(void) {
 #endif
 }
 
-/* Split [0, n) into `parts` contiguous ranges whose bounds are multiples of `align`. */
-static int64_t split_at(int64_t n, int part, int parts, int64_t align) {
-    if (part >= parts) return n;
-    int64_t units = (n + align - 1) / align;
-    int64_t b = units * part / parts * align;
-    return b < n ? b : n;
-}
+/* Work items are handed out in order from a shared counter, so a thread that gets less CPU
+   (another process on its core) simply takes fewer items. */
+static int64_t next_item(int64_t *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
 
 /* Fewer threads for small problems: a parallel region costs a few microseconds. */
 static int threads_for(int requested, double macs) {
@@ -700,18 +697,23 @@ static int gemv_driver(const isa_ops *o, const problem *p, int nthreads) {
         }
         xs = perm;
     }
+    /* work item: a block of weight rows (~GEMV_BLOCK_BYTES, a multiple of 8 rows), for all of x:
+       with more than GEMV_ROWS rows of x the block is re-read from cache, not memory */
+    const int64_t row_bytes = p->wkind == W_INT8 ? K : (p->wkind == W_INT4 ? K / 2 : 2 * K);
+    int64_t block = GEMV_BLOCK_BYTES / (row_bytes > 0 ? row_bytes : 1) / 8 * 8;
+    if (block < 8) block = 8;
+    const int64_t nblocks = (N + block - 1) / block;
+    int64_t counter = 0;
     const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
-    {
-        const int tid = thread_id(), nth = thread_count();
-        const int64_t n0 = split_at(N, tid, nth, 8), n1 = split_at(N, tid + 1, nth, 8);
-        if (n0 < n1)
-            for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-                const int mb = (int)(M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS);
-                o->gemv(p, xs + m0 * ldxs, ldxs, m0, mb, n0, n1);
-            }
+    for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter)) {
+        const int64_t n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
+        for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+            const int mb = (int)(M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS);
+            o->gemv(p, xs + m0 * ldxs, ldxs, m0, mb, n0, n1);
+        }
     }
     free(perm);
     return 0;
@@ -740,10 +742,15 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     float *xt = alloc_floats(Mp * K);
     if (!xt) return 1;
     const int64_t npanels = (N + NR - 1) / NR;
-    int64_t chunk = YT_CHUNK_BYTES / ((int64_t)sizeof(float) * NR * Mp);
-    if (chunk < 1) chunk = 1;
-    int failed = 0;
     const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
+    /* work item: a chunk of panels whose y^T fits YT_CHUNK_BYTES, at most 1/8 of a thread's
+       share (so the last items even out), at least 4 panels (each item re-reads x^T) */
+    int64_t chunk = YT_CHUNK_BYTES / ((int64_t)sizeof(float) * NR * Mp);
+    const int64_t fair = (npanels + 8 * nt - 1) / (8 * nt);
+    if (chunk > fair) chunk = fair;
+    if (chunk < 4) chunk = 4;
+    const int64_t nchunks = (npanels + chunk - 1) / chunk;
+    int64_t counter = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
@@ -765,20 +772,12 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-        /* 2. this thread's panels, a chunk at a time */
+        /* 2. chunks of panels, taken from the shared counter */
         float *wt = alloc_floats((int64_t)NR_MAX * LDW);
         float *yt = alloc_floats(chunk * NR * Mp);
-        const int64_t p0 = split_at(npanels, tid, nth, 1), p1 = split_at(npanels, tid + 1, nth, 1);
-        if (!wt || !yt) {
-            if (p0 < p1) {
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-                failed = 1;
-            }
-        } else {
-            for (int64_t c0 = p0; c0 < p1; c0 += chunk) {
-                const int64_t c1 = c0 + chunk < p1 ? c0 + chunk : p1;
+        if (wt && yt) { /* a thread without buffers takes no work; the others do it all */
+            for (int64_t item = next_item(&counter); item < nchunks; item = next_item(&counter)) {
+                const int64_t c0 = item * chunk, c1 = c0 + chunk < npanels ? c0 + chunk : npanels;
                 for (int64_t k0 = 0; k0 < K; k0 += KC) {
                     const int kc = (int)(K - k0 < KC ? K - k0 : KC);
                     for (int64_t pi = c0; pi < c1; pi++) {
@@ -810,7 +809,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
         free(yt);
     }
     free(xt);
-    return failed;
+    return counter < nchunks; /* no thread could allocate its buffers */
 }
 
 /* fp32 copy of a per-output vector given as fp32 / fp16 / bf16; *owned is set when allocated */
