@@ -105,9 +105,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cache_root() -> Path:
-    """$CHATGLM6B_CACHE, else $XDG_CACHE_HOME/chatglm6b, else ~/.cache/chatglm6b."""
-    if os.environ.get("CHATGLM6B_CACHE"):
-        return Path(os.environ["CHATGLM6B_CACHE"]).expanduser()
+    """$CHATGLM_CACHE_DIR, else $XDG_CACHE_HOME/chatglm6b, else ~/.cache/chatglm6b (as cpu_kernels)."""
+    if os.environ.get("CHATGLM_CACHE_DIR"):
+        return Path(os.environ["CHATGLM_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "chatglm6b"
 
@@ -308,18 +308,20 @@ class StreamPrinter:
 
 
 def answer(model, tokenizer, query: str, history: List[Tuple[str, str]], gen_kwargs: dict,
-           out: TextIO) -> Tuple[str, List[Tuple[str, str]], bool]:
-    """Stream one answer to ``out``; returns (response, new_history, produced_any_token)."""
-    printer, response, new_history, produced = StreamPrinter(out), "", history, False
+           out: TextIO) -> Tuple[str, List[Tuple[str, str]]]:
+    """Stream one answer to ``out``; returns (response, history including this turn)."""
+    printer, response, new_history = StreamPrinter(out), "", history + [(query, "")]
     for response, new_history in model.stream_chat(tokenizer, query, history=history, **gen_kwargs):
-        produced = True
         printer.update(response)
     printer.finish(response)
-    return response, new_history, produced
+    return response, new_history
 
 
-_NO_TOKENS = ("(no answer: the prompt{with_history} already fills --max-length {n} tokens; "
-              "{fix})")
+def _empty_answer_hint(gen_kwargs: dict, with_history: bool) -> str:
+    limit = f"--max-length {gen_kwargs['max_length']}" if "max_length" in gen_kwargs else "the length limit"
+    if with_history:
+        return f"(empty answer: if the conversation has outgrown {limit} tokens, type 'clear' or raise it)"
+    return f"(empty answer: if the prompt already fills {limit} tokens, raise it)"
 
 
 def chat_loop(model, tokenizer, gen_kwargs: dict, read: Callable[[str], str] = input,
@@ -346,14 +348,12 @@ def chat_loop(model, tokenizer, gen_kwargs: dict, read: Callable[[str], str] = i
             continue
         out.write("\nChatGLM-6B：")
         try:
-            _, new_history, produced = answer(model, tokenizer, query, history, gen_kwargs, out)
+            response, new_history = answer(model, tokenizer, query, history, gen_kwargs, out)
         except KeyboardInterrupt:
             out.write("\n(stopped; this turn is not kept in the history)\n")
             continue
-        if not produced:
-            fix = "type 'clear' or restart with a larger --max-length" if history else "raise --max-length"
-            err.write(_NO_TOKENS.format(with_history=" with the history" if history else "",
-                                        n=gen_kwargs["max_length"], fix=fix) + "\n")
+        if not response:  # nothing worth remembering
+            err.write(_empty_answer_hint(gen_kwargs, bool(history)) + "\n")
             continue
         history = new_history
 
@@ -384,9 +384,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen_kwargs = generation_kwargs(args)
 
     if args.prompt is not None:
-        _, _, produced = answer(model, tokenizer, args.prompt, [], gen_kwargs, sys.stdout)
-        if not produced:
-            log(_NO_TOKENS.format(with_history="", n=args.max_length, fix="raise --max-length"))
+        response, _ = answer(model, tokenizer, args.prompt, [], gen_kwargs, sys.stdout)
+        if not response:
+            log(_empty_answer_hint(gen_kwargs, False))
         return 0
     if sys.stdin.isatty():
         try:
