@@ -8,6 +8,7 @@ weights meeting a quantized config are quantized layer by layer, nothing is sile
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import warnings
@@ -251,8 +252,15 @@ def _unexpected_message(key, tensor, config) -> str:
             "belong to ChatGLM-6B with this config.json")
 
 
+def _modeling():
+    # Not a `from .modeling_chatglm import` line: modeling_chatglm imports this module, and
+    # transformers 4.27's save_pretrained follows relative imports without cycle detection, so a
+    # cycle makes it loop forever. importlib keeps the import out of its regex.
+    return importlib.import_module(".modeling_chatglm", __package__)
+
+
 def _finish(model, config, loaded, expected, dmap):
-    from .modeling_chatglm import rotary_inv_freq
+    rotary_inv_freq = _modeling().rotary_inv_freq
     missing = [k for k in expected if k not in loaded and not k.endswith(".inv_freq")]
     if HEAD in missing and EMBED in loaded:
         missing.remove(HEAD)
