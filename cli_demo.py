@@ -24,6 +24,7 @@ import argparse
 import filecmp
 import hashlib
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -115,11 +116,14 @@ def cache_root() -> Path:
 _COMPLETE = ".complete"  # written last, inside a temp folder that is then renamed into place
 
 
-def _is_complete(folder: Path, config: dict) -> bool:
-    import json
+def _generator_fingerprint(mc) -> str:
+    """Changes whenever tools/make_checkpoint.py does, so a cached checkpoint never outlives its recipe."""
+    return hashlib.sha1(Path(mc.__file__).read_bytes()).hexdigest()
 
+
+def _is_complete(folder: Path, config: dict, fingerprint: str) -> bool:
     try:
-        return ((folder / _COMPLETE).is_file() and (folder / "pytorch_model.bin").is_file()
+        return ((folder / _COMPLETE).read_text() == fingerprint and (folder / "pytorch_model.bin").is_file()
                 and json.loads((folder / "config.json").read_text()) == config)
     except (OSError, ValueError):
         return False
@@ -128,21 +132,21 @@ def _is_complete(folder: Path, config: dict) -> bool:
 def demo_checkpoint(cache: Path, log: Callable[[str], None] = lambda m: None) -> Path:
     """The random tiny INT8 checkpoint under ``cache``, written on first use (weights + config only)."""
     mc = _tools()
-    config = mc.make_config(DEMO_PRESET, DEMO_BITS)
+    config, fingerprint = mc.make_config(DEMO_PRESET, DEMO_BITS), _generator_fingerprint(mc)
     target = cache / f"demo-{DEMO_PRESET}-int{DEMO_BITS}-seed{DEMO_SEED}"
-    if _is_complete(target, config):
+    if _is_complete(target, config, fingerprint):
         return target
     log(f"writing a random {DEMO_PRESET} INT{DEMO_BITS} checkpoint to {target} (once)")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=cache))
     try:
         mc.write_checkpoint(tmp, config, DEMO_BITS, "bin", seed=DEMO_SEED)
-        (tmp / _COMPLETE).write_text("written by cli_demo.py\n")
+        (tmp / _COMPLETE).write_text(fingerprint)
         if target.exists():  # incomplete, or from another version of the generator
             shutil.rmtree(target)
         os.rename(tmp, target)
     except OSError:
-        if not _is_complete(target, config):  # not just another demo finishing first
+        if not _is_complete(target, config, fingerprint):  # not just another demo finishing first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

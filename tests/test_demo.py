@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -85,15 +84,17 @@ def test_demo_checkpoint_is_written_once_in_the_official_layout(tmp_path, confor
     assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no temp folders left behind
 
 
-@pytest.mark.parametrize("damage", ["delete weights", "other config", "no marker"])
+@pytest.mark.parametrize("damage", ["delete weights", "other config", "no marker", "older generator"])
 def test_demo_checkpoint_is_rewritten_when_incomplete_or_stale(tmp_path, damage):
     folder = cli_demo.demo_checkpoint(tmp_path)
     if damage == "delete weights":
         (folder / "pytorch_model.bin").unlink()
     elif damage == "other config":
         (folder / "config.json").write_text(json.dumps(mc.make_config("tiny", 4)))
-    else:
+    elif damage == "no marker":
         (folder / ".complete").unlink()
+    else:  # written by another version of tools/make_checkpoint.py
+        (folder / ".complete").write_text("0" * 40)
     messages = []
     assert cli_demo.demo_checkpoint(tmp_path, messages.append) == folder
     assert len(messages) == 1

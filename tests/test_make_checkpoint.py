@@ -7,7 +7,6 @@ the definition in SPEC §3, not our own generator.
 import json
 import math
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch

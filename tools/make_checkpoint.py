@@ -28,7 +28,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -61,6 +60,7 @@ __all__ = [
     "random_state_dict",
     "write_checkpoint",
     "copy_package_files",
+    "shard_layers",
     "main",
 ]
 
