@@ -1,9 +1,681 @@
-"""Placeholder: the fast CUDA kernels land here (see issue). Until then the torch path runs."""
+"""Weight-only INT8 / INT4 linear layers on NVIDIA GPUs, as Triton kernels.
 
+Triton compiles each kernel the first time it runs, for the GPU that is present (sm_75 and
+newer; tuned and tested on sm_90), so nothing ships as a binary and no CUDA toolkit is needed
+at install time. `linear` picks one of three paths from the number of activation rows M
+(`_plan`; tile sizes measured on an H100, benchmarks/results/cuda_kernels.md):
+
+* M == 1 (greedy decode): `_gemv_kernel` on the CUDA cores. Every weight byte is read once with
+  16-byte loads (evict-first: the weights are streamed, x stays cached). Each 32-bit word of
+  four int8 (or eight int4) values becomes exact fp32 values through byte-permute / LOP3
+  tricks in inline PTX (the value lands under a float exponent; one subtraction removes the
+  offset), which is cheaper than the int-to-float conversion unit, then one FMA per value.
+* 2 <= M <= 16 (batched decode): tensor cores with the weight as the A operand
+  (yᵀ = W·xᵀ), so one read of a weight tile serves all rows: `_qmm_asm_kernel` (the same bit
+  tricks, fp16 activations) or `_qmm_kernel` (plain conversion; bf16 or unaligned K). Where
+  the output has few row blocks, K is split over programs and `_splitk_reduce_kernel` sums
+  the fp32 partials in a fixed order.
+* M > 16: `_qmm_kernel` up to M = 64; above, the weight is dequantized into a per-call fp16
+  buffer (`_dequant_kernel`) and multiplied by cuBLAS, which measured faster than every
+  fused Triton GEMM tile tried.
+
+Numerics: products x·q are exact in fp32, sums are fp32, the per-row scale and the bias are
+applied in fp32 and the result is rounded once to x's dtype (the dequantize path rounds the
+weight to x's dtype first, as the torch reference does).
+
+CUDA graphs and threads: once a shape has run outside capture (the first call compiles),
+`linear` can be captured. It does no host synchronisation and no .item(); it allocates its
+output and, on the split-K decode configurations, a small fp32 partial buffer
+[SPLIT_K, M, N] (prefill: the dequantized weight). These come from PyTorch's caching
+allocator per call (the graph's private pool under capture) and are never shared between
+calls, so concurrent calls from several threads or streams are safe.
+
+Triton is imported with importlib inside functions: Hugging Face's remote-code loader refuses
+a module whose plain ``import`` names a package that is not installed, and this module must
+import (and `available()` answer False) on machines without Triton or a GPU.
+"""
+from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
+
+import importlib
+import importlib.util
+import os
+import threading
+import warnings
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "linear"]
+
+tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
+
+_LOCK = threading.Lock()
+_KERNELS = None
+_AVAILABLE: Optional[bool] = None
+_DEVICE_OK = {}  # device index -> bool (compute capability high enough)
+_BROKEN = set()  # (path, bits, dtype, device) whose compile or launch failed: the torch path runs
+# Raise kernel errors instead of falling back to the torch path (tests and benchmarks set it).
+STRICT = os.environ.get("CHATGLM_CUDA_STRICT", "0") == "1"
+_INT32_MAX = 2**31 - 1
+
+# ---------------------------------------------------------------------------------------------
+# Tile configurations, chosen by measurement on an H100 (benchmarks/results/cuda_kernels.md).
+# BLOCK_N: weight rows per program; BLOCK_KW: 32-bit words of a weight row per step (4 int8 or
+# 8 int4 values each); BLOCK_KQ: int8 bytes of a weight row per step; BLOCK_M: activation rows.
+# "small_n" entries serve N <= _SMALL_N (few row blocks: other tiles or a K split fill the GPU).
+_SMALL_N = 4096
+_BIG_K = 8192
+_GEMV_CFG = {  # M == 1, _gemv_kernel; key (bits, N <= _SMALL_N, K >= _BIG_K)
+    (8, False, False): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4),
+    (8, False, True): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4),
+    (8, True, False): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", num_warps=4),
+    (8, True, True): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", num_warps=4),
+    (4, False, False): dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=False, EV="evict_first", num_warps=4, num_stages=4),
+    (4, False, True): dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=False, EV="evict_first", num_warps=4, num_stages=4),
+    (4, True, False): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, EV="evict_first", num_warps=4),
+    (4, True, True): dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+}
+_DECODE_CFG = {  # 2 <= M <= 16 (and M == 1 when rows are not whole words); key (bits, N <= _SMALL_N)
+    # "asm" (_qmm_asm_kernel) needs fp16 activations and whole words, else _DECODE_PLAIN_CFG runs.
+    # SPLIT_K > 1 (few row blocks) adds a per-call fp32 buffer [SPLIT_K, M, N] and a reduce kernel.
+    (8, False): ("plain", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=4)),
+    (8, True): ("plain", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=256, num_warps=4, num_stages=3, SPLIT_K=4)),
+    (4, False): ("asm", dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=2)),
+    (4, True): ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4)),
+}
+_DECODE_PLAIN_CFG = {  # fallback of an "asm" entry (bf16 activations, K not whole words)
+    (4, False): dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=4, SPLIT_K=4),
+    (4, True): dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=3, SPLIT_K=4),
+}
+_MID_MAX_M = 64
+_MID_CFG = {  # 16 < M <= _MID_MAX_M, _qmm_kernel
+    8: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4),
+    4: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4),
+}
+# M > _MID_MAX_M (prefill): the weight dequantized into a per-call buffer, then cuBLAS. It measured
+# faster than every fused Triton tile tried (benchmarks/results/cuda_kernels.md).
+_DEQUANT_CFG = dict(BLOCK_N=32, BLOCK_KQ=256, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Plain functions here; _build() wraps them with triton.jit once Triton is imported.
+
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xk, stride_wn, stride_wk,
+                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr):
+    # y[n] = s[n] * sum_k x[k] q[n, k] + b[n] for one activation row.
+    # w_ptr: the weight as int32 words [N, KW]; word t holds columns 4t..4t+3 (INT8: byte i is
+    # column 4t+i) or 8t..8t+7 (INT4: byte i holds column 8t+2i high nibble, 8t+2i+1 low).
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
+    rw = tl.arange(0, BLOCK_KW)
+    w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :] * stride_wk
+    num_kt = tl.cdiv(KW, BLOCK_KW)
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)  # fp32 bit patterns (asm in/out is .b32)
+    if PREFETCH:  # register double buffer: the next tile's loads are in flight during the math
+        if EVEN_K:
+            w_nxt = tl.load(w_ptrs, eviction_policy=EV)
+        else:
+            w_nxt = tl.load(w_ptrs, mask=(rw < KW)[None, :], other=0, eviction_policy=EV)
+    for kt in range(0, num_kt):
+        ww = kt * BLOCK_KW + rw
+        kmask = ww < KW
+        if PREFETCH:
+            w = w_nxt
+            nk = tl.minimum(kt + 1, num_kt - 1)  # last iteration re-reads its own tile (L2 hit)
+            if EVEN_K:
+                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, eviction_policy=EV)
+            else:
+                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, mask=(nk * BLOCK_KW + rw < KW)[None, :], other=0,
+                                eviction_policy=EV)
+        else:
+            if EVEN_K:
+                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, eviction_policy=EV)
+            else:
+                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=kmask[None, :], other=0, eviction_policy=EV)
+        if BITS == 8:
+            xb = x_ptr + (ww * 4) * stride_xk
+            x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            x1 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            x2 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            x3 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            # byte i of (w ^ 0x80808080) is q+128; prmt puts it under the exponent of 2^23, so the
+            # float is 2^23 + 128 + q exactly; subtracting 2^23 + 128 leaves q.
+            acc = tl.inline_asm_elementwise(
+                "{\n"
+                ".reg .b32 %gu, %gc, %gt, %ga;\n"
+                "xor.b32 %gu, $1, 0x80808080;\n"
+                "mov.b32 %gc, 0x4B000000;\n"
+                "prmt.b32 %gt, %gu, %gc, 0x7440;\n"
+                "sub.f32 %gt, %gt, 0f4B000080;\n"
+                "fma.rn.f32 %ga, %gt, $2, $6;\n"
+                "prmt.b32 %gt, %gu, %gc, 0x7441;\n"
+                "sub.f32 %gt, %gt, 0f4B000080;\n"
+                "fma.rn.f32 %ga, %gt, $3, %ga;\n"
+                "prmt.b32 %gt, %gu, %gc, 0x7442;\n"
+                "sub.f32 %gt, %gt, 0f4B000080;\n"
+                "fma.rn.f32 %ga, %gt, $4, %ga;\n"
+                "prmt.b32 %gt, %gu, %gc, 0x7443;\n"
+                "sub.f32 %gt, %gt, 0f4B000080;\n"
+                "fma.rn.f32 $0, %gt, $5, %ga;\n"
+                "}",
+                "=r,r,r,r,r,r,r",
+                [w, tl.broadcast_to(x0[None, :], (BLOCK_N, BLOCK_KW)), tl.broadcast_to(x1[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x2[None, :], (BLOCK_N, BLOCK_KW)), tl.broadcast_to(x3[None, :], (BLOCK_N, BLOCK_KW)), acc],
+                dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            # Nibble q at bit p of w (p' = p mod 16; the upper half-word is shifted down first):
+            # lop3 (w & 0xF<<p') ^ C, with C = the fp32 bits of 2^(23-p') + 8 (exponent field plus
+            # bit 3 of the nibble), reads 2^(23-p') + (q ^ 8) = 2^(23-p') + q + 8 exactly as a float;
+            # subtracting C as a float leaves q. One LOP3, one FADD, one FFMA per value.
+            xb = x_ptr + (ww * 8) * stride_xk
+            x0 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 1 (p' = 0)
+            x1 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)  # col 0 (p' = 4)
+            x2 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 3 (p' = 8)
+            x3 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 2 (p' = 12)
+            x4 = tl.load(xb + 5 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 5
+            x5 = tl.load(xb + 4 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 4
+            x6 = tl.load(xb + 7 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 7
+            x7 = tl.load(xb + 6 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 6
+            acc = tl.inline_asm_elementwise(
+                "{\n"
+                ".reg .b32 %gh, %gt, %ga, %gc0, %gc1, %gc2, %gc3, %gk0, %gk1, %gk2, %gk3;\n"
+                "mov.b32 %gc0, 0x4B000008;\n"
+                "mov.b32 %gc1, 0x49000080;\n"
+                "mov.b32 %gc2, 0x47000800;\n"
+                "mov.b32 %gc3, 0x45008000;\n"
+                "mov.b32 %gk0, 0x0000000F;\n"
+                "mov.b32 %gk1, 0x000000F0;\n"
+                "mov.b32 %gk2, 0x00000F00;\n"
+                "mov.b32 %gk3, 0x0000F000;\n"
+                "shr.u32 %gh, $1, 16;\n"
+                "lop3.b32 %gt, $1, %gk0, %gc0, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc0;\n"
+                "fma.rn.f32 %ga, %gt, $2, $10;\n"
+                "lop3.b32 %gt, $1, %gk1, %gc1, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc1;\n"
+                "fma.rn.f32 %ga, %gt, $3, %ga;\n"
+                "lop3.b32 %gt, $1, %gk2, %gc2, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc2;\n"
+                "fma.rn.f32 %ga, %gt, $4, %ga;\n"
+                "lop3.b32 %gt, $1, %gk3, %gc3, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc3;\n"
+                "fma.rn.f32 %ga, %gt, $5, %ga;\n"
+                "lop3.b32 %gt, %gh, %gk0, %gc0, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc0;\n"
+                "fma.rn.f32 %ga, %gt, $6, %ga;\n"
+                "lop3.b32 %gt, %gh, %gk1, %gc1, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc1;\n"
+                "fma.rn.f32 %ga, %gt, $7, %ga;\n"
+                "lop3.b32 %gt, %gh, %gk2, %gc2, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc2;\n"
+                "fma.rn.f32 %ga, %gt, $8, %ga;\n"
+                "lop3.b32 %gt, %gh, %gk3, %gc3, 0x6a;\n"
+                "sub.f32 %gt, %gt, %gc3;\n"
+                "fma.rn.f32 $0, %gt, $9, %ga;\n"
+                "}",
+                "=r,r,r,r,r,r,r,r,r,r,r",
+                [w,
+                 tl.broadcast_to(x0.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x1.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x2.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x3.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x4.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x5.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x6.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 tl.broadcast_to(x7.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
+                 acc],
+                dtype=tl.int32, is_pure=True, pack=1)
+    out = tl.sum(acc.to(tl.float32, bitcast=True), axis=1)  # [BLOCK_N]
+    nmask = rn < N
+    out = out * tl.load(s_ptr + rn_c).to(tl.float32)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn_c).to(tl.float32)
+    tl.store(y_ptr + rn, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, stride_xk, stride_qn, stride_ym,
+                BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_KQ: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Tensor-core y = x W^T computed as y^T = W x^T, one [BLOCK_N, BLOCK_M] tile per program.
+    # KQ / BLOCK_KQ count int8 bytes of a weight row (K for INT8, K/2 for INT4). The program id
+    # runs over the M tiles first, so the programs that share a weight tile run together and
+    # the weight comes from DRAM once. With SPLIT_K > 1, program_id(1) picks a slice of K and
+    # the fp32 partial tile goes to ws[split, m, n] for _splitk_reduce_kernel.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn_c = tl.minimum(rn, N - 1)
+    rm_c = tl.minimum(rm, M - 1)
+    rk = tl.arange(0, BLOCK_KQ)
+    q_ptrs = q_ptr + rn_c[:, None] * stride_qn + rk[None, :]
+    if BITS == 8:
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + rk[:, None] * stride_xk  # [BLOCK_KQ, BLOCK_M]
+    else:
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + (2 * rk)[:, None] * stride_xk  # even columns
+    num_kt = tl.cdiv(KQ, BLOCK_KQ)
+    kt0 = 0
+    kt1 = num_kt
+    if SPLIT_K > 1:
+        kt_per = tl.cdiv(num_kt, SPLIT_K)
+        kt0 = tl.program_id(1) * kt_per
+        kt1 = tl.minimum(kt0 + kt_per, num_kt)
+        q_ptrs += kt0 * BLOCK_KQ
+        if BITS == 8:
+            x_ptrs += kt0 * BLOCK_KQ * stride_xk
+        else:
+            x_ptrs += 2 * kt0 * BLOCK_KQ * stride_xk
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        if EVEN_K:
+            w = tl.load(q_ptrs)
+        else:
+            kmask = kt * BLOCK_KQ + rk < KQ
+            w = tl.load(q_ptrs, mask=kmask[None, :], other=0)
+        if BITS == 8:
+            if EVEN_K:
+                xt = tl.load(x_ptrs)
+            else:
+                xt = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
+            x_ptrs += BLOCK_KQ * stride_xk
+        else:
+            if EVEN_K:
+                xe = tl.load(x_ptrs)
+                xo = tl.load(x_ptrs + stride_xk)
+            else:
+                xe = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
+                xo = tl.load(x_ptrs + stride_xk, mask=kmask[:, None], other=0.0)
+            v = w.to(tl.int32)
+            hi = v >> 4  # arithmetic shift: the sign-extended high nibble (even column)
+            lo = ((v & 15) ^ 8) - 8  # sign-extended low nibble (odd column)
+            acc = tl.dot(hi.to(xe.dtype), xe, acc)
+            acc = tl.dot(lo.to(xo.dtype), xo, acc)
+            x_ptrs += 2 * BLOCK_KQ * stride_xk
+        q_ptrs += BLOCK_KQ
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + (tl.program_id(1) * M + rm[None, :]) * N + rn[:, None]
+        tl.store(ws_ptrs, acc, mask=(rn < N)[:, None] & (rm < M)[None, :])
+    else:
+        out = acc * tl.load(s_ptr + rn_c).to(tl.float32)[:, None]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_c).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rm < M)[None, :])
+
+
+def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_xm, stride_xk, stride_wn,
+                    stride_ym, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # As _qmm_kernel for fp16 activations, but the weight is read as int32 words and turned into
+    # fp16 with bit tricks in inline PTX (two LOP3 + one packed subtract per 4 int8 values)
+    # instead of the int->float conversion unit. Each word's columns are split over 4 (INT8) or
+    # 8 (INT4) fp16 operands, each multiplied with the matching strided columns of x: the sum
+    # over k does not care about order.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn_c = tl.minimum(rn, N - 1)
+    rm_c = tl.minimum(rm, M - 1)
+    rw = tl.arange(0, BLOCK_KW)
+    w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :]
+    if BITS == 8:
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + (4 * rw)[:, None] * stride_xk  # [BLOCK_KW, BLOCK_M]
+    else:
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + (8 * rw)[:, None] * stride_xk
+    num_kt = tl.cdiv(KW, BLOCK_KW)
+    kt0 = 0
+    kt1 = num_kt
+    if SPLIT_K > 1:
+        kt_per = tl.cdiv(num_kt, SPLIT_K)
+        kt0 = tl.program_id(1) * kt_per
+        kt1 = tl.minimum(kt0 + kt_per, num_kt)
+        w_ptrs += kt0 * BLOCK_KW
+        if BITS == 8:
+            x_ptrs += 4 * kt0 * BLOCK_KW * stride_xk
+        else:
+            x_ptrs += 8 * kt0 * BLOCK_KW * stride_xk
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for kt in range(kt0, kt1):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            xmask = None
+            xother = None
+        else:
+            kmask = kt * BLOCK_KW + rw < KW
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
+            xmask = kmask[:, None]
+            xother = 0.0
+        if BITS == 8:
+            # (w & 0x00FF00FF) ^ 0x64806480 puts bytes 0 and 2 under the fp16 exponent of 1024
+            # with their sign bit flipped: 1152 + q exactly; subtracting 1152 (0x6480) gives q.
+            e0, e1, e2, e3 = tl.inline_asm_elementwise(
+                "{\n"
+                ".reg .b32 %glo, %ghi, %gk, %gm;\n"
+                "mov.b32 %gk, 0x00FF00FF;\n"
+                "mov.b32 %gm, 0x64806480;\n"
+                "lop3.b32 %glo, $4, %gk, %gm, 0x6a;\n"
+                "shr.u32 %ghi, $4, 8;\n"
+                "lop3.b32 %ghi, %ghi, %gk, %gm, 0x6a;\n"
+                "sub.f16x2 %glo, %glo, %gm;\n"
+                "sub.f16x2 %ghi, %ghi, %gm;\n"
+                "mov.b32 {$0, $2}, %glo;\n"
+                "mov.b32 {$1, $3}, %ghi;\n"
+                "}",
+                "=h,=h,=h,=h,r", [w],
+                dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)
+            acc = tl.dot(e0.to(tl.float16, bitcast=True), tl.load(x_ptrs, mask=xmask, other=xother), acc)
+            acc = tl.dot(e1.to(tl.float16, bitcast=True), tl.load(x_ptrs + stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e2.to(tl.float16, bitcast=True), tl.load(x_ptrs + 2 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e3.to(tl.float16, bitcast=True), tl.load(x_ptrs + 3 * stride_xk, mask=xmask, other=xother), acc)
+            x_ptrs += 4 * BLOCK_KW * stride_xk
+        else:
+            # Low nibbles: (w & 0x000F000F) ^ 0x64086408 = fp16 1032 + q, minus 1032.
+            # High nibbles: (w & 0x00F000F0) ^ 0x64806480 = fp16 1152 + 16q; * 1/16 - 72 = q.
+            e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+                "{\n"
+                ".reg .b32 %ga, %gb, %gc, %gd, %gh, %gk1, %gk2, %gm1, %gm2, %gs, %go;\n"
+                "mov.b32 %gk1, 0x000F000F;\n"
+                "mov.b32 %gk2, 0x00F000F0;\n"
+                "mov.b32 %gm1, 0x64086408;\n"
+                "mov.b32 %gm2, 0x64806480;\n"
+                "mov.b32 %gs, 0x2C002C00;\n"
+                "mov.b32 %go, 0xD480D480;\n"
+                "lop3.b32 %ga, $8, %gk1, %gm1, 0x6a;\n"
+                "lop3.b32 %gb, $8, %gk2, %gm2, 0x6a;\n"
+                "shr.u32 %gh, $8, 8;\n"
+                "lop3.b32 %gc, %gh, %gk1, %gm1, 0x6a;\n"
+                "lop3.b32 %gd, %gh, %gk2, %gm2, 0x6a;\n"
+                "sub.f16x2 %ga, %ga, %gm1;\n"
+                "sub.f16x2 %gc, %gc, %gm1;\n"
+                "fma.rn.f16x2 %gb, %gb, %gs, %go;\n"
+                "fma.rn.f16x2 %gd, %gd, %gs, %go;\n"
+                "mov.b32 {$0, $4}, %gb;\n"
+                "mov.b32 {$1, $5}, %ga;\n"
+                "mov.b32 {$2, $6}, %gd;\n"
+                "mov.b32 {$3, $7}, %gc;\n"
+                "}",
+                "=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
+                dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
+                is_pure=True, pack=1)
+            acc = tl.dot(e0.to(tl.float16, bitcast=True), tl.load(x_ptrs, mask=xmask, other=xother), acc)
+            acc = tl.dot(e1.to(tl.float16, bitcast=True), tl.load(x_ptrs + stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e2.to(tl.float16, bitcast=True), tl.load(x_ptrs + 2 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e3.to(tl.float16, bitcast=True), tl.load(x_ptrs + 3 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e4.to(tl.float16, bitcast=True), tl.load(x_ptrs + 4 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e5.to(tl.float16, bitcast=True), tl.load(x_ptrs + 5 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e6.to(tl.float16, bitcast=True), tl.load(x_ptrs + 6 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e7.to(tl.float16, bitcast=True), tl.load(x_ptrs + 7 * stride_xk, mask=xmask, other=xother), acc)
+            x_ptrs += 8 * BLOCK_KW * stride_xk
+        w_ptrs += BLOCK_KW
+    if SPLIT_K > 1:
+        ws_ptrs = ws_ptr + (tl.program_id(1) * M + rm[None, :]) * N + rn[:, None]
+        tl.store(ws_ptrs, acc, mask=(rn < N)[:, None] & (rm < M)[None, :])
+    else:
+        out = acc * tl.load(s_ptr + rn_c).to(tl.float32)[:, None]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_c).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rm < M)[None, :])
+
+
+def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, MN, N,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # y[m, n] = s[n] * sum_split ws[split, m, n] + b[n]; the splits are summed in a fixed order.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for i in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+    n = offs % N
+    acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn,
+                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+    # w[n, k] = q[n, k] * s[n] rounded once to w's dtype (what the torch path computes for fp16).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
+    nmask = rn < N
+    mask = nmask[:, None] & (rk < KQ)[None, :]
+    v = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=mask, other=0).to(tl.int32)
+    s = tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+    if BITS == 8:
+        w = (v.to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+        tl.store(w_ptr + rn[:, None] * KQ + rk[None, :], w, mask=mask)
+    else:
+        hi = ((v >> 4).to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+        lo = ((((v & 15) ^ 8) - 8).to(tl.float32) * s).to(w_ptr.dtype.element_ty)
+        w = tl.interleave(hi, lo)  # [BLOCK_N, 2*BLOCK_KQ]: even column = high nibble
+        rk2 = pid_k * (2 * BLOCK_KQ) + tl.arange(0, 2 * BLOCK_KQ)
+        tl.store(w_ptr + rn[:, None] * (2 * KQ) + rk2[None, :], w,
+                 mask=nmask[:, None] & (rk2 < 2 * KQ)[None, :])
+
+
+_KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability and building.
 
 def available() -> bool:
-    return False
+    """True when a CUDA GPU is visible and Triton imports. Cached; no compile happens here."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        ok = False
+        try:
+            if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+                importlib.import_module("triton")
+                ok = True
+        except Exception:  # a broken Triton install must not break the model: torch path
+            ok = False
+        _AVAILABLE = ok
+    return _AVAILABLE
+
+
+def _build():
+    """Import Triton and wrap the kernel functions with triton.jit (once, thread-safe)."""
+    global tl, _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    with _LOCK:
+        if _KERNELS is None:
+            triton = importlib.import_module("triton")
+            language = importlib.import_module("triton.language")
+            tl = language
+            jitted = {}
+            for fn in _KERNEL_FUNCS:
+                # `from __future__ import annotations` left "tl.constexpr" as a string.
+                fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
+                                      for k, v in fn.__annotations__.items()}
+                jitted[fn.__name__.strip("_")] = triton.jit(fn)
+            # Same GEMV, but the K stride is a run-time value, so Triton cannot prove that a
+            # thread's words are contiguous: 4-byte loads, one word per thread per row.
+            jitted["gemv_scalar_kernel"] = triton.jit(_gemv_kernel, do_not_specialize=["stride_wk"])
+            _KERNELS = SimpleNamespace(triton=triton, **jitted)
+    return _KERNELS
+
+
+def _device_ok(device: torch.device) -> bool:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _DEVICE_OK.get(idx)
+    if ok is None:
+        ok = torch.cuda.get_device_capability(idx) >= (7, 5)  # Triton's tensor-core floor
+        _DEVICE_OK[idx] = ok
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Each takes a 2-D x [M, K] and returns y [M, N] in x's dtype.
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _words(q: torch.Tensor, bits: int, K: int) -> Optional[torch.Tensor]:
+    """q as int32 words [N, KW] when its rows are whole, 4-byte aligned words; else None."""
+    per_word = 4 if bits == 8 else 8
+    if K % per_word or q.stride(-1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
+        return None
+    return q.view(torch.int32)
+
+
+def _run_gemv(x2, q, scale, bias, bits, cfg, words=None):
+    k = _build()
+    cfg = dict(cfg)
+    M, K = x2.shape
+    N = q.shape[0]
+    words = _words(q, bits, K) if words is None else words
+    KW = words.shape[1]
+    y = torch.empty((1, N), dtype=x2.dtype, device=x2.device)
+    block_n, block_kw = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_KW")
+    cfg.setdefault("PREFETCH", False)
+    cfg.setdefault("EV", "")
+    kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
+    kernel[(_cdiv(N, block_n),)](
+        x2, words, scale, bias if bias is not None else scale, y, N, KW, x2.stride(1), words.stride(0), 1,
+        BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0,
+        **cfg)
+    return y
+
+
+def _split_k_out(M, N, split_k, x2):
+    """(y, fp32 partials or None): split-K programs write partial tiles to a per-call buffer."""
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
+    return y, ws
+
+
+def _reduce(ws, scale, bias, y, split_k):
+    k = _build()
+    MN = y.numel()
+    k.splitk_reduce_kernel[(_cdiv(MN, 1024),)](ws, scale, bias if bias is not None else scale, y, MN, y.shape[1],
+                                               SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=1024,
+                                               num_warps=4)
+
+
+def _run_qmm(x2, q, scale, bias, bits, cfg):
+    k = _build()
+    cfg = dict(cfg)
+    M, K = x2.shape
+    N, KQ = q.shape
+    bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M"), cfg.pop("BLOCK_KQ")
+    split_k = cfg.pop("SPLIT_K", 1)
+    y, ws = _split_k_out(M, N, split_k, x2)
+    grid = (_cdiv(N, bn) * _cdiv(M, bm), split_k)
+    k.qmm_kernel[grid](x2, q, scale, bias if bias is not None else scale, y, ws, M, N, KQ,
+                       x2.stride(0), x2.stride(1), q.stride(0), y.stride(0),
+                       BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk,
+                       EVEN_K=KQ % bk == 0, SPLIT_K=split_k, **cfg)
+    if split_k > 1:
+        _reduce(ws, scale, bias, y, split_k)
+    return y
+
+
+def _run_qmm_asm(x2, q, scale, bias, bits, cfg, words=None):
+    k = _build()
+    cfg = dict(cfg)
+    M, K = x2.shape
+    N = q.shape[0]
+    words = _words(q, bits, K) if words is None else words
+    KW = words.shape[1]
+    bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M", 16), cfg.pop("BLOCK_KW")
+    split_k = cfg.pop("SPLIT_K", 1)
+    y, ws = _split_k_out(M, N, split_k, x2)
+    grid = (_cdiv(N, bn) * _cdiv(M, bm), split_k)
+    k.qmm_asm_kernel[grid](x2, words, scale, bias if bias is not None else scale, y, ws, M, N, KW,
+                           x2.stride(0), x2.stride(1), words.stride(0), y.stride(0),
+                           BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_KW=bk,
+                           EVEN_K=KW % bk == 0, SPLIT_K=split_k, **cfg)
+    if split_k > 1:
+        _reduce(ws, scale, bias, y, split_k)
+    return y
+
+
+def _dequantize(q, scale, bits, dtype, cfg=None):
+    """fp16/bf16 weight [N, K] = q * scale, into a fresh (per-call) buffer."""
+    k = _build()
+    cfg = dict(cfg or _DEQUANT_CFG)
+    N, KQ = q.shape
+    K = KQ * (2 if bits == 4 else 1)
+    w = torch.empty((N, K), dtype=dtype, device=q.device)
+    bn, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_KQ")
+    k.dequant_kernel[(_cdiv(N, bn), _cdiv(KQ, bk))](q, scale, w, N, KQ, q.stride(0),
+                                                    BITS=bits, BLOCK_N=bn, BLOCK_KQ=bk, **cfg)
+    return w
+
+
+def _run_dequant_mm(x2, q, scale, bias, bits, cfg=None):
+    w = _dequantize(q, scale, bits, x2.dtype, cfg)
+    return torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+
+
+def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool):
+    """(path name, launcher, config) for an [M, K] x [N, K]^T product."""
+    small_n = N <= _SMALL_N
+    if M == 1 and aligned:
+        return "gemv", _run_gemv, _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
+    if M <= 16:
+        kind, cfg = _DECODE_CFG[(bits, small_n)]
+        if kind == "asm" and aligned and dtype == torch.float16:
+            return "qmm_asm", _run_qmm_asm, cfg
+        if kind == "asm":
+            return "qmm", _run_qmm, _DECODE_PLAIN_CFG[(bits, small_n)]
+        return "qmm", _run_qmm, cfg
+    if M <= _MID_MAX_M:
+        return "qmm", _run_qmm, _MID_CFG[bits]
+    return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
 
 
 def linear(x, q, scale, bias, bits):
-    return None
+    """``x @ (q * scale)^T + bias`` in x's dtype, or None when these tensors are not for us
+    (the caller then runs the torch path). See the module docstring for the layout."""
+    if not (x.is_cuda and q.is_cuda and scale.is_cuda and (bias is None or bias.is_cuda)):
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16) or q.dtype != torch.int8 or bits not in (4, 8):
+        return None
+    if q.dim() != 2 or q.stride(-1) != 1 or x.dim() < 1 or scale.dim() != 1:
+        return None
+    N, KQ = q.shape
+    K = x.shape[-1]
+    if K != (KQ * 2 if bits == 4 else KQ) or scale.shape[0] != N or (bias is not None and bias.shape != (N,)):
+        return None
+    if not (x.device == q.device == scale.device and (bias is None or bias.device == x.device)):
+        return None
+    if scale.stride(0) != 1 or (bias is not None and bias.stride(0) != 1) or not _device_ok(x.device):
+        return None
+    x2 = x.reshape(-1, K)  # a view when x's leading dims can be merged (no copy in decode)
+    M = x2.shape[0]
+    if M == 0 or K == 0:
+        return None
+    max_x = (M - 1) * x2.stride(0) + (K - 1) * x2.stride(1)
+    if max_x > _INT32_MAX or N * KQ > _INT32_MAX or M * N > _INT32_MAX or q.stride(0) * N > _INT32_MAX:
+        return None  # kernels index with 32-bit offsets
+    aligned = _words(q, bits, K) is not None
+    name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned)
+    key = (name, bits, x.dtype, x.device)
+    if key in _BROKEN:
+        return None
+    try:
+        y = run(x2, q, scale, bias, bits, cfg)
+    except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
+        if STRICT:
+            raise
+        _BROKEN.add(key)
+        warnings.warn(f"chatglm6b cuda_kernels: {name} kernel failed ({type(exc).__name__}: {exc}); "
+                      f"using the torch path for this case from now on", RuntimeWarning)
+        return None
+    return y.view(*x.shape[:-1], N)
