@@ -719,16 +719,19 @@ static int gemv_driver(const isa_ops *o, const problem *p, int nthreads) {
     return 0;
 }
 
-/* Ask for the weights of the next panel while the micro-kernels work on this one: the panel's
-   rows are short pieces (KC columns) K apart, which the hardware prefetchers do not follow. */
-static void prefetch_panel(const problem *p, int64_t n0, int nr, int64_t k0, int kc) {
-    const int64_t bytes_per_col = p->wkind == W_INT8 ? 1 : 2; /* INT4: 1/2 byte, FP16: 2 */
-    int64_t from = p->wkind == W_INT4 ? k0 / 2 : k0 * bytes_per_col;
-    int64_t len = p->wkind == W_INT4 ? kc / 2 : kc * bytes_per_col;
-    for (int r = 0; r < nr && n0 + r < p->N; r++) {
-        const uint8_t *row = p->w + (n0 + r) * p->ldw + from;
-        for (int64_t b = 0; b < len; b += 64) __builtin_prefetch(row + b, 0, 2);
-    }
+/* Ask for part `part` of `parts` of the weights of a panel (rows n0.., columns k0..k0+kc) to
+   be brought into cache. The GEMM spreads the request for the next panel over the micro-kernel
+   calls of the current one: panel rows are short pieces K apart, which the hardware prefetchers
+   do not follow, and one burst of ~100 prefetches would stall the core on its fill buffers. */
+static void prefetch_panel(const problem *p, int64_t n0, int nr, int64_t k0, int kc, int64_t part, int64_t parts) {
+    int64_t from, len;
+    if (p->wkind == W_INT8) { from = k0; len = kc; }
+    else if (p->wkind == W_INT4) { from = k0 / 2; len = kc / 2; }
+    else { from = 2 * k0; len = 2 * (int64_t)kc; }
+    if (n0 + nr > p->N) nr = (int)(p->N - n0);
+    const int64_t lines = (len + 63) / 64, total = lines * nr;
+    for (int64_t i = total * part / parts; i < total * (part + 1) / parts; i++)
+        __builtin_prefetch(p->w + (n0 + i / lines) * p->ldw + from + (i % lines) * 64, 0, 2);
 }
 
 static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
@@ -784,10 +787,15 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
                         const int64_t n0 = pi * NR;
                         const int nr = (int)(N - n0 < NR ? N - n0 : NR);
                         o->convert(p, n0, nr, k0, kc, wt);
-                        if (pi + 1 < c1) prefetch_panel(p, n0 + NR, NR, k0, kc);
+                        /* the panel processed next: the following one, or the first of the
+                           chunk in the next K block */
+                        const int64_t next_n0 = pi + 1 < c1 ? n0 + NR : c0 * NR;
+                        const int64_t next_k0 = pi + 1 < c1 ? k0 : k0 + KC;
+                        const int next_kc = (int)(K - next_k0 < KC ? K - next_k0 : KC);
                         float *ypanel = yt + (pi - c0) * NR * Mp;
                         for (int64_t t = 0; t < ntiles; t++) {
                             const int width = (int)(t == ntiles - 1 ? last_w : TW);
+                            if (next_k0 < K) prefetch_panel(p, next_n0, NR, next_k0, next_kc, t, ntiles);
                             o->micro(kc, xt + t * TW * K + k0 * width, width, wt,
                                      ypanel + t * TW, Mp, nr, k0 > 0);
                         }
