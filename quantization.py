@@ -95,21 +95,27 @@ def torch_quantized_linear(x, q, scale, bias, bits: int):
 _FORCED = os.environ.get("CHATGLM_KERNELS", "auto").lower()  # auto | torch
 
 
+_BACKENDS: dict = {}
+
+
 def kernel_backend(device_type: str):
     """The fast-kernel ``linear`` for ``device_type`` ('cpu' / 'cuda'), or None for the torch path.
 
+    Decided once per device type and process (the kernel modules build lazily on first use).
     (Imports are written ``from .x import y`` so that Hugging Face's remote-code loader sees and
     copies the kernel modules; optional packages inside them are imported with importlib.)
     """
     if _FORCED == "torch":
         return None
-    if device_type == "cuda":
-        from .cuda_kernels import available, linear
-    elif device_type == "cpu":
-        from .cpu_kernels import available, linear
-    else:
-        return None
-    return linear if available() else None
+    if device_type not in _BACKENDS:
+        if device_type == "cuda":
+            from .cuda_kernels import available, linear
+        elif device_type == "cpu":
+            from .cpu_kernels import available, linear
+        else:
+            return None
+        _BACKENDS[device_type] = linear if available() else None
+    return _BACKENDS[device_type]
 
 
 def quantized_linear(x, q, scale, bias, bits: int, use_kernels: bool = True):
