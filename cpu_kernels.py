@@ -863,6 +863,55 @@ CG_API int cg_linear(const float *x, int64_t M, int64_t K, int64_t ldx,
     return rc;
 }
 
+/* ---------------------------------------------------------------- read-bandwidth probe ---- */
+
+static uint64_t read_block_generic(const uint8_t *src, int64_t bytes) {
+    uint64_t acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 64 <= bytes; i += 64)
+        for (int j = 0; j < 8; j++) { uint64_t v; memcpy(&v, src + i + 8 * j, 8); acc[j] += v; }
+    for (; i < bytes; i++) acc[0] += src[i];
+    return acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+}
+
+#if CG_X86
+T512 static uint64_t read_block_avx512(const uint8_t *src, int64_t bytes) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 256 <= bytes; i += 256) {
+        a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(src + i));
+        a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(src + i + 64));
+        a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(src + i + 128));
+        a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(src + i + 192));
+    }
+    a0 = _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3));
+    return (uint64_t)_mm512_reduce_add_epi64(a0) + read_block_generic(src + i, bytes - i);
+}
+#endif
+
+/* Read `bytes` bytes once, in GEMV-sized blocks handed out like the GEMV's, and return a
+   checksum (so the reads happen): what the memory system gives the kernels' threads. */
+CG_API uint64_t cg_read_bytes(const void *src, int64_t bytes, int nthreads) {
+    const int64_t nblocks = (bytes + GEMV_BLOCK_BYTES - 1) / GEMV_BLOCK_BYTES;
+    int64_t counter = 0;
+    uint64_t total = 0;
+    const int use512 = CG_X86 && ops()->isa == ISA_AVX512;
+    (void)use512;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
+#endif
+    for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter)) {
+        const uint8_t *blk = (const uint8_t *)src + b * GEMV_BLOCK_BYTES;
+        const int64_t len = bytes - b * GEMV_BLOCK_BYTES < GEMV_BLOCK_BYTES ? bytes - b * GEMV_BLOCK_BYTES : GEMV_BLOCK_BYTES;
+#if CG_X86
+        total += use512 ? read_block_avx512(blk, len) : read_block_generic(blk, len);
+#else
+        total += read_block_generic(blk, len);
+#endif
+    }
+    return total;
+}
+
 CG_API int cg_abi_version(void) { return CG_ABI_VERSION; }
 CG_API int cg_best_isa(void) { return best_isa(); }
 CG_API int cg_isa(void) { return ops()->isa; }
@@ -970,6 +1019,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, name).restype = c_int
     lib.cg_set_isa.argtypes = [c_int]
     lib.cg_set_isa.restype = c_int
+    lib.cg_read_bytes.argtypes = [ptr, i64, c_int]
+    lib.cg_read_bytes.restype = ctypes.c_uint64
     lib.cg_set_gemv_max_m.argtypes = [c_int]
     lib.cg_set_gemv_max_m.restype = None
     if lib.cg_abi_version() != _ABI_VERSION:
@@ -1076,6 +1127,17 @@ def _set_gemv_max_m(m: Optional[int]) -> None:
     lib.cg_set_gemv_max_m(-1 if m is None else int(m))
 
 
+def _read_bytes(t: torch.Tensor) -> int:
+    """Read a contiguous CPU tensor once with the kernels' threads (benchmarks: achievable read
+    bandwidth); returns a checksum of its 64-bit words."""
+    lib = _KERNELS.get()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("expected a contiguous CPU tensor")
+    return lib.cg_read_bytes(t.data_ptr(), t.numel() * t.element_size(), torch.get_num_threads())
+
+
 # ------------------------------------------------------------------------------------------
 # Tensor-level entry points
 
@@ -1099,6 +1161,9 @@ def _run(x, w, kind, N, K, scale, bias):
     lib = _KERNELS.lib if _KERNELS.lib is not None else _KERNELS.get()
     if lib is None or x.device.type != "cpu" or w.device.type != "cpu":
         return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None  # the kernels have no backward; torch's path keeps autograd working
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.stride(-1) != 1:
         return None
     if x.shape[-1] != K:
@@ -1132,8 +1197,9 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional
 
     ``x``: ``[..., in]`` fp32 (fp16 / bf16 are computed in fp32 and rounded back);
     ``q``: int8 ``[out, in]`` or ``[out, in/2]``; ``scale``: ``[out]``; ``bias``: ``[out]`` or None.
-    Returns None (use the torch path) when the kernels are unavailable or the inputs are not
-    something they handle (non-CPU tensors, other dtypes, a weight whose rows are not contiguous).
+    Returns None (use the torch path) when the kernels are unavailable, when autograd needs a
+    gradient, or for inputs they do not handle (non-CPU tensors, other dtypes, a weight whose
+    rows are not contiguous).
     """
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
@@ -1145,7 +1211,8 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional
 
 def fp16_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """``x @ wᵀ (+ bias)`` for an fp16 weight ``[out, in]`` without an fp32 copy of the weight
-    (the LM head: 130528 x 4096). fp32 accumulation. None when the kernels are unavailable."""
+    (the LM head: 130528 x 4096). fp32 accumulation. None (use ``F.linear(x, w.float())``) when
+    the kernels are unavailable, when autograd needs a gradient, or for inputs they do not handle."""
     if w.dtype != torch.float16 or w.dim() != 2:
         return None
     return _run(x, w, _W_FP16, w.shape[0], w.shape[1], None, bias)

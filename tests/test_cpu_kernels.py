@@ -212,6 +212,15 @@ def test_results_do_not_depend_on_thread_count(lib):
         torch.set_num_threads(old)
 
 
+def test_autograd_inputs_are_left_to_torch(lib):
+    q = torch.ones(4, 8, dtype=torch.int8)
+    x = torch.ones(2, 8, requires_grad=True)
+    assert lib.linear(x, q, torch.ones(4).half(), None, 8) is None
+    assert lib.fp16_linear(x, torch.ones(4, 8).half()) is None
+    with torch.no_grad():
+        assert lib.fp16_linear(x, torch.ones(4, 8).half()) is not None
+
+
 def test_empty_batch(lib):
     q = torch.ones(4, 8, dtype=torch.int8)
     y = lib.linear(torch.empty(0, 8), q, torch.ones(4).half(), None, 8)
@@ -359,3 +368,11 @@ def test_import_compiles_nothing(tmp_path):
             "sys.modules['chatglm6b'] = pkg; from chatglm6b import cpu_kernels, quantization")
     subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, check=True, timeout=300)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_read_bandwidth_probe_reads_every_word(lib, isa):
+    gen = torch.Generator().manual_seed(11)
+    data = torch.randint(-2**62, 2**62, ((3 * 262144 + 320) // 8,), generator=gen, dtype=torch.int64)
+    expected = sum(v % 2**64 for v in data.tolist()) % 2**64
+    assert lib._read_bytes(data) == expected
