@@ -262,6 +262,18 @@ def test_fp16_linear(lib, isa, path):
         assert (err <= bound).all(), f"{isa}/{path} {M, K, N}: max err {err.max()}"
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("path", ["gemv", "gemm"], indirect=True)
+def test_fp16_linear_infinities(lib, isa, path):
+    w = torch.ones(5, 40).half()
+    w[1, 3] = float("inf")
+    w[2, 39] = float("-inf")
+    w[3, 0], w[3, 1] = float("inf"), float("-inf")
+    x = torch.ones(3, 40)
+    ref = x.double() @ w.double().T  # inf, -inf, and inf + -inf = nan in float64 too
+    torch.testing.assert_close(lib.fp16_linear(x, w).double(), ref, rtol=0, atol=0, equal_nan=True)
+
+
 def test_quantized_linear_dispatch_uses_the_kernels(lib):
     from chatglm6b.quantization import QuantizedLinear
 
