@@ -46,7 +46,7 @@ import torch
 __all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
-_ABI_VERSION = 1  # bump together with CG_ABI_VERSION in the C source
+_ABI_VERSION = 2  # bump together with CG_ABI_VERSION in the C source
 
 # Codes shared with the C source.
 _W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
@@ -90,7 +90,7 @@ _C_SOURCE = r"""
 
 #define CG_API __attribute__((visibility("default")))
 #define CG_INLINE static inline __attribute__((always_inline))
-#define CG_ABI_VERSION 1
+#define CG_ABI_VERSION 2
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
 enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
@@ -126,7 +126,8 @@ typedef struct {
     int isa;
     int chunk4;      /* INT4 GEMV: k-chunk of the de-interleaved x copy (0: kernel reads x) */
     int nr, tw, tmin;/* GEMM: weight rows per panel, widest x tile, tile granularity */
-    int gemv_max_m;  /* largest M that uses the GEMV */
+    int gemv_max_m[3]; /* per weight kind (INT8, INT4, FP16): largest M that uses the GEMV
+                          (above it the GEMM's conversion cost is amortized; measured crossover) */
     gemv_fn gemv;
     convert_fn convert;
     micro_fn micro;
@@ -247,7 +248,7 @@ static void micro_generic(int kc, const float *xt, int width, const float *wt, f
         for (int j = 0; j < width; j++) yt[r * ldyt + j] = c[r][j];
 }
 
-static const isa_ops OPS_GENERIC = {ISA_GENERIC, 0, GENERIC_NR, GENERIC_TW, GENERIC_TW, 8,
+static const isa_ops OPS_GENERIC = {ISA_GENERIC, 0, GENERIC_NR, GENERIC_TW, GENERIC_TW, {8, 4, 8},
                                     gemv_generic, convert_generic, micro_generic, halfs_generic};
 
 #if CG_X86
@@ -430,7 +431,7 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, 16,
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {16, 8, 16},
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
@@ -608,7 +609,7 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
     else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, 24,
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {32, 12, 32},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
@@ -855,7 +856,7 @@ CG_API int cg_linear(const float *x, int64_t M, int64_t K, int64_t ldx,
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * ldy + n] = p.bias ? p.bias[n] : 0.0f;
     } else {
-        const int max_m = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m;
+        const int max_m = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m[wkind];
         rc = M <= max_m ? gemv_driver(o, &p, nthreads) : gemm_driver(o, &p, nthreads);
     }
     free(scale_owned);
@@ -923,7 +924,9 @@ CG_API int cg_set_isa(int level) {
     return g_isa;
 }
 
-CG_API int cg_gemv_max_m(void) { return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m; }
+CG_API int cg_gemv_max_m(int wkind) {
+    return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[wkind < 0 || wkind > 2 ? 0 : wkind];
+}
 CG_API void cg_set_gemv_max_m(int m) { g_gemv_max_m = m; }
 
 CG_API int cg_openmp(void) {
@@ -1014,7 +1017,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.cg_linear.argtypes = [ptr, i64, i64, i64, ptr, c_int, i64, i64, ptr, c_int, ptr, c_int, ptr, i64, c_int]
     lib.cg_linear.restype = c_int
-    for name in ("cg_abi_version", "cg_best_isa", "cg_isa", "cg_gemv_max_m", "cg_openmp"):
+    lib.cg_gemv_max_m.argtypes = [c_int]
+    lib.cg_gemv_max_m.restype = c_int
+    for name in ("cg_abi_version", "cg_best_isa", "cg_isa", "cg_openmp"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = c_int
     lib.cg_set_isa.argtypes = [c_int]
@@ -1106,7 +1111,8 @@ def kernel_info() -> dict:
     if lib is not None:
         info["isa"] = _ISA_NAMES[lib.cg_isa()]
         info["best_isa"] = _ISA_NAMES[lib.cg_best_isa()]
-        info["gemv_max_m"] = lib.cg_gemv_max_m()
+        info["gemv_max_m"] = {kind: lib.cg_gemv_max_m(code)
+                              for kind, code in (("int8", _W_INT8), ("int4", _W_INT4), ("fp16", _W_FP16))}
     return info
 
 
