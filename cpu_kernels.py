@@ -488,18 +488,18 @@ T512 CG_INLINE void gemv_block_avx512(const problem *p, const float *xs, int64_t
 }
 
 /* INT4 rows. xs holds x de-interleaved per 32-column chunk (16 even columns, then 16 odd ones),
-   zero padded to a whole chunk. Even columns (high nibbles) enter as 16*q = v & ~15, odd ones
-   as 2^28*q = v << 28 (v: the sign-extended byte), both exact in fp32; the powers of two are
-   undone on the sums. */
+   zero padded to a whole chunk. A nibble becomes a float with one lookup in a 16-entry table
+   (vpermps reads only the low 4 bits of each lane): the low nibble straight from the
+   sign-extended byte v, the high one from v >> 4. The table holds 16*q (exact), undone on the sums. */
 T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
                                          const int MB, int64_t n, const int RB) {
     const int64_t K = p->K, ldw = p->ldw;
     const uint8_t *w = p->w + n * ldw;
+    const __m512 table = _mm512_setr_ps(0, 16, 32, 48, 64, 80, 96, 112, -128, -112, -96, -80, -64, -48, -32, -16);
     __m512 ae[4][4], ao[4][4];
     for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
-    const __m512i himask = _mm512_set1_epi32(~15);
     for (int64_t k = 0; k < K; k += 32) {
-        const __mmask16 mask = first_lanes((K - k) / 2);
+        const __mmask16 mask = K - k >= 32 ? (__mmask16)0xFFFF : first_lanes((K - k) / 2);
         __m512 xe[4], xo[4];
         for (int m = 0; m < MB; m++) {
             xe[m] = _mm512_loadu_ps(xs + m * ldxs + k);
@@ -509,8 +509,8 @@ T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int6
             __m128i b = mask == 0xFFFF ? _mm_loadu_si128((const __m128i *)(w + r * ldw + k / 2))
                                        : _mm_maskz_loadu_epi8(mask, w + r * ldw + k / 2);
             __m512i v = _mm512_cvtepi8_epi32(b);
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_and_si512(v, himask));
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_slli_epi32(v, 28));
+            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+            __m512 lo = _mm512_permutexvar_ps(v, table);
             for (int m = 0; m < MB; m++) {
                 ae[r][m] = _mm512_fmadd_ps(hi, xe[m], ae[r][m]);
                 ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
@@ -519,8 +519,7 @@ T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int6
     }
     for (int r = 0; r < RB; r++)
         for (int m = 0; m < MB; m++)
-            store_out(p, m0 + m, n + r,
-                      _mm512_reduce_add_ps(ae[r][m]) * 0x1p-4f + _mm512_reduce_add_ps(ao[r][m]) * 0x1p-28f);
+            store_out(p, m0 + m, n + r, (_mm512_reduce_add_ps(ae[r][m]) + _mm512_reduce_add_ps(ao[r][m])) * 0x1p-4f);
 }
 
 T512 static void gemv_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
