@@ -54,10 +54,15 @@ def find_weight_files(path: str, hub_kwargs: dict, use_safetensors: Optional[boo
         found = _resolve_file(path, name, hub_kwargs)
         if found is None:
             continue
+        _check_not_lfs_pointer(found)
         if not name.endswith(".index.json"):
             return [found]
-        with open(found) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(found) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{found} is not a valid shard index (a JSON object with a \"weight_map\"): "
+                                  f"{type(e).__name__}: {e}; re-download it") from e
         files = [_resolve_file(path, s, hub_kwargs) for s in shards]
         missing = [s for s, f in zip(shards, files) if f is None]
         if missing:
@@ -70,13 +75,17 @@ def find_weight_files(path: str, hub_kwargs: dict, use_safetensors: Optional[boo
 def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str]]:
     """Yield (key, tensor, file) for every tensor, streaming file by file."""
     for path in files:
+        _check_not_lfs_pointer(path)
         if path.endswith(".safetensors"):
             from safetensors import safe_open
-            with safe_open(path, framework="pt") as f:
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as e:  # truncated download, not a safetensors file, ...
+                raise CheckpointError(f"could not read {path} as safetensors ({e}); re-download it") from e
+            with handle as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key), path
             continue
-        _check_not_lfs_pointer(path)
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -84,10 +93,21 @@ def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str]]:
                 raise CheckpointError(f"could not read {path}: {e}") from e
             sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except Exception as e:  # pickle with code in it, truncated file, ...
-            raise CheckpointError(f"could not read {path} as a weights-only PyTorch checkpoint ({e}); "
-                                  "re-download it or convert it to safetensors") from e
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            reason = next((ln for ln in lines if "Unpickler error" in ln or "Unsupported" in ln), lines[0] if lines else "")
+            reason = reason.split(" Please use")[0]  # not torch's advice to allow-list the global
+            raise CheckpointError(f"could not read {path} as a weights-only PyTorch checkpoint ({type(e).__name__}: "
+                                  f"{reason}); pickles are loaded with weights_only=True, so a file that needs "
+                                  "code to unpickle is refused: re-download it or convert it to safetensors") from e
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict (name -> tensor); save "
+                                  "model.state_dict() instead")
         for key in list(sd.keys()):
-            yield key, sd.pop(key), path
+            value = sd.pop(key)
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; a checkpoint "
+                                      "must map parameter names to tensors (save model.state_dict())")
+            yield key, value, path
         del sd
 
 
@@ -96,16 +116,18 @@ def _check_not_lfs_pointer(path: str):
         with open(path, "rb") as f:
             head = f.read(64)
         if head.startswith(b"version https://git-lfs"):
-            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that folder")
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` in that folder "
+                                  "(or download the file itself)")
 
 
 def _resolve_dtype(torch_dtype, config: ChatGLMConfig):
     if torch_dtype is None or torch_dtype == "auto":
         return None  # keep what the checkpoint stores
+    given = torch_dtype
     if isinstance(torch_dtype, str):
         torch_dtype = getattr(torch, torch_dtype.replace("torch.", ""), None)
     if torch_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"torch_dtype must be float16, bfloat16, float32 or 'auto', got {torch_dtype!r}")
+        raise ValueError(f"torch_dtype must be torch.float16, torch.bfloat16, torch.float32 or 'auto', got {given!r}")
     return torch_dtype
 
 
@@ -137,7 +159,9 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
         for k in list(kwargs):
             if hasattr(config, k):
                 setattr(config, k, kwargs.pop(k))
-        config.validate_chatglm()
+    # overrides such as quantization_bit=8 are set as plain attributes: check them like config.json
+    config.quantization_bit = config.quantization_bit or 0
+    config.validate_chatglm()
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
     if attn_implementation not in (None, "eager", "sdpa"):
@@ -154,13 +178,17 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     files = find_weight_files(path, hub_kwargs, use_safetensors)
     expected = dict(model.state_dict(keep_vars=True))
     bits = config.quantization_bit
-    loaded, quantized_on_load = set(), False
+    loaded, quantized_on_load, source = set(), False, {}
     for key, tensor, src in iter_checkpoint(files):
-        if key == HEAD and EMBED in loaded:
-            loaded.add(HEAD)  # tied matrix stored twice (same storage in the official .bin)
-            continue
-        if key == HEAD and EMBED in expected:
-            key = EMBED  # safetensors may keep the tied matrix under the head's name only
+        if key in source:
+            raise CheckpointError(f"{key} is stored twice ({source[key]} and {src}); the checkpoint is inconsistent: "
+                                  "re-download it (or fix the shard index)")
+        source[key] = src
+        if key in (HEAD, EMBED) and EMBED in expected:
+            if EMBED in loaded:  # the tied matrix again (the official .bin stores one storage under both names)
+                _check_tied_copy(key, tensor, expected[EMBED], model, config)
+                continue
+            key = EMBED  # whichever name comes first (safetensors may keep only the head's name)
         if key not in expected:
             raise CheckpointError(_unexpected_message(key, tensor, config))
         want = expected[key]
@@ -188,7 +216,11 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
         else:
             _check_shape(key, tensor, want, "float", config)
             if not tensor.is_floating_point():
-                raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected a floating-point tensor")
+                if tensor.dtype == torch.int8 and not bits and key.endswith(".weight") and ".layers." in key:
+                    raise CheckpointError(f"{key}: dtype torch.int8 — the checkpoint is quantized but config.json "
+                                          "has no quantization_bit; add \"quantization_bit\": 8 (or 4) to config.json")
+                raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected a floating-point tensor "
+                                      f"(float16 in the official checkpoints)")
             new_dtype = _float_target(key, tensor.dtype, target_dtype)
             value = tensor.to(device=dev, dtype=new_dtype)
             if quantized_on_load and value.data_ptr() == tensor.data_ptr():
@@ -207,6 +239,20 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
+
+
+def _check_tied_copy(key, tensor, want, model, config):
+    """A second copy of the tied embedding / lm_head matrix must equal the first."""
+    _check_shape(key, tensor, want, "float", config)
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected a floating-point tensor")
+    have = model.transformer.word_embeddings.weight
+    if tensor.data_ptr() == have.data_ptr():
+        return
+    if not torch.equal(tensor.to(device=have.device, dtype=have.dtype), have.detach()):
+        raise CheckpointError(f"{key} differs from the {EMBED if key == HEAD else HEAD} stored earlier: ChatGLM-6B "
+                              "ties the word embeddings to lm_head (one matrix); this checkpoint is corrupted or "
+                              "is not ChatGLM-6B")
 
 
 def _quantized_modules(model) -> set:
