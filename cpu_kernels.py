@@ -1215,7 +1215,8 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional
     """
     if bits not in (4, 8):
         raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
-    if q.dtype not in (torch.int8, torch.uint8) or q.dim() != 2:
+    # packed INT4 bytes are bit patterns (uint8 storage reads the same); INT8 values must be int8
+    if q.dim() != 2 or not (q.dtype == torch.int8 or (bits == 4 and q.dtype == torch.uint8)):
         return None
     K = q.shape[1] * (2 if bits == 4 else 1)
     return _run(x, q, _W_INT4 if bits == 4 else _W_INT8, q.shape[0], K, scale, bias)

@@ -241,6 +241,14 @@ def test_inputs_the_kernels_do_not_handle_return_none(lib):
     assert lib.linear(torch.ones(2, 8, dtype=torch.float64), q, s, None, 8) is None
     assert lib.linear(torch.ones(2, 8), q.t().contiguous().t(), s, None, 8) is None  # column-major weight
     assert lib.fp16_linear(torch.ones(2, 8), torch.ones(4, 8)) is None  # fp32 weight
+    assert lib.linear(torch.ones(2, 8), q.view(torch.uint8), s, None, 8) is None  # unsigned INT8
+
+
+def test_int4_bytes_stored_as_uint8(lib):
+    gen = torch.Generator().manual_seed(12)
+    x, q, q_values, scale, bias = integer_problem(3, 64, 5, 4, True, gen)
+    ref, _ = reference(x, q_values, scale, bias)
+    assert torch.equal(lib.linear(x, q.view(torch.uint8), scale, bias, 4).double(), ref)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
