@@ -10,6 +10,7 @@ On CPU the model keeps fp16 weights in storage and computes in fp32, so nobody n
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -66,6 +67,8 @@ def _cache_kwarg_name() -> str:
 
 
 _CACHE_KW = _cache_kwarg_name()
+# transformers < 4.28 has no `streamer` argument in generate(); we feed streamers ourselves there.
+_HF_STREAMER = "streamer" in inspect.signature(GenerationMixin.generate).parameters
 ALPHA_LAYERS = 28  # the released model scales residuals by sqrt(2 * 28) whatever num_layers is
 
 
@@ -529,6 +532,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return attention_mask, position_ids.to(device)
 
 
+class _StreamerFeed(LogitsProcessor):
+    """Passes every token chosen so far (beyond what was sent) to a streamer, one put per token."""
+
+    def __init__(self, streamer, sent: int):
+        self.streamer, self.sent = streamer, sent
+
+    def __call__(self, input_ids, scores):
+        while input_ids.shape[1] > self.sent:
+            self.streamer.put(input_ids[0, self.sent:self.sent + 1].cpu())
+            self.sent += 1
+        return scores
+
+
 class InvalidScoreLogitsProcessor(LogitsProcessor):
     """If any score is NaN/inf, replace all scores by zeros with 5e4 at token 5 (no host sync)."""
 
@@ -711,6 +727,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def _reorder_cache(self, past, beam_idx):
         return past.reorder(beam_idx) if past is not None else past
 
+    def _generate_streaming(self, input_ids, inputs, args, kwargs):
+        """generate(streamer=...) on transformers < 4.28: the streamer protocol (put the prompt, then
+        every new token, then end) driven by a logits processor, which sees each chosen token."""
+        streamer = kwargs.pop("streamer")
+        if input_ids is None or input_ids.shape[0] != 1 or (kwargs.get("num_beams") or 1) > 1:
+            raise ValueError("a streamer needs input_ids of batch size 1 and num_beams=1 (as in transformers)")
+        feed = _StreamerFeed(streamer, input_ids.shape[1])
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), feed])
+        streamer.put(input_ids.cpu())
+        try:
+            out = super().generate(inputs, *args, **kwargs)
+            feed(out if torch.is_tensor(out) else out.sequences, None)
+        finally:
+            streamer.end()
+        return out
+
     def generate(self, inputs=None, *args, **kwargs):
         """`transformers` generate. Masks travel as a 2-D padding mask (all versions accept that);
         the 2-D positions are derived up front so every step is consistent."""
@@ -729,6 +761,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             if kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = build_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
                                                             cfg.gmask_token_id, mask)
+        if kwargs.get("streamer") is not None and not _HF_STREAMER:
+            return self._generate_streaming(input_ids, inputs, args, kwargs)
         return super().generate(inputs, *args, **kwargs)
 
     # --- chat -----------------------------------------------------------------------------
