@@ -24,6 +24,8 @@ How it works
   * Decode (few rows of x) streams every weight byte from memory once and converts it in
     registers (memory-bound); prefill (many rows) converts panels of the weight to fp32 in
     cache and runs a register-blocked fp32 GEMM (compute-bound, ~85-90% of FMA peak on a core).
+    A parallel call that waited longer for a late thread than it worked (another process on
+    the other core) makes the next calls run on one thread for a while (see ``team_size``).
   * Without a compiler, or when compilation fails, ``available()`` is False after ONE warning
     that says why, and the model keeps working on the torch path.
 
@@ -51,7 +53,7 @@ import torch
 __all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
-_ABI_VERSION = 2  # bump together with CG_ABI_VERSION in the C source
+_ABI_VERSION = 3  # bump together with CG_ABI_VERSION in the C source
 
 # Codes shared with the C source.
 _W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
@@ -84,6 +86,8 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <sched.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -97,7 +101,7 @@ _C_SOURCE = r"""
 
 #define CG_API __attribute__((visibility("default")))
 #define CG_INLINE static inline __attribute__((always_inline))
-#define CG_ABI_VERSION 2
+#define CG_ABI_VERSION 3
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
 enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
@@ -654,23 +658,51 @@ static int thread_id(void) {
 #endif
 }
 
-static int thread_count(void) {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
-
 /* Work items are handed out in order from a shared counter, so a thread that gets less CPU
    (another process on its core) simply takes fewer items. */
 static int64_t next_item(int64_t *counter) { return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED); }
 
-/* Fewer threads for small problems: a parallel region costs a few microseconds. */
-static int threads_for(int requested, double macs) {
-    if (requested < 1) requested = 1;
-    if (macs < 262144.0) return 1;
+static double now_seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Team size. An OpenMP region ends only when every thread of the team has shown up, and on a
+   machine where another process keeps a core busy, a woken thread can wait 5-15 ms for it:
+   a 1.5 ms decode call then takes 15 ms. So after each parallel call the calling thread
+   compares the time it waited at the end with the time it worked; when it waited longer (and
+   over 1 ms), the next calls run on the calling thread alone, for a stretch that doubles
+   while the stalls go on (8 .. 1024 calls) and shrinks again once a parallel call runs well.
+   Small problems always run on one thread: a parallel region costs a few microseconds. */
+static int64_t g_solo_left = 0, g_backoff = 0, g_stalls = 0;
+
+static int team_size(int requested, double macs) {
+    if (requested <= 1 || macs < 262144.0) return 1;
+    if (__atomic_load_n(&g_solo_left, __ATOMIC_RELAXED) > 0) {
+        __atomic_fetch_sub(&g_solo_left, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
     return requested;
+}
+
+static void note_join(int team, double worked, double waited) {
+    if (team < 2) return;
+    int64_t b = __atomic_load_n(&g_backoff, __ATOMIC_RELAXED);
+    if (waited > 1e-3 && waited > worked) {
+        b = b < 8 ? 8 : (b >= 1024 ? 1024 : 2 * b);
+        __atomic_store_n(&g_solo_left, b, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&g_stalls, 1, __ATOMIC_RELAXED);
+    } else {
+        b /= 2;
+    }
+    __atomic_store_n(&g_backoff, b, __ATOMIC_RELAXED);
+}
+
+/* Wait until *count reaches target; the items still missing are being worked on. */
+static void wait_for_count(const int64_t *count, int64_t target) {
+    for (int spins = 0; __atomic_load_n(count, __ATOMIC_ACQUIRE) < target; spins++)
+        if (spins > 64) sched_yield();
 }
 
 static void *alloc_floats(int64_t n) {
@@ -711,17 +743,23 @@ static int gemv_driver(const isa_ops *o, const problem *p, int nthreads) {
     if (block < 8) block = 8;
     const int64_t nblocks = (N + block - 1) / block;
     int64_t counter = 0;
-    const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
+    const int nt = team_size(nthreads, (double)M * (double)N * (double)K);
+    const double t0 = now_seconds();
+    double t_caller = t0; /* when the calling thread ran out of items */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
-    for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter)) {
-        const int64_t n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
-        for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-            const int mb = (int)(M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS);
-            o->gemv(p, xs + m0 * ldxs, ldxs, m0, mb, n0, n1);
+    {
+        for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter)) {
+            const int64_t n0 = b * block, n1 = n0 + block < N ? n0 + block : N;
+            for (int64_t m0 = 0; m0 < M; m0 += GEMV_ROWS) {
+                const int mb = (int)(M - m0 < GEMV_ROWS ? M - m0 : GEMV_ROWS);
+                o->gemv(p, xs + m0 * ldxs, ldxs, m0, mb, n0, n1);
+            }
         }
+        if (thread_id() == 0) t_caller = now_seconds();
     }
+    note_join(nt, t_caller - t0, now_seconds() - t_caller);
     free(perm);
     return 0;
 }
@@ -752,7 +790,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     float *xt = alloc_floats(Mp * K);
     if (!xt) return 1;
     const int64_t npanels = (N + NR - 1) / NR;
-    const int nt = threads_for(nthreads, (double)M * (double)N * (double)K);
+    const int nt = team_size(nthreads, (double)M * (double)N * (double)K);
     /* work item: a chunk of panels whose y^T fits YT_CHUNK_BYTES, at most 1/8 of a thread's
        share (so the last items even out), at least 4 panels (each item re-reads x^T) */
     int64_t chunk = YT_CHUNK_BYTES / ((int64_t)sizeof(float) * NR * Mp);
@@ -761,14 +799,17 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     if (chunk < 4) chunk = 4;
     const int64_t nchunks = (npanels + chunk - 1) / chunk;
     int64_t counter = 0;
+    const int64_t kblocks = (K + 63) / 64, npack = ntiles * kblocks;
+    int64_t pack_counter = 0, packed = 0;
+    const double t0 = now_seconds();
+    double t_caller = t0; /* when the calling thread ran out of items */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
-        const int tid = thread_id(), nth = thread_count();
-        /* 1. pack x^T, work split over (tile, 64-column block) items */
-        const int64_t kblocks = (K + 63) / 64;
-        for (int64_t item = tid; item < ntiles * kblocks; item += nth) {
+        /* 1. pack x^T: items of (tile, 64 columns); then wait for items others are finishing
+           (not for threads that have not started: no barrier) */
+        for (int64_t item = next_item(&pack_counter); item < npack; item = next_item(&pack_counter)) {
             const int64_t t = item / kblocks, kb = (item % kblocks) * 64;
             const int64_t m0 = t * TW, width = t == ntiles - 1 ? last_w : TW;
             const int64_t kend = kb + 64 < K ? kb + 64 : K;
@@ -778,10 +819,9 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
                 const float *src = p->x + (m0 + j) * p->ldx;
                 for (int64_t k = kb; k < kend; k++) tile[k * width + j] = valid ? src[k] : 0.0f;
             }
+            __atomic_fetch_add(&packed, 1, __ATOMIC_RELEASE);
         }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+        wait_for_count(&packed, npack);
         /* 2. chunks of panels, taken from the shared counter */
         float *wt = alloc_floats((int64_t)NR_MAX * LDW);
         float *yt = alloc_floats(chunk * NR * Mp);
@@ -822,7 +862,9 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
         }
         free(wt);
         free(yt);
+        if (thread_id() == 0) t_caller = now_seconds();
     }
+    note_join(nt, t_caller - t0, now_seconds() - t_caller);
     free(xt);
     return counter < nchunks; /* no thread could allocate its buffers */
 }
@@ -904,6 +946,7 @@ CG_API uint64_t cg_read_bytes(const void *src, int64_t bytes, int nthreads) {
     uint64_t total = 0;
     const int use512 = CG_X86 && ops()->isa == ISA_AVX512;
     (void)use512;
+    (void)nthreads; /* unused without OpenMP */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
 #endif
@@ -934,6 +977,9 @@ CG_API int cg_gemv_max_m(int wkind) {
     return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[wkind < 0 || wkind > 2 ? 0 : wkind];
 }
 CG_API void cg_set_gemv_max_m(int m) { g_gemv_max_m = m; }
+
+/* How many parallel calls waited longer for their team than they worked (see team_size). */
+CG_API int64_t cg_stalls(void) { return __atomic_load_n(&g_stalls, __ATOMIC_RELAXED); }
 
 CG_API int cg_openmp(void) {
 #ifdef _OPENMP
@@ -1030,6 +1076,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, name).restype = c_int
     lib.cg_set_isa.argtypes = [c_int]
     lib.cg_set_isa.restype = c_int
+    lib.cg_stalls.argtypes = []
+    lib.cg_stalls.restype = i64
     lib.cg_read_bytes.argtypes = [ptr, i64, c_int]
     lib.cg_read_bytes.restype = ctypes.c_uint64
     lib.cg_set_gemv_max_m.argtypes = [c_int]
@@ -1117,6 +1165,7 @@ def kernel_info() -> dict:
     if lib is not None:
         info["isa"] = _ISA_NAMES[lib.cg_isa()]
         info["best_isa"] = _ISA_NAMES[lib.cg_best_isa()]
+        info["stalled_parallel_calls"] = lib.cg_stalls()  # each switched to 1 thread for a while
         info["gemv_max_m"] = {kind: lib.cg_gemv_max_m(code)
                               for kind, code in (("int8", _W_INT8), ("int4", _W_INT4), ("fp16", _W_FP16))}
     return info
