@@ -1,0 +1,1186 @@
+"""Fast generation on one CUDA GPU: static KV cache, CUDA-graph decode step, on-GPU sampling.
+
+`ChatGLMForConditionalGeneration.generate` / `stream_generate` (and so `chat` / `stream_chat`) call
+`fast_generate` / `fast_stream_generate` first. They return None (with the reason kept in
+`last_decision(model)`) for anything this path does not handle, and the caller then runs the eager
+Hugging Face path: beam search, scores / dict outputs, logits processors other than the model's
+`InvalidScoreLogitsProcessor`, stopping criteria, streamers, P-tuning, CPU or multi-device models,
+a model in training mode, non-left padding, and generation settings beyond max_length /
+max_new_tokens / do_sample / temperature / top_k / top_p / eos / pad.
+
+Switch it off with ``model.config.use_cuda_graph = False`` or ``CHATGLM_CUDA_GRAPH=0``.
+
+How it runs
+* Prefill (one eager call): the model's own LayerNorm / linear modules, Triton kernels for the
+  fused residual + LayerNorm, GELU and the rotary embedding, and `F.scaled_dot_product_attention`
+  with an additive float mask (a bool mask would turn fully padded rows into NaN that leaks
+  through 0 * NaN). Keys/values go straight into the static cache.
+* Decode: one step — embedding, 28 blocks, final LayerNorm, LM head, InvalidScore fix-up,
+  greedy or temperature / top-k / top-p sampling, eos bookkeeping — captured once per
+  (batch, cache bucket, sampling mode) in a `torch.cuda.CUDAGraph` and replayed. Per block it
+  launches 4 linear kernels (cuda_kernels.py), a fused rotary + cache write + attention kernel
+  (split over the sequence for long caches), a GELU kernel and two residual + LayerNorm kernels.
+  Attention reads only the filled part of the cache: the current length lives on the GPU.
+* The cache holds prompt + max new tokens rounded up to `BUCKET` slots; graphs and caches are
+  kept per (batch, bucket) for reuse (at most `max_slots`, least recently used dropped first).
+* No host synchronisation per step: `generate` looks at "is any row unfinished" every
+  `CHECK_EVERY` steps (one step behind, so it never waits for the GPU), `stream_generate` queues
+  the next step before it hands out the current token.
+
+Numerics follow the eager path: the fused kernels round to the activation dtype wherever the
+eager torch code does (x*alpha, + residual, rotary products and sum, q scaling, the fp16 scores,
+every step of the tanh GELU) and the rotary tables come from the model's own `rotary_cos_sin`.
+What differs: softmax probabilities are not rounded to fp16 before the product with v, sums run
+in another order, and prefill attention is fused (SDPA). Greedy ids equal the eager ones except
+at near ties (see tests/test_cuda_model.py).
+"""
+from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
+
+import copy
+import importlib
+import importlib.util
+import math
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.nn import functional as F
+
+from .quantization import QuantizedLinear
+
+__all__ = [
+    "StaticCache",
+    "fast_generate",
+    "fast_stream_generate",
+    "last_decision",
+    "release",
+    "graph_enabled",
+    "BUCKET",
+]
+
+tl = None  # triton.language, bound by _build()
+_KERNELS = None
+_BUILD_LOCK = threading.Lock()
+
+BUCKET = 256  # cache lengths are multiples of this
+CHECK_EVERY = 16  # generate(): steps between looks at the "any row unfinished" flag
+MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) caches kept per model
+_BLOCK_S = 64  # cache positions per attention tile
+_TARGET_PROGRAMS = 256  # attention programs wanted per layer (splits the sequence when b*heads is small)
+_MAX_SPLITS = 16
+MAX_EOS = 8  # eos ids a call may give (more: eager path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (plain functions here; _build() jits them once Triton is imported).
+
+def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
+               HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
+    # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    dt = y_ptr.dtype.element_ty
+    x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+        x = (x * alpha).to(dt).to(tl.float32)
+        x = (x + r).to(dt).to(tl.float32)
+    mean = tl.sum(x, 0) / N
+    xc = tl.where(m, x - mean, 0.0)
+    var = tl.sum(xc * xc, 0) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=m)
+
+
+def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    # In place: 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))), rounding to x's dtype after every
+    # operation exactly where the eager fp16 expression in modeling_chatglm.gelu_tanh does.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    a = (0.5 * x).to(dt).to(tl.float32)
+    c = (0.044715 * x).to(dt).to(tl.float32)
+    c = (c * x).to(dt).to(tl.float32)
+    c = (1.0 + c).to(dt).to(tl.float32)
+    g = (0.7978845608028654 * x).to(dt).to(tl.float32)
+    g = (g * c).to(dt).to(tl.float32)
+    # tanh(g): odd Taylor series near 0 (no cancellation), else (1 - e^-2|g|) / (1 + e^-2|g|).
+    ag = tl.abs(g)
+    e = tl.exp(-2.0 * ag)
+    big = (1.0 - e) / (1.0 + e)
+    g2 = g * g
+    small = ag * (1.0 + g2 * (-1.0 / 3.0 + g2 * (2.0 / 15.0 + g2 * (-17.0 / 315.0 + g2 * (62.0 / 2835.0)))))
+    t = tl.where(ag < 0.0625, small, big)
+    t = tl.where(g < 0.0, -t, t)
+    t = t.to(dt).to(tl.float32)
+    t = (1.0 + t).to(dt).to(tl.float32)
+    tl.store(x_ptr + offs, (a * t).to(dt), mask=m)
+
+
+def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
+                           S, H, stride_qkv, stride_pb, stride_pc, stride_tab, inv_denom,
+                           D: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One token (all heads): q, k rotated with 2-D rotary (eager rounding points), q scaled by
+    # 1/(sqrt(d)*coeff) and rounded, v copied. Outputs [b, H, S, D] contiguous.
+    row = tl.program_id(0).to(tl.int64)  # b * S + t
+    b = row // S
+    t = row % S
+    dt = q_ptr.dtype.element_ty
+    hh = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    hm = hh[:, None] < H
+    j = d % (D // 2)
+    neg = j < (D // 4)
+    partner = tl.where(neg, d + D // 4, d - D // 4)
+    chan = d // (D // 2)
+    p = tl.load(pos_ptr + b * stride_pb + chan * stride_pc + t)
+    c = tl.load(cos_ptr + p * stride_tab + j).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + p * stride_tab + j).to(tl.float32)[None, :]
+    base = qkv_ptr + row * stride_qkv + hh[:, None] * (3 * D)
+    out = ((b * H + hh[:, None]) * S + t) * D + d[None, :]
+    q = tl.load(base + d[None, :], mask=hm, other=0.0).to(tl.float32)
+    qp = tl.load(base + partner[None, :], mask=hm, other=0.0).to(tl.float32)
+    qp = tl.where(neg[None, :], -qp, qp)
+    q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    tl.store(q_ptr + out, (q * inv_denom).to(dt), mask=hm)
+    k = tl.load(base + D + d[None, :], mask=hm, other=0.0).to(tl.float32)
+    kp = tl.load(base + D + partner[None, :], mask=hm, other=0.0).to(tl.float32)
+    kp = tl.where(neg[None, :], -kp, kp)
+    k = (k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)
+    tl.store(k_ptr + out, k.to(dt), mask=hm)
+    v = tl.load(base + 2 * D + d[None, :], mask=hm, other=0.0)
+    tl.store(v_ptr + out, v, mask=hm)
+
+
+def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_ptr, pad_ptr,
+                        out_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                        H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_tab, stride_out, CHUNK,
+                        inv_denom, coeff,
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+    # One (row, head, split): rotary on the new q/k, the new k/v written at cache slot `cur`
+    # (split 0), then softmax(q k^T) v over cache slots [max(split start, pad), min(split end, cur))
+    # plus the new token (last split), online softmax in fp32. SPLITS > 1 leaves (max, sum, acc)
+    # partials for _attn_combine_kernel.
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    dt = out_ptr.dtype.element_ty
+    d = tl.arange(0, D)
+    j = d % (D // 2)
+    neg = j < (D // 4)
+    partner = tl.where(neg, d + D // 4, d - D // 4)
+    chan = d // (D // 2)
+    p = tl.load(pos_ptr + b * 2 + chan)
+    c = tl.load(cos_ptr + p * stride_tab + j).to(tl.float32)
+    s = tl.load(sin_ptr + p * stride_tab + j).to(tl.float32)
+    base = qkv_ptr + b * stride_qkv + h * (3 * D)
+    q = tl.load(base + d).to(tl.float32)
+    qp = tl.load(base + partner).to(tl.float32)
+    qp = tl.where(neg, -qp, qp)
+    q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    qs = (q * inv_denom).to(dt).to(tl.float32)
+    k = tl.load(base + D + d).to(tl.float32)
+    kp = tl.load(base + D + partner).to(tl.float32)
+    kp = tl.where(neg, -kp, kp)
+    k_new = ((k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)).to(dt)
+    v_new = tl.load(base + 2 * D + d)
+
+    cur = tl.load(cur_ptr)  # int32
+    pad = tl.load(pad_ptr + b)  # int32
+    kc = kc_ptr + b * stride_cb + h * stride_ch
+    vc = vc_ptr + b * stride_cb + h * stride_ch
+    if split == 0:
+        tl.store(kc + cur * stride_cs + d, k_new)
+        tl.store(vc + cur * stride_cs + d, v_new)
+
+    m_i = tl.zeros([1], tl.float32) - 1.0e30
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    start0 = split * CHUNK
+    lo = tl.maximum(start0, pad)
+    hi = tl.minimum(start0 + CHUNK, cur)
+    for start in range(lo, hi, BLOCK_S):
+        offs = start + tl.arange(0, BLOCK_S)
+        valid = offs < hi
+        kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+        sc = tl.sum(kt.to(tl.float32) * qs[None, :], 1)
+        sc = sc.to(dt).to(tl.float32) * coeff
+        sc = tl.where(valid, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 0))
+        corr = tl.exp(m_i - m_new)
+        pr = tl.exp(sc - m_new)
+        l_i = l_i * corr + tl.sum(pr, 0)
+        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * corr + tl.sum(pr[:, None] * vt.to(tl.float32), 0)
+        m_i = m_new
+    if split == SPLITS - 1:
+        sn = tl.sum(qs * k_new.to(tl.float32), 0)
+        sn = sn.to(dt).to(tl.float32) * coeff
+        m_new = tl.maximum(m_i, sn)
+        corr = tl.exp(m_i - m_new)
+        pn = tl.exp(sn - m_new)
+        l_i = l_i * corr + pn
+        acc = acc * corr + pn * v_new.to(tl.float32)
+        m_i = m_new
+    if SPLITS == 1:
+        tl.store(out_ptr + b * stride_out + h * D + d, (acc / l_i).to(dt))
+    else:
+        idx = bh.to(tl.int64) * SPLITS + split
+        one = tl.arange(0, 1)
+        tl.store(pm_ptr + idx + one, m_i)
+        tl.store(pl_ptr + idx + one, l_i)
+        tl.store(pacc_ptr + idx * D + d, acc)
+
+
+def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
+                         D: tl.constexpr, SPLITS: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    m = tl.load(pm_ptr + bh * SPLITS + sp)
+    l = tl.load(pl_ptr + bh * SPLITS + sp)
+    mx = tl.max(m, 0)
+    w = tl.exp(m - mx)
+    total = tl.sum(l * w, 0)
+    acc = tl.load(pacc_ptr + (bh * SPLITS + sp)[:, None] * D + d[None, :])
+    o = tl.sum(acc * w[:, None], 0) / total
+    tl.store(out_ptr + b * stride_out + h * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+_KERNEL_FUNCS = (_ln_kernel, _gelu_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel)
+
+
+def available() -> bool:
+    """A CUDA GPU is visible and Triton imports (the same test as cuda_kernels)."""
+    from .cuda_kernels import available as kernels_available
+    return kernels_available()
+
+
+def _build():
+    global tl, _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    with _BUILD_LOCK:
+        if _KERNELS is None:
+            triton = importlib.import_module("triton")
+            language = importlib.import_module("triton.language")
+            tl = language
+            jitted = {}
+            for fn in _KERNEL_FUNCS:
+                fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
+                                      for k, v in fn.__annotations__.items()}
+                jitted[fn.__name__.strip("_")] = triton.jit(fn)
+            _KERNELS = jitted
+    return _KERNELS
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers (also used by the tests against torch references).
+
+def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
+               alpha: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given."""
+    k = _build()
+    rows, n = a.shape
+    out = torch.empty_like(a) if out is None else out
+    r = residual if residual is not None else a
+    block = _pow2(n)
+    k["ln_kernel"][(rows,)](a, r, weight, bias, out, n, a.stride(0), r.stride(0), out.stride(0),
+                            float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
+                            num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """In-place tanh GELU with the eager rounding (x contiguous)."""
+    k = _build()
+    n = x.numel()
+    block = 2048
+    k["gelu_kernel"][(triton_cdiv(n, block),)](x, n, BLOCK=block, num_warps=4)
+    return x
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scale_for(layer_index: int, head_dim: int) -> Tuple[float, float]:
+    """(1/(sqrt(d)*coeff) as the fp32 reciprocal torch uses for `q / python_float`, coeff)."""
+    coeff = float(layer_index + 1)
+    denom = math.sqrt(head_dim) * coeff
+    inv = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(denom, dtype=torch.float32)).item()
+    return inv, coeff
+
+
+def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, b: int, s: int, heads: int,
+                   head_dim: int, inv_denom: float):
+    """qkv [b*s, 3*heads*head_dim] -> (q scaled, k, v), each [b, heads, s, head_dim] contiguous."""
+    k = _build()
+    q_out = torch.empty((b, heads, s, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k_out = torch.empty_like(q_out)
+    v_out = torch.empty_like(q_out)
+    k["prefill_rotary_kernel"][(b * s,)](
+        qkv, cos_t, sin_t, position_ids, q_out, k_out, v_out, s, heads, qkv.stride(0),
+        position_ids.stride(0), position_ids.stride(1), cos_t.stride(0), inv_denom,
+        D=head_dim, BLOCK_H=_pow2(heads), num_warps=4)
+    return q_out, k_out, v_out
+
+
+def decode_attention(qkv, k_cache, v_cache, cos_t, sin_t, pos, cur, pad, out, inv_denom, coeff, splits,
+                     partials=None):
+    """One decode step of attention for every row and head (see _decode_attn_kernel).
+
+    qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; pos [b, 2] int64; cur [1] int32 (slot of the new
+    token); pad [b] int32 (left-pad slots per row); out [b, H*D]."""
+    k = _build()
+    b, heads, length, head_dim = k_cache.shape
+    chunk = triton_cdiv(triton_cdiv(length, splits), _BLOCK_S) * _BLOCK_S
+    if splits > 1:
+        pm, pl, pacc = partials
+    else:
+        pm = pl = pacc = out
+    k["decode_attn_kernel"][(b * heads, splits)](
+        qkv, k_cache, v_cache, cos_t, sin_t, pos, cur, pad, out, pm, pl, pacc,
+        heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_t.stride(0),
+        out.stride(0), chunk, inv_denom, coeff, D=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits, num_warps=4)
+    if splits > 1:
+        k["attn_combine_kernel"][(b * heads,)](pm, pl, pacc, out, heads, out.stride(0), D=head_dim, SPLITS=splits,
+                                               num_warps=4)
+    return out
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
+def attention_splits(batch: int, heads: int, length: int) -> int:
+    """Sequence splits per (row, head) so a layer's attention has ~_TARGET_PROGRAMS programs, each
+    split covering at least two tiles of the cache."""
+    want = _pow2_floor(max(1, _TARGET_PROGRAMS // max(1, batch * heads)))
+    cap = _pow2_floor(max(1, length // (2 * _BLOCK_S)))
+    return max(1, min(want, cap, _MAX_SPLITS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Static KV cache.
+
+class StaticCache:
+    """Preallocated keys/values ``[layers][b, heads, length, head_dim]`` (keys after rotary).
+
+    Duck-types GLMCache: ``update(layer, k, v)`` writes ``k``/``v`` ([b, heads, n, head_dim]) in place
+    at the slots ``pos, pos + 1, …`` where ``pos`` is a device tensor (no host sync, capturable)
+    and returns the full buffers; callers mask slots past the filled length. ``get_seq_length()``
+    is the host-side count of filled slots (kept by whoever advances the cache).
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int, batch: int, heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        self.kv = torch.zeros((num_layers, 2, batch, heads, length, head_dim), dtype=dtype, device=device)
+        self.keys = [self.kv[i, 0] for i in range(num_layers)]
+        self.values = [self.kv[i, 1] for i in range(num_layers)]
+        self.pos = torch.zeros(1, dtype=torch.int32, device=device)  # next slot to write
+        self.length = length
+        self.prefix_len = 0
+        self.seen = 0  # host mirror of pos (for get_seq_length)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        n = k.shape[2]
+        idx = self.pos.long() + torch.arange(n, device=self.pos.device)
+        self.keys[layer].index_copy_(2, idx, k.to(self.kv.dtype))
+        self.values[layer].index_copy_(2, idx, v.to(self.kv.dtype))
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int):
+        self.pos += n
+        self.seen += n
+
+    def reset(self, n: int = 0):
+        self.pos.fill_(n)
+        self.seen = n
+
+    def get_seq_length(self, layer: int = 0) -> int:
+        return self.seen
+
+    def reorder(self, beam_idx):
+        raise NotImplementedError("the static cache serves the CUDA-graph decode loop only (no beam search)")
+
+    def __len__(self):
+        return len(self.keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions.
+
+def _modeling(model):
+    return importlib.import_module(type(model).__module__)
+
+
+def graph_enabled(model) -> bool:
+    """The user-facing switch: env CHATGLM_CUDA_GRAPH=0 or model.config.use_cuda_graph=False turn it off."""
+    if os.environ.get("CHATGLM_CUDA_GRAPH", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return bool(getattr(model.config, "use_cuda_graph", True))
+
+
+def _set_decision(model, path: str, reason: str = ""):
+    try:
+        object.__setattr__(model, "_fast_decode_decision", {"path": path, "reason": reason})
+    except Exception:
+        pass
+
+
+def last_decision(model) -> Dict[str, str]:
+    """{'path': 'graph' | 'eager', 'reason': why eager} for the model's last generate/stream call."""
+    return dict(getattr(model, "_fast_decode_decision", {"path": "none", "reason": "no call yet"}))
+
+
+def _model_reason(model) -> Optional[str]:
+    """Why this model cannot use the fast path (None: it can)."""
+    if not graph_enabled(model):
+        return "disabled (config.use_cuda_graph / CHATGLM_CUDA_GRAPH)"
+    cfg = model.config
+    if getattr(cfg, "pre_seq_len", None):
+        return "P-tuning prefix (pre_seq_len)"
+    if model.training:
+        return "model in training mode"
+    tr = getattr(model, "transformer", None)
+    if tr is None or getattr(model, "lm_head", None) is None:
+        return "unexpected model structure"
+    emb = tr.word_embeddings.weight
+    if emb.device.type != "cuda":
+        return f"model on {emb.device.type}, not CUDA"
+    hf_map = getattr(model, "hf_device_map", None)
+    if hf_map and len({str(v) for v in hf_map.values()}) > 1:
+        return "model spread over several devices (device_map)"
+    if emb.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {emb.dtype}"
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+    if head_dim * heads != cfg.hidden_size or head_dim < 4 or head_dim & (head_dim - 1):
+        return "head_dim must be a power of two"
+    modeling = _modeling(model)
+    linear_types = (modeling.CastLinear, QuantizedLinear)
+    for block in tr.layers:
+        mods = (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
+                block.mlp.dense_4h_to_h)
+        if any(type(m) not in linear_types for m in mods):
+            return "linear layers replaced (adapters or hooks)"
+        if any(getattr(m, "_forward_hooks", None) or getattr(m, "_forward_pre_hooks", None)
+               for m in (block,) + mods):
+            return "forward hooks on the blocks"
+        if type(block.input_layernorm) is not modeling.CastLayerNorm:
+            return "layer norms replaced"
+    dev = emb.device
+    for p in model.parameters():
+        if p.device != dev:
+            return "parameters on several devices"
+    if not available():
+        return "Triton / CUDA kernels unavailable"
+    return None
+
+
+def _processors_ok(model, processors) -> Tuple[bool, list]:
+    cls = _modeling(model).InvalidScoreLogitsProcessor
+    procs = list(processors or [])
+    return all(isinstance(p, cls) for p in procs), procs
+
+
+class _Plan:
+    """What one call asks for, resolved: limit (total length), eos ids, pad id, sampling."""
+
+    def __init__(self, limit, eos, pad_id, do_sample, temperature, top_k, top_p, processors):
+        self.limit = int(limit)
+        self.eos = [int(e) for e in eos]
+        self.pad_id = int(pad_id)
+        self.do_sample = bool(do_sample)
+        self.temperature = float(temperature) if temperature is not None else 1.0
+        self.top_k = int(top_k or 0)
+        self.top_p = float(top_p) if top_p is not None else 1.0
+        self.processors = processors
+
+    def sample_key(self, vocab: int):
+        if not self.do_sample:
+            return ("greedy",)
+        return ("sample", self.temperature != 1.0, min(self.top_k, vocab) if self.top_k > 0 else 0,
+                self.top_p < 1.0)
+
+
+# transformers' GenerationConfig fields: those we interpret, those that do not change greedy /
+# sampling output, and neutral values for the rest (anything else non-neutral -> eager path).
+_INTERPRETED = {"max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams",
+                "num_return_sequences", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+                "decoder_start_token_id"}
+_IGNORED = {"transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
+            "generation_kwargs", "compile_config", "disable_compile", "num_assistant_tokens",
+            "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+            "target_lookbehind", "assistant_early_exit", "is_assistant", "max_matching_ngram_size",
+            "low_memory", "early_stopping", "length_penalty", "return_legacy_cache", "cache_config",
+            "output_attentions", "output_hidden_states", "continuous_batching_config", "prefill_chunk_size",
+            "_pad_token_tensor", "_eos_token_tensor", "_bos_token_tensor", "_decoder_start_token_tensor"}
+_NEUTRAL = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+            "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "num_beam_groups": 1,
+            "guidance_scale": 1.0, "renormalize_logits": False}
+_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+             "num_beams": 1, "num_return_sequences": 1, "use_cache": True}
+_GENERATE_ARGS_NONE = ("stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+                       "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+                       "tokenizer", "inputs_embeds", "past_key_values", "cache")
+
+
+def _neutral(name, value) -> bool:
+    if value is None or value is False:
+        return True
+    if isinstance(value, (list, tuple, dict, set)) and not value:
+        return True
+    if name in _NEUTRAL and value == _NEUTRAL[name]:
+        return True
+    return False
+
+
+def _generate_plan(model, input_len: int, kwargs: dict) -> Tuple[Optional[_Plan], str]:
+    """Resolve generate() arguments like transformers does, or say why we cannot."""
+    extra = dict(kwargs)
+    for name in _GENERATE_ARGS_NONE:
+        value = extra.pop(name, None)
+        if value is not None and value is not False and not (isinstance(value, (list, tuple)) and not value):
+            return None, f"generate argument {name!r}"
+    if extra.pop("use_model_defaults", None) is False:
+        return None, "use_model_defaults=False"
+    ok, procs = _processors_ok(model, extra.pop("logits_processor", None))
+    if not ok:
+        return None, "custom logits processors"
+    from transformers import GenerationConfig  # noqa: WPS433 (transformers is a hard dependency)
+    user_gc = extra.pop("generation_config", None)
+    gc = copy.deepcopy(user_gc if user_gc is not None else model.generation_config)
+    if user_gc is not None and model.generation_config is not None and int(
+            importlib.import_module("transformers").__version__.split(".")[0]) >= 5:
+        for key, value in model.generation_config.to_dict().items():  # 5.x fills unset fields from the model's
+            if getattr(gc, key, None) is None and not key.startswith("_"):
+                setattr(gc, key, value)
+    for key, value in _DEFAULTS.items():
+        if getattr(gc, key, None) is None:
+            setattr(gc, key, value)
+    unused = gc.update(**extra)
+    if unused:
+        return None, f"unsupported generate arguments {sorted(unused)}"
+    for key, value in gc.to_dict().items():
+        if key in _INTERPRETED or key in _IGNORED or key.startswith("_"):
+            continue
+        if not _neutral(key, value):
+            return None, f"generation setting {key}={value!r}"
+    if (gc.num_beams or 1) != 1 or (gc.num_return_sequences or 1) != 1:
+        return None, "beam search / several return sequences"
+    if gc.use_cache is False:
+        return None, "use_cache=False"
+    if gc.output_attentions or gc.output_hidden_states:
+        return None, "output_attentions / output_hidden_states"
+    limit = gc.max_new_tokens + input_len if gc.max_new_tokens is not None else gc.max_length
+    if limit is None or limit <= input_len:
+        return None, "nothing to generate (max_length <= prompt length)"
+    eos = gc.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else 0)
+    if gc.do_sample:
+        if gc.temperature is not None and gc.temperature <= 0:
+            return None, "temperature <= 0"
+        if gc.top_p is not None and not 0 < gc.top_p <= 1:
+            return None, "top_p outside (0, 1]"
+        if gc.top_k is not None and gc.top_k < 0:
+            return None, "top_k < 0"
+    return _Plan(limit, eos, pad_id, gc.do_sample, gc.temperature, gc.top_k, gc.top_p, procs), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-model state: rotary tables, slots (cache + static buffers + graphs).
+
+class _Slot:
+    """Static buffers, one KV cache and the captured graphs for one (batch, bucket)."""
+
+    def __init__(self, state: "_State", batch: int, length: int):
+        cfg, dev, dt = state.cfg, state.device, state.dtype
+        self.batch, self.length = batch, length
+        self.cache = StaticCache(cfg.num_layers, batch, state.heads, length, state.head_dim, dt, dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(batch, 2, dtype=torch.long, device=dev)
+        self.pad = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.ids = torch.zeros(batch, length + 1, dtype=torch.long, device=dev)
+        self.unfinished = torch.ones(batch, dtype=torch.bool, device=dev)
+        self.alive = torch.ones(1, dtype=torch.bool, device=dev)  # any row unfinished after the step
+        self.gen_len = torch.zeros(1, dtype=torch.long, device=dev)
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=dev)  # -1 never matches a token
+        self.pad_id = torch.zeros(1, dtype=torch.long, device=dev)
+        self.inv_temperature = torch.ones(1, dtype=torch.float32, device=dev)
+        self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
+        self.splits = attention_splits(batch, state.heads, length)
+        if self.splits > 1:
+            n = batch * state.heads * self.splits
+            self.partials = (torch.empty(n, dtype=torch.float32, device=dev),
+                             torch.empty(n, dtype=torch.float32, device=dev),
+                             torch.empty(n, state.head_dim, dtype=torch.float32, device=dev))
+        else:
+            self.partials = None
+        self.attn_out = torch.empty(batch, cfg.hidden_size, dtype=dt, device=dev)
+        self.graphs: Dict[tuple, Any] = {}
+        self.broken: Dict[tuple, str] = {}
+
+    def free(self):
+        for g in self.graphs.values():
+            try:
+                g.reset()
+            except Exception:
+                pass
+        self.graphs.clear()
+
+
+class _State:
+    def __init__(self, model):
+        cfg = model.config
+        tr = model.transformer
+        self.cfg = cfg
+        self.device = tr.word_embeddings.weight.device
+        self.dtype = tr.word_embeddings.weight.dtype
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.lock = threading.Lock()
+        self.slots: "OrderedDict[Tuple[int, int], _Slot]" = OrderedDict()
+        self.pool = None
+        self.tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.signature = _signature(model)
+        # strong references: captured graphs hold raw pointers to these tensors
+        self.params = [p for p in model.parameters()] + [b for b in model.buffers()]
+        self.debug_logits = False
+
+    def rotary_tables(self, model, length: int):
+        """cos/sin [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)."""
+        if self.tables is None or self.tables[0].shape[0] < length:
+            n = max(length, 2 * self.cfg.max_sequence_length)
+            modeling = _modeling(model)
+            pos = torch.arange(n, device=self.device).view(1, 1, n)
+            cos, sin = modeling.rotary_cos_sin(pos, model.transformer._rotary_inv_freq, self.dtype)
+            self.tables = (cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous())
+        return self.tables
+
+    def slot(self, batch: int, length: int) -> _Slot:
+        key = (batch, length)
+        slot = self.slots.pop(key, None)
+        if slot is None:
+            while len(self.slots) >= max(1, MAX_SLOTS):
+                _, old = self.slots.popitem(last=False)
+                old.free()
+                del old
+            slot = _Slot(self, batch, length)
+        self.slots[key] = slot
+        return slot
+
+    def free(self):
+        for slot in self.slots.values():
+            slot.free()
+        self.slots.clear()
+
+
+def _signature(model):
+    return tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in model.parameters())
+
+
+_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def _state(model) -> _State:
+    with _STATES_LOCK:
+        st = _STATES.get(model)
+        if st is not None and (st.signature != _signature(model) or st.device != model.transformer.word_embeddings.weight.device):
+            st.free()  # weights were replaced or moved: captured pointers are stale
+            st = None
+        if st is None:
+            st = _State(model)
+            _STATES[model] = st
+        return st
+
+
+def release(model) -> None:
+    """Free the model's static caches and CUDA graphs."""
+    with _STATES_LOCK:
+        st = _STATES.pop(model, None)
+    if st is not None:
+        st.free()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward pieces.
+
+_ALPHA = math.sqrt(2 * 28)
+
+
+def _alpha(model) -> float:
+    return float(getattr(model.transformer.layers[0], "alpha", _ALPHA))
+
+
+def _additive_mask(bool_mask: torch.Tensor, dtype) -> torch.Tensor:
+    """Bool [b, 1, s, s] (True = masked) -> additive float mask, last dim stored 16-aligned for SDPA."""
+    b, _, s, _ = bool_mask.shape
+    padded = triton_cdiv(s, 16) * 16
+    out = torch.zeros((b, 1, s, padded), dtype=dtype, device=bool_mask.device)[..., :s]
+    out.masked_fill_(bool_mask, torch.finfo(dtype).min)  # finite: fully padded rows stay finite
+    return out
+
+
+def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask) -> torch.Tensor:
+    """Run the prompt through the model, filling slot.cache[:, :, :s]; return last-position logits [b, V]."""
+    modeling = _modeling(model)
+    cfg, tr = state.cfg, model.transformer
+    b, s = input_ids.shape
+    heads, hd = state.heads, state.head_dim
+    alpha = _alpha(model)
+    cos_t, sin_t = state.rotary_tables(model, slot.length + 2)
+    bool_mask = modeling.build_attention_mask(input_ids, cfg.bos_token_id, pad_mask)
+    mask = _additive_mask(bool_mask, state.dtype)
+    del bool_mask
+    pos = position_ids.to(device=state.device, dtype=torch.long).contiguous()
+    x = F.embedding(input_ids, tr.word_embeddings.weight).view(b * s, -1).to(state.dtype)
+    layers = tr.layers
+    ln0 = layers[0].input_layernorm
+    x1 = layer_norm(x, ln0.weight, ln0.bias, ln0.eps)
+    del x
+    slot.cache.reset(0)
+    for i, block in enumerate(layers):
+        att = block.attention
+        inv, coeff = _scale_for(att.layer_index, hd)
+        qkv = att.query_key_value(x1)
+        q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, inv)
+        del qkv
+        slot.cache.keys[i][:, :, :s].copy_(k)
+        slot.cache.values[i][:, :, :s].copy_(v)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=coeff)
+        del q, k, v
+        ctx = ctx.transpose(1, 2).reshape(b * s, heads * hd)
+        dense = att.dense(ctx)
+        del ctx
+        ln = block.post_attention_layernorm
+        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
+        del dense, x1
+        h = block.mlp.dense_h_to_4h(x2)
+        gelu_(h)
+        m = block.mlp.dense_4h_to_h(h)
+        del h
+        ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
+        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha)
+        del x2, m
+    slot.cache.advance(s)
+    last = x1.view(b, s, -1)[:, -1]
+    return F.linear(last, model.lm_head.weight.to(last.dtype))
+
+
+def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
+    """One decode step on the slot's static buffers (what the CUDA graph captures)."""
+    tr = model.transformer
+    layers = tr.layers
+    alpha = _alpha(model)
+    cos_t, sin_t = state.tables
+    x = F.embedding(slot.tok, tr.word_embeddings.weight).to(state.dtype)
+    ln = layers[0].input_layernorm
+    x1 = layer_norm(x, ln.weight, ln.bias, ln.eps)
+    cache = slot.cache
+    for i, block in enumerate(layers):
+        att = block.attention
+        inv, coeff = _scale_for(att.layer_index, state.head_dim)
+        qkv = att.query_key_value(x1)
+        ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cos_t, sin_t, slot.pos, cache.pos, slot.pad,
+                               slot.attn_out, inv, coeff, slot.splits, slot.partials)
+        dense = att.dense(ctx)
+        ln = block.post_attention_layernorm
+        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
+        h = block.mlp.dense_h_to_4h(x2)
+        gelu_(h)
+        m = block.mlp.dense_4h_to_h(h)
+        ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
+        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha)
+    logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
+    if state.debug_logits:
+        slot.logits.copy_(logits)
+    nxt = _choose(logits, slot, plan_key, processors)
+    _bookkeep(slot, nxt)
+
+
+def _choose(logits, slot: _Slot, plan_key, processors) -> torch.Tensor:
+    """Next token per row: InvalidScore fix-up, then argmax or HF-equivalent sampling (no host sync)."""
+    scores = logits.float()
+    for proc in processors:
+        scores = proc(slot.ids, scores)
+    if plan_key[0] == "greedy":
+        return scores.argmax(dim=-1)
+    _, temp_on, top_k, top_p_on = plan_key
+    if temp_on:
+        scores = scores * slot.inv_temperature  # transformers: scores / T computed as scores * (1/T)
+    if top_k:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p_on:
+        ordered, order = torch.sort(scores, dim=-1)  # ascending
+        cum = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= slot.top_p_cut
+        drop[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def _bookkeep(slot: _Slot, nxt: torch.Tensor):
+    """Record the step's tokens (pad for finished rows), update eos state, advance one position."""
+    slot.gen_len += slot.unfinished.any().long()
+    nxt = torch.where(slot.unfinished, nxt, slot.pad_id)
+    where = (slot.cache.pos.long() + 1).expand(slot.batch).unsqueeze(1)
+    slot.ids.scatter_(1, where, nxt.unsqueeze(1))
+    slot.unfinished &= ~(nxt[:, None] == slot.eos[None, :]).any(dim=1)
+    slot.alive.copy_(slot.unfinished.any().view(1))
+    slot.tok.copy_(nxt)
+    slot.pos[:, 1] += 1
+    slot.cache.pos += 1
+
+
+def _graph_for(model, state: _State, slot: _Slot, plan_key, processors):
+    """The slot's CUDA graph for this sampling mode, captured on first use (None if capture fails)."""
+    key = plan_key + (bool(state.debug_logits),)
+    g = slot.graphs.get(key)
+    if g is not None or key in slot.broken:
+        return g
+    if state.debug_logits and slot.logits is None:  # kept once made: debug graphs hold its address
+        slot.logits = torch.empty(slot.batch, model.lm_head.weight.shape[0], dtype=state.dtype, device=state.device)
+    saved = [t.clone() for t in (slot.tok, slot.pos, slot.ids, slot.unfinished, slot.alive, slot.gen_len,
+                                 slot.cache.pos)]
+    rng = torch.cuda.get_rng_state(state.device)
+    try:
+        side = torch.cuda.Stream(device=state.device)
+        side.wait_stream(torch.cuda.current_stream(state.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles every kernel for these shapes (capture cannot compile)
+                slot.cache.pos.fill_(0)
+                _decode_body(model, state, slot, plan_key, processors)
+        torch.cuda.current_stream(state.device).wait_stream(side)
+        torch.cuda.set_rng_state(rng, state.device)
+        slot.cache.pos.fill_(0)
+        if state.pool is None:
+            state.pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=state.pool):
+            _decode_body(model, state, slot, plan_key, processors)
+    except Exception as exc:  # a capture failure must not break generation: eager path
+        slot.broken[key] = f"{type(exc).__name__}: {exc}"
+        g = None
+        torch.cuda.synchronize(state.device)
+    finally:
+        for t, v in zip((slot.tok, slot.pos, slot.ids, slot.unfinished, slot.alive, slot.gen_len, slot.cache.pos),
+                        saved):
+            t.copy_(v)
+        torch.cuda.set_rng_state(rng, state.device)
+    if g is not None:
+        slot.graphs[key] = g
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Drivers.
+
+def _bucket(limit: int) -> int:
+    return triton_cdiv(limit, BUCKET) * BUCKET
+
+
+def _left_pad(pad_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Pad counts [b] if the 2-D mask is left padding (0…0 1…1 per row, ≥ 1 token), else None."""
+    b, s = pad_mask.shape
+    real = pad_mask.bool()
+    pads = s - real.sum(dim=1)
+    expect = torch.arange(s, device=real.device)[None, :] >= pads[:, None]
+    if not bool(torch.equal(expect, real)) or bool((pads >= s).any()):
+        return None
+    return pads
+
+
+class _Run:
+    """One generation on a slot: prefill, first token, then graph replays."""
+
+    def __init__(self, model, state, plan: _Plan, input_ids, position_ids, pad_mask, pads, use_graph: bool = True):
+        self.model, self.state, self.plan = model, state, plan
+        self.use_graph = use_graph
+        b, s = input_ids.shape
+        self.b, self.s = b, s
+        vocab = model.lm_head.weight.shape[0]
+        self.key = plan.sample_key(vocab)
+        self.slot = state.slot(b, _bucket(plan.limit))
+        slot = self.slot
+        slot.eos.fill_(-1)
+        if plan.eos:
+            slot.eos[:len(plan.eos)].copy_(torch.tensor(plan.eos, dtype=torch.long))
+        slot.pad_id.fill_(plan.pad_id)
+        if plan.do_sample:
+            slot.inv_temperature.fill_((torch.tensor(1.0) / torch.tensor(plan.temperature, dtype=torch.float32)).item())
+            slot.top_p_cut.fill_(1.0 - plan.top_p)
+        slot.pad.copy_(pads.to(torch.int32))
+        state.rotary_tables(model, slot.length + 2)
+        steps = plan.limit - s - 1
+        self.graph = _graph_for(model, state, slot, self.key, plan.processors) if steps > 0 and use_graph else None
+        # prefill + first token (eager)
+        logits = prefill(model, state, slot, input_ids, position_ids, pad_mask)
+        self.first_logits = logits.clone() if state.debug_logits else None
+        slot.ids[:, :s].copy_(input_ids)
+        slot.unfinished.fill_(True)
+        slot.gen_len.fill_(0)
+        slot.pos.copy_(position_ids[:, :, -1])
+        slot.cache.pos.fill_(s - 1)  # _bookkeep writes at pos + 1 and then advances
+        nxt = _choose(logits, slot, self.key, plan.processors)
+        _bookkeep(slot, nxt)  # ids[:, s] = first token; cache.pos = s; pos[:, 1] += 1
+        slot.cache.seen = s
+        self.produced = 1  # tokens generated so far (host count of steps run)
+
+    def step(self):
+        if self.use_graph:
+            self.graph.replay()
+        else:  # the same step, launched op by op (debugging, and the CPU interpreter tests)
+            _decode_body(self.model, self.state, self.slot, self.key, self.plan.processors)
+        self.produced += 1
+        self.slot.cache.seen += 1
+
+    @property
+    def remaining(self) -> int:
+        return self.plan.limit - self.s - self.produced
+
+
+def _with_device(state):
+    return torch.cuda.device(state.device)
+
+
+def fast_generate(model, inputs, args, kwargs) -> Optional[torch.Tensor]:
+    """`generate` on the CUDA-graph path, or None when it does not apply (see module docstring)."""
+    if args:
+        _set_decision(model, "eager", "positional generate arguments")
+        return None
+    reason = _model_reason(model)
+    if reason:
+        _set_decision(model, "eager", reason)
+        return None
+    kw = dict(kwargs)
+    input_ids = inputs if inputs is not None else kw.pop("input_ids", None)
+    if inputs is not None and "input_ids" in kw:
+        _set_decision(model, "eager", "inputs and input_ids both given")
+        return None
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.device != model.transformer.word_embeddings.weight.device:
+        _set_decision(model, "eager", "input_ids not a 2-D tensor on the model's device")
+        return None
+    mask = kw.pop("attention_mask", None)
+    position_ids = kw.pop("position_ids", None)
+    plan, why = _generate_plan(model, input_ids.shape[1], kw)
+    if plan is None:
+        _set_decision(model, "eager", why)
+        return None
+    return _run_generate(model, input_ids, mask, position_ids, plan)
+
+
+def _prepare(model, input_ids, mask, position_ids):
+    """(pad_mask, pads, position_ids) or a reason string."""
+    cfg = model.config
+    b, s = input_ids.shape
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    mask = mask.to(input_ids.device)
+    if mask.dim() != 2 or mask.shape != input_ids.shape:
+        return "attention_mask is not a [batch, seq] padding mask"
+    pads = _left_pad(mask)
+    if pads is None:
+        return "attention_mask is not left padding"
+    modeling = _modeling(model)
+    try:
+        if position_ids is None:
+            position_ids = modeling.build_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
+                                                       cfg.gmask_token_id, mask)
+        modeling.context_lengths(input_ids, cfg.bos_token_id)
+    except ValueError as exc:
+        return f"prompt rejected ({exc})"
+    if not torch.is_tensor(position_ids) or tuple(position_ids.shape) != (b, 2, s):
+        return "position_ids are not [batch, 2, seq]"
+    return mask, pads, position_ids.to(device=input_ids.device, dtype=torch.long)
+
+
+def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
+    if len(plan.eos) > MAX_EOS:
+        _set_decision(model, "eager", f"more than {MAX_EOS} eos ids")
+        return None
+    state = _state(model)
+    if not state.lock.acquire(blocking=False):
+        _set_decision(model, "eager", "fast path busy (another generation on this model)")
+        return None
+    try:
+        with torch.inference_mode(), _with_device(state):
+            prep = _prepare(model, input_ids, mask, position_ids)
+            if isinstance(prep, str):
+                _set_decision(model, "eager", prep)
+                return None
+            pad_mask, pads, position_ids = prep
+            run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
+            if run.graph is None and run.remaining > 0:
+                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(run.key + (bool(state.debug_logits),), ""))
+                return None
+            _set_decision(model, "graph")
+            slot = run.slot
+            stream = torch.cuda.current_stream(state.device)
+            flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
+            events = [None, None]
+            pending = None  # (index, event) of the flag copied one check ago
+            n = 0
+            logs = [run.first_logits] if state.debug_logits else None
+            while run.remaining > 0:
+                run.step()
+                n += 1
+                if logs is not None:
+                    logs.append(slot.logits.clone())
+                if n % CHECK_EVERY == 0:
+                    if pending is not None:
+                        idx, ev = pending
+                        ev.synchronize()
+                        if not bool(flags[idx]):
+                            break
+                    idx = (n // CHECK_EVERY) % 2
+                    flags[idx].copy_(slot.alive[0], non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    pending = (idx, ev)
+            total = run.s + int(slot.gen_len.item())
+            out = slot.ids[:, :total]
+            if logs is not None:
+                state.last_logits = torch.stack(logs[:total - run.s], dim=1)
+            result = out.clone()
+        return result.clone() if result.is_inference() and not torch.is_inference_mode_enabled() else result
+    finally:
+        state.lock.release()
+
+
+def fast_stream_generate(model, input_ids, attention_mask, position_ids, max_length, max_new_tokens, do_sample,
+                         top_p, temperature, top_k, logits_processor, eos_token_id) -> Optional[Iterator[torch.Tensor]]:
+    """`stream_generate` on the CUDA-graph path (same yields), or None when it does not apply."""
+    reason = _model_reason(model)
+    if reason:
+        _set_decision(model, "eager", reason)
+        return None
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.device != model.transformer.word_embeddings.weight.device:
+        _set_decision(model, "eager", "input_ids not a 2-D tensor on the model's device")
+        return None
+    ok, procs = _processors_ok(model, logits_processor)
+    if not ok:
+        _set_decision(model, "eager", "custom logits processors")
+        return None
+    cfg = model.config
+    s = input_ids.shape[1]
+    limit = s + max_new_tokens if max_new_tokens is not None else max_length
+    if limit <= s:
+        _set_decision(model, "eager", "nothing to generate")
+        return None
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or (top_k or 0) < 0):
+        _set_decision(model, "eager", "sampling settings out of range")
+        return None
+    plan = _Plan(limit, eos, cfg.pad_token_id, do_sample, temperature, top_k, top_p, procs)
+    mask2d = None
+    modeling = _modeling(model)
+    if attention_mask is not None:  # only the mask the model itself would build, with left padding
+        if attention_mask.dim() != 4:
+            _set_decision(model, "eager", "attention_mask is not the 4-D model mask")
+            return None
+        mask2d = (~attention_mask[:, 0, -1, :].bool()).long()
+        try:
+            want = modeling.build_attention_mask(input_ids, cfg.bos_token_id, mask2d)
+        except ValueError as exc:
+            _set_decision(model, "eager", f"prompt rejected ({exc})")
+            return None
+        if not torch.equal(want, attention_mask.bool()):
+            _set_decision(model, "eager", "custom 4-D attention mask")
+            return None
+    if position_ids is None:
+        try:  # stream_generate's own default: positions without a padding mask
+            position_ids = modeling.build_position_ids(input_ids, cfg.bos_token_id, cfg.mask_token_id,
+                                                       cfg.gmask_token_id)
+        except ValueError as exc:
+            _set_decision(model, "eager", f"prompt rejected ({exc})")
+            return None
+    return _stream(model, input_ids, mask2d, position_ids, plan)
+
+
+def _stream(model, input_ids, mask2d, position_ids, plan: _Plan) -> Optional[Iterator[torch.Tensor]]:
+    if len(plan.eos) > MAX_EOS:
+        _set_decision(model, "eager", f"more than {MAX_EOS} eos ids")
+        return None
+    state = _state(model)
+    if not state.lock.acquire(blocking=False):
+        _set_decision(model, "eager", "fast path busy (another generation on this model)")
+        return None
+    try:
+        with torch.inference_mode(), _with_device(state):
+            prep = _prepare(model, input_ids, mask2d, position_ids)
+            if isinstance(prep, str):
+                _set_decision(model, "eager", prep)
+                state.lock.release()
+                return None
+            pad_mask, pads, position_ids = prep
+            run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
+            if run.graph is None and run.remaining > 0:
+                _set_decision(model, "eager", "graph capture failed")
+                state.lock.release()
+                return None
+    except BaseException:
+        state.lock.release()
+        raise
+    _set_decision(model, "graph")
+    return _stream_iter(run, state)
+
+
+def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
+    """Yield ids after each token; the next step is queued before the current one is handed out."""
+    try:
+        with torch.inference_mode(), _with_device(state):
+            slot = run.slot
+            stream = torch.cuda.current_stream(state.device)
+            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+
+            def snapshot():
+                ids = slot.ids[:, :run.s + run.produced].clone()
+                f = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+                f.copy_(slot.alive, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                return ids, f, ev
+
+            current = snapshot()
+            del flag
+            while True:
+                nxt = None
+                if run.remaining > 0:  # queue the next step while the host handles this one
+                    run.step()
+                    nxt = snapshot()
+                ids, f, ev = current
+                ev.synchronize()
+                yield ids
+                if not bool(f[0]) or nxt is None:
+                    return
+                current = nxt
+    finally:
+        state.lock.release()
