@@ -41,6 +41,7 @@ from .quantization import QuantizedLinear, quantize_model, quantize_weight
 # (not what those import in turn): name every module of the package here so none is left behind.
 from .dispatch import dispatch as _dispatch_module  # noqa: F401  (used by loading.py)
 from .cuda_kernels import available as _cuda_kernels_available  # noqa: F401  (used by quantization.py)
+from .fast_decode import fast_generate as _fast_generate, fast_stream_generate as _fast_stream_generate
 
 __all__ = [
     "ChatGLMForConditionalGeneration",
@@ -763,6 +764,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                                                             cfg.gmask_token_id, mask)
         if kwargs.get("streamer") is not None and not _HF_STREAMER:
             return self._generate_streaming(input_ids, inputs, args, kwargs)
+        fast = _fast_generate(self, inputs, args, kwargs)  # CUDA graph decode loop, None if not applicable
+        if fast is not None:
+            return fast
         return super().generate(inputs, *args, **kwargs)
 
     # --- chat -----------------------------------------------------------------------------
@@ -826,6 +830,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if input_ids.shape[1] > cfg.max_sequence_length:
             raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
                              f"max_sequence_length={cfg.max_sequence_length}; shorten the prompt")
+        fast = _fast_stream_generate(self, input_ids, attention_mask, position_ids, max_length, max_new_tokens,
+                                     do_sample, top_p, temperature, top_k, logits_processor, eos_token_id)
+        if fast is not None:  # CUDA graph decode loop
+            yield from fast
+            return
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
         limit = input_ids.shape[1] + max_new_tokens if max_new_tokens is not None else max_length
