@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .configuration_chatglm import ChatGLMConfig
-from .dispatch import device_for as _device_for, dispatch as _dispatch, normalize_device_map as _normalize_device_map, plan_device_map as _plan_device_map
+from .dispatch import check_device_map as _check_device_map, device_for as _device_for, dispatch as _dispatch, \
+    normalize_device_map as _normalize_device_map, plan_device_map as _plan_device_map
 from .quantization import QuantizedLinear, quantize_weight
 
 HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
@@ -174,6 +175,7 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
         model = cls(config, dtype=float_dtype)
     if not isinstance(dmap, dict):  # "auto" & co: plan with accelerate on the meta model
         dmap = _plan_device_map(model, dmap, max_memory, float_dtype)
+    _check_device_map(model, dmap)  # unknown names, split GLMBlocks, missing GPUs: fail before reading weights
 
     files = find_weight_files(path, hub_kwargs, use_safetensors)
     expected = dict(model.state_dict(keep_vars=True))
@@ -234,8 +236,7 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     if isinstance(model.config, ChatGLMConfig):
         model.config._name_or_path = path
     model.eval()
-    if len({str(d) for d in dmap.values()}) > 1:
-        _dispatch(model, dmap, offload_folder)
+    _dispatch(model, dmap, offload_folder)  # accelerate hooks for several devices or "disk"; no-op for one device
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
