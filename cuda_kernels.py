@@ -670,7 +670,8 @@ def linear(x, q, scale, bias, bits):
     if key in _BROKEN:
         return None
     try:
-        y = run(x2, q, scale, bias, bits, cfg)
+        with torch.cuda.device(x.device):  # Triton launches on the current device; x may be on another GPU
+            y = run(x2, q, scale, bias, bits, cfg)
     except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
         if STRICT:
             raise

@@ -39,7 +39,7 @@ from .configuration_chatglm import ChatGLMConfig
 from .quantization import QuantizedLinear, quantize_model, quantize_weight
 # transformers 4.27 copies, from a local folder, only the modules that this file itself imports
 # (not what those import in turn): name every module of the package here so none is left behind.
-from .dispatch import dispatch as _dispatch_module  # noqa: F401  (used by loading.py)
+from .dispatch import input_device
 from .cuda_kernels import available as _cuda_kernels_available  # noqa: F401  (used by quantization.py)
 from .fast_decode import fast_generate as _fast_generate, fast_stream_generate as _fast_stream_generate
 
@@ -213,6 +213,9 @@ class GLMCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if self.keys[layer] is not None:
+            if self.keys[layer].device != k.device:  # P-tuning prefix made at the prefix encoder; block elsewhere
+                self.keys[layer] = self.keys[layer].to(k.device)
+                self.values[layer] = self.values[layer].to(k.device)
             k = torch.cat((self.keys[layer], k), dim=2)
             v = torch.cat((self.values[layer], v), dim=2)
         self.keys[layer], self.values[layer] = k, v
@@ -251,6 +254,27 @@ class CastLinear(nn.Linear):
 class CastLayerNorm(nn.LayerNorm):
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class LMHead(CastLinear):
+    """The (tied) output projection. Called as a module, so that device-map hooks move its input to
+    its device and bring in an offloaded weight; on CPU it avoids an fp32 copy of the fp16 matrix."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == hidden.dtype:
+            return F.linear(hidden, w)
+        if hidden.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or hidden.requires_grad)):
+            from . import cpu_kernels  # noqa: F401  (kept importable for the remote-code loader)
+            from .cpu_kernels import available
+            fp16_linear = getattr(cpu_kernels, "fp16_linear", None)
+            if fp16_linear is not None and available() and w.dtype == torch.float16 and hidden.dtype == torch.float32:
+                out = fp16_linear(hidden, w)
+                if out is not None:
+                    return out
+        chunk = 16384  # rows of the vocabulary converted at a time
+        return torch.cat([F.linear(hidden, w[i:i + chunk].to(hidden.dtype)) for i in range(0, w.shape[0], chunk)],
+                         dim=-1)
 
 
 def make_linear(config: ChatGLMConfig, in_features: int, out_features: int, dtype, device):
@@ -491,7 +515,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if output_hidden_states:
                 all_hidden += (hidden,)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(block, hidden, cos, sin, mask, cache, use_reentrant=False)
+                hidden = torch.utils.checkpoint.checkpoint(_rerunnable(block, cache), hidden, cos, sin, mask,
+                                                           use_reentrant=False)
             else:
                 hidden = block(hidden, cos, sin, mask, cache)
         hidden = self.final_layernorm(hidden)
@@ -546,6 +571,24 @@ class _StreamerFeed(LogitsProcessor):
         return scores
 
 
+def _rerunnable(block: "GLMBlock", cache: Optional[GLMCache]):
+    """``block`` as a function that gradient checkpointing may run twice (backward recomputes it).
+
+    The block appends its keys/values to ``cache``; the recomputation must start from the same past
+    (nothing, or the P-tuning prefix) as the first run, not from the keys that run appended.
+    """
+    if cache is None:
+        return lambda hidden, cos, sin, mask: block(hidden, cos, sin, mask, None)
+    layer = block.attention.layer_index
+    past = (cache.keys[layer], cache.values[layer])
+
+    def run(hidden, cos, sin, mask):
+        cache.keys[layer], cache.values[layer] = past
+        return block(hidden, cos, sin, mask, cache)
+
+    return run
+
+
 class InvalidScoreLogitsProcessor(LogitsProcessor):
     """If any score is NaN/inf, replace all scores by zeros with 5e4 at token 5 (no host sync)."""
 
@@ -586,14 +629,20 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if dtype is None:
             dtype = torch.float16 if config.quantization_bit else None
         self.transformer = ChatGLMModel(config, dtype=dtype, device=device)
-        self.lm_head = CastLinear(config.hidden_size, config.vocab_size, bias=False, device=device,
-                                  dtype=self.transformer.word_embeddings.weight.dtype)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False, device=device,
+                              dtype=self.transformer.word_embeddings.weight.dtype)
         self.lm_head.weight = self.transformer.word_embeddings.weight
         if config.pre_seq_len:
             for name, p in self.named_parameters():
                 p.requires_grad = name.startswith("transformer.prefix_encoder.")
         if not empty_init:
             self.post_init()
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the embedding's device, or a dispatched model's main device (a device_map may
+        offload the embedding, whose weight then reads 'meta')."""
+        return input_device(self)
 
     # --- embeddings / tying -------------------------------------------------------------
     def get_input_embeddings(self):
@@ -606,6 +655,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.lm_head = new
 
     def tie_weights(self, *args, **kwargs):
+        if getattr(self, "_glm_head_untied", False):
+            return  # dispatch.py put embedding and head on different devices: one copy on each
         self.lm_head.weight = self.transformer.word_embeddings.weight
 
     # --- forward ------------------------------------------------------------------------
@@ -638,7 +689,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head_logits(hidden)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].float()
@@ -650,21 +701,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return _output(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=out.hidden_states)
 
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head without an fp32 copy of the (fp16) embedding matrix resident on CPU."""
-        w = self.lm_head.weight
-        if w.dtype == hidden.dtype:
-            return F.linear(hidden, w)
-        if hidden.device.type == "cpu" and not (torch.is_grad_enabled() and (w.requires_grad or hidden.requires_grad)):
-            from . import cpu_kernels  # noqa: F401  (kept importable for the remote-code loader)
-            from .cpu_kernels import available
-            fp16_linear = getattr(cpu_kernels, "fp16_linear", None)
-            if fp16_linear is not None and available() and w.dtype == torch.float16 and hidden.dtype == torch.float32:
-                out = fp16_linear(hidden, w)
-                if out is not None:
-                    return out
-        chunk = 16384  # rows of the vocabulary converted at a time
-        return torch.cat([F.linear(hidden, w[i:i + chunk].to(hidden.dtype)) for i in range(0, w.shape[0], chunk)],
-                         dim=-1)
+        return self.lm_head(hidden)
 
     # --- generation plumbing (works with transformers 4.27 … 5.x) -------------------------
     @classmethod
