@@ -7,6 +7,7 @@ imports resolve exactly as they do under ``trust_remote_code``.
 import os
 import shutil
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -28,6 +29,10 @@ CODE_FILES = [
     "tokenizer_config.json",
     "ice_text.model",
 ]
+
+# A private remote-code module cache per test session: runs of different venvs/checkouts must not
+# import each other's copies of our modules (transformers names the cache folder after the model folder).
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="chatglm-hf-modules-"))
 
 if "chatglm6b" not in sys.modules:
     _pkg = types.ModuleType("chatglm6b")
