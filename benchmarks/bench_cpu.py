@@ -1,0 +1,206 @@
+"""Full-size ChatGLM-6B-INT8 on the CPU: our compiled kernels vs. the torch-dequant path vs. chatglm.cpp.
+
+Every contender runs in its own fresh process on the same random full-size checkpoint in the
+official layout (tools/make_checkpoint.py) and the same prompt ids, and reports: load time, peak
+RSS, prefill of 20 and 200 tokens, decode ms/token. The machine's read bandwidth is measured in
+the same run and gives the floor (bytes streamed per token / bandwidth).
+
+    python benchmarks/bench_cpu.py                      # ours + torch path (+ chatglm.cpp if importable)
+    python benchmarks/bench_cpu.py --cpp-python /path/to/venv/bin/python   # chatglm.cpp from another venv
+
+chatglm.cpp: `pip install chatglm-cpp==0.4.2` (builds from source; with CMake >= 4 set
+CMAKE_POLICY_VERSION_MINIMUM=3.5). Its q8_0 file is converted from the same checkpoint with its
+own converter, which loads the checkpoint through *our* remote code.
+Run with nothing else on the machine: two cores are easily disturbed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_LENGTHS = (20, 200)
+
+
+def prompt_ids(n: int):
+    """Deterministic ids of ordinary vocabulary pieces, ending in [gMASK] <sop> like a real prompt."""
+    import random
+
+    rng = random.Random(n)
+    return [rng.randrange(20000, 120000) for _ in range(n - 2)] + [130001, 130004]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+# ----------------------------------------------------------------------------------------- children
+def child_ours(ckpt: str, decode_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModel
+
+    t0 = time.perf_counter()
+    model = AutoModel.from_pretrained(ckpt, trust_remote_code=True)
+    load_s = time.perf_counter() - t0
+    rss_after_load = peak_rss_gb()
+    res = {"load_s": load_s, "rss_after_load_gb": rss_after_load, "threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        # one short warm-up (first-touch of the mapped weights, kernel library load)
+        model(input_ids=torch.tensor([prompt_ids(8)]))
+        for n in PROMPT_LENGTHS:
+            ids = torch.tensor([prompt_ids(n)])
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, logits_to_keep=1)
+            res[f"prefill{n}_s"] = time.perf_counter() - t0
+        ids = torch.tensor([prompt_ids(20)])
+        times, last = [], None
+        gen = model.stream_generate(ids, max_new_tokens=decode_tokens + 1, do_sample=False)
+        t_prev = time.perf_counter()
+        for step, _ in enumerate(gen):
+            now = time.perf_counter()
+            if step > 0:  # step 0 includes the prefill
+                times.append(now - t_prev)
+            t_prev = now
+        res["decode_ms"] = 1000 * statistics.median(times)
+        res["decode_tokens"] = len(times)
+        del out, last
+    res["peak_rss_gb"] = peak_rss_gb()
+    return res
+
+
+def child_cpp(model_path: str, decode_tokens: int) -> dict:
+    import chatglm_cpp
+
+    t0 = time.perf_counter()
+    pipe = chatglm_cpp.Pipeline(model_path)
+    res = {"load_s": time.perf_counter() - t0, "rss_after_load_gb": peak_rss_gb()}
+    cfg = chatglm_cpp._C.GenerationConfig(max_length=4096, max_new_tokens=1, max_context_length=4096,
+                                          do_sample=False)
+    list(pipe._stream_generate_ids(prompt_ids(8), None, cfg))  # warm-up
+    for n in PROMPT_LENGTHS:
+        t0 = time.perf_counter()
+        list(pipe._stream_generate_ids(prompt_ids(n), None, cfg))  # prefill + the first token
+        res[f"prefill{n}_s"] = time.perf_counter() - t0
+    cfg = chatglm_cpp._C.GenerationConfig(max_length=4096, max_new_tokens=decode_tokens + 1,
+                                          max_context_length=4096, do_sample=False)
+    times, t_prev = [], time.perf_counter()
+    for step, _ in enumerate(pipe._stream_generate_ids(prompt_ids(20), None, cfg)):
+        now = time.perf_counter()
+        if step > 0:
+            times.append(now - t_prev)
+        t_prev = now
+    res["decode_ms"] = 1000 * statistics.median(times)
+    res["decode_tokens"] = len(times)
+    res["peak_rss_gb"] = peak_rss_gb()
+    return res
+
+
+def child_bandwidth() -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401  registers the package `chatglm6b`
+    from chatglm6b import cpu_kernels
+
+    buf = torch.ones(1 << 30, dtype=torch.uint8)  # 1 GiB, far beyond the caches
+    cpu_kernels._read_bytes(buf)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        cpu_kernels._read_bytes(buf)
+        best = max(best, buf.numel() / (time.perf_counter() - t0) / 1e9)
+    return {"read_gb_s": best}
+
+
+# ----------------------------------------------------------------------------------------- parent
+def run_child(python: str, mode: str, args, env_extra=None) -> dict:
+    env = dict(os.environ, **(env_extra or {}))
+    cmd = [python, str(Path(__file__).resolve()), "--child", mode, "--ckpt", str(args.ckpt),
+           "--decode-tokens", str(args.decode_tokens if mode != "torch" else args.torch_decode_tokens),
+           "--cpp-model", str(args.cpp_model)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_checkpoint(ckpt: Path):
+    if (ckpt / "pytorch_model.bin").exists():
+        return
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), "--preset", "full", "--bits", "8",
+                    "--format", "bin", "--copy-code", str(ckpt)], check=True)
+
+
+def ensure_cpp_model(python: str, ckpt: Path, out: Path):
+    if out.exists():
+        return
+    subprocess.run([python, "-m", "chatglm_cpp.convert", "-i", str(ckpt), "-t", "q8_0", "-o", str(out)],
+                   check=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "random-int8-full")
+    ap.add_argument("--cpp-model", type=Path, default=ROOT / "checkpoints" / "random-int8-full-q8_0.ggml")
+    ap.add_argument("--cpp-python", default=None, help="python that has chatglm_cpp (default: this one, if it does)")
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--torch-decode-tokens", type=int, default=4)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["ours", "torch", "cpp"])
+    ap.add_argument("--md", type=Path, default=None, help="write the results table here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        fn = {"ours": lambda: child_ours(str(args.ckpt), args.decode_tokens),
+              "torch": lambda: child_ours(str(args.ckpt), args.decode_tokens),
+              "cpp": lambda: child_cpp(str(args.cpp_model), args.decode_tokens),
+              "bw": child_bandwidth}[args.child]
+        print(json.dumps(fn()))
+        return
+
+    ensure_checkpoint(args.ckpt)
+    file_gb = (args.ckpt / "pytorch_model.bin").stat().st_size / 1e9
+    rows = {}
+    bw = run_child(sys.executable, "bw", args)["read_gb_s"]
+    if "ours" not in args.skip:
+        rows["ours (compiled kernels)"] = run_child(sys.executable, "ours", args)
+    if "torch" not in args.skip:
+        rows["torch dequant path"] = run_child(sys.executable, "torch", args, {"CHATGLM_KERNELS": "torch"})
+    if "cpp" not in args.skip:
+        cpp_python = args.cpp_python or sys.executable
+        try:
+            ensure_cpp_model(cpp_python, args.ckpt, args.cpp_model)
+            rows["chatglm.cpp 0.4.2 q8_0"] = run_child(cpp_python, "cpp", args)
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            print(f"chatglm.cpp not measured: {e}", file=sys.stderr)
+
+    floor_ms = 1000 * file_gb / bw
+    lines = [f"Machine: {os.cpu_count()} cores; read bandwidth {bw:.1f} GB/s; weights streamed per token "
+             f"≈ {file_gb:.2f} GB → floor ≈ {floor_ms:.0f} ms/token.", "",
+             "| contender | load s | peak RSS GB | prefill 20 s | prefill 200 s | decode ms/token | vs floor |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['prefill20_s']:.2f} | "
+                     f"{r['prefill200_s']:.2f} | {r['decode_ms']:.0f} | {r['decode_ms'] / floor_ms:.2f}× |")
+    ours = rows.get("ours (compiled kernels)")
+    if ours:
+        for name, r in rows.items():
+            if r is not ours:
+                lines.append(f"\nours vs {name}: decode {r['decode_ms'] / ours['decode_ms']:.2f}× faster, prefill 200 "
+                             f"{r['prefill200_s'] / ours['prefill200_s']:.2f}× faster")
+    text = "\n".join(lines)
+    print(text)
+    print(json.dumps(rows, indent=1))
+    if args.md:
+        args.md.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
