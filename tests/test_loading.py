@@ -93,6 +93,33 @@ def test_auto_classes_load_the_int8_checkpoint(tmp_path, golden, repo_auto_map, 
     _assert_golden_logits(model, g, "int8", prompts=(1,))
 
 
+def test_remote_code_import_graph_suits_every_transformers_version():
+    """transformers 4.27 copies, from a local folder, only the modules the entry file imports itself,
+    and its save_pretrained follows relative imports with no cycle check (a cycle hangs it)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    graph, todo = {}, ["modeling_chatglm", "configuration_chatglm"]
+    while todo:
+        name = todo.pop()
+        if name not in graph:
+            graph[name] = set(get_relative_imports(str(ROOT / f"{name}.py")))
+            todo += graph[name]
+    reachable = set(graph) - {"modeling_chatglm", "configuration_chatglm"}
+    assert reachable <= graph["modeling_chatglm"], "modeling_chatglm.py must import every package module itself"
+    done, active = set(), []
+
+    def visit(name):
+        assert name not in active, f"relative-import cycle: {' -> '.join(active + [name])}"
+        if name not in done:
+            active.append(name)
+            for dep in graph[name]:
+                visit(dep)
+            active.pop()
+            done.add(name)
+
+    visit("modeling_chatglm")
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats: what was written is what is loaded
 
