@@ -424,13 +424,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
 
-    def _set_gradient_checkpointing(self, module=None, value=False, enable=None, gradient_checkpointing_func=None,
-                                    **kwargs):
-        # transformers 4.27 calls (module, value=...); >= 4.35 calls (enable=..., gradient_checkpointing_func=...)
-        flag = bool(value if enable is None else enable)
-        for m in self.modules():
-            if isinstance(m, ChatGLMModel):
-                m.gradient_checkpointing = flag
+    if _TF_MAJOR < 5 and not hasattr(PreTrainedModel, "_set_gradient_checkpointing"):
+        # transformers 4.27 – 4.34 call _set_gradient_checkpointing(module, value=...) for every module;
+        # newer versions flag modules that have a `gradient_checkpointing` attribute themselves.
+        def _set_gradient_checkpointing(self, module=None, value=False):
+            if isinstance(module, ChatGLMModel):
+                module.gradient_checkpointing = value
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):

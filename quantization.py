@@ -163,6 +163,14 @@ class QuantizedLinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
+    def _apply(self, fn, *args, **kwargs):
+        # `.bfloat16()` would round the fp16 row scales to bf16 (3 bits lost on every row): keep them.
+        scale = self.weight_scale.data
+        super()._apply(fn, *args, **kwargs)
+        if self.weight_scale.dtype == torch.bfloat16 and scale.dtype in (torch.float16, torch.float32):
+            self.weight_scale.data = scale.to(self.weight_scale.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.weight_scale, self.bias, self.bits, self.use_kernels)
 
