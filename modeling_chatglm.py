@@ -379,8 +379,7 @@ class ChatGLMOutput(ModelOutput):
 
 
 def _cache_of(output) -> Optional[GLMCache]:
-    cache = getattr(output, "past_key_values", None)
-    return cache if cache is not None else getattr(output, "cache", None)
+    return output.get(_CACHE_KW) if isinstance(output, dict) else getattr(output, _CACHE_KW, None)
 
 
 def _output(**fields) -> ChatGLMOutput:
