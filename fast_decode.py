@@ -62,14 +62,28 @@ __all__ = [
 ]
 
 tl = None  # triton.language, bound by _build()
+_libdevice = None  # triton's libdevice wrappers, bound by _build()
+_USE_LIBDEVICE = False
 _KERNELS = None
 _BUILD_LOCK = threading.Lock()
 
 BUCKET = 256  # cache lengths are multiples of this
 CHECK_EVERY = 16  # generate(): steps between looks at the "any row unfinished" flag
 MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) caches kept per model
-_BLOCK_S = 64  # cache positions per attention tile
-_TARGET_PROGRAMS = 256  # attention programs wanted per layer (splits the sequence when b*heads is small)
+# Decode attention: cache positions per tile, launch options, programs wanted per layer (the
+# current context of each (row, head) is split into SPLITS chunks when b*heads alone is too few),
+# and whether the last split of a (row, head) merges the partial results itself (an atomic ticket)
+# instead of a second kernel. Chosen by measurement (benchmarks/results/gpu.md).
+# H100 sweep (benchmarks/bench_gpu.py, 28 launches per graph, µs per layer): b=1, context 120 / 1800:
+# 8.3 / 20.3 µs with 128-position tiles and 8 splits merged by a second kernel (the atomic-ticket
+# merge: 8.8 / 20.7; 64-position tiles: 7.7 / 23.0; 32: 7.3 / 28.4; 8 warps always slower);
+# b=16, context 100: 15.8 µs, one split, 128-position tiles, 3 stages (64: 17.1, 32: 20.5).
+ATTN_CFG = {  # by batch: "small" (b <= 2) and "large"
+    "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=False, TARGET=256),
+    "large": dict(BLOCK_S=128, num_warps=4, num_stages=3, INLINE=False, TARGET=128),
+}
+# residual + LayerNorm over 4096: 2.15 / 2.21 / 2.55 / 2.73 µs with 16 / 8 / 4 / 2 warps (H100)
+LN_WARPS = {"small": 16, "large": 16}
 _MAX_SPLITS = 16
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
@@ -100,7 +114,7 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_
     tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=m)
 
 
-def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
+def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     # In place: 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))), rounding to x's dtype after every
     # operation exactly where the eager fp16 expression in modeling_chatglm.gelu_tanh does.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -113,14 +127,16 @@ def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr):
     c = (1.0 + c).to(dt).to(tl.float32)
     g = (0.7978845608028654 * x).to(dt).to(tl.float32)
     g = (g * c).to(dt).to(tl.float32)
-    # tanh(g): odd Taylor series near 0 (no cancellation), else (1 - e^-2|g|) / (1 + e^-2|g|).
-    ag = tl.abs(g)
-    e = tl.exp(-2.0 * ag)
-    big = (1.0 - e) / (1.0 + e)
-    g2 = g * g
-    small = ag * (1.0 + g2 * (-1.0 / 3.0 + g2 * (2.0 / 15.0 + g2 * (-17.0 / 315.0 + g2 * (62.0 / 2835.0)))))
-    t = tl.where(ag < 0.0625, small, big)
-    t = tl.where(g < 0.0, -t, t)
+    if LIBDEVICE:  # CUDA's tanhf, the function torch's tanh calls: identical results
+        t = _libdevice.tanh(g)
+    else:  # (Triton's CPU interpreter) odd Taylor series near 0, else (1 - e^-2|g|) / (1 + e^-2|g|)
+        ag = tl.abs(g)
+        e = tl.exp(-2.0 * ag)
+        big = (1.0 - e) / (1.0 + e)
+        g2 = g * g
+        small = ag * (1.0 + g2 * (-1.0 / 3.0 + g2 * (2.0 / 15.0 + g2 * (-17.0 / 315.0 + g2 * (62.0 / 2835.0)))))
+        t = tl.where(ag < 0.0625, small, big)
+        t = tl.where(g < 0.0, -t, t)
     t = t.to(dt).to(tl.float32)
     t = (1.0 + t).to(dt).to(tl.float32)
     tl.store(x_ptr + offs, (a * t).to(dt), mask=m)
@@ -161,15 +177,16 @@ def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_p
     tl.store(v_ptr + out, v, mask=hm)
 
 
-def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_ptr, pad_ptr,
-                        out_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                        H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_tab, stride_out, CHUNK,
+def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
+                        out_ptr, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr,
+                        H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
                         inv_denom, coeff,
-                        D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
-    # One (row, head, split): rotary on the new q/k, the new k/v written at cache slot `cur`
-    # (split 0), then softmax(q k^T) v over cache slots [max(split start, pad), min(split end, cur))
-    # plus the new token (last split), online softmax in fp32. SPLITS > 1 leaves (max, sum, acc)
-    # partials for _attn_combine_kernel.
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr):
+    # One (row, head, split): rotary on the new q/k (cos/sin of this step's positions in cs_ptr,
+    # [b, 2 channels, cos half | sin half]), the new k/v written at cache slot `cur` (split 0), then
+    # softmax(q k^T) v over this split's share of the row's context [pad, cur) plus the new token
+    # (last split), online softmax in fp32. With SPLITS > 1 the partials (max, sum, acc) are merged
+    # by the last split to finish (INLINE: atomic ticket per (row, head)) or by _attn_combine_kernel.
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -180,23 +197,22 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_
     neg = j < (D // 4)
     partner = tl.where(neg, d + D // 4, d - D // 4)
     chan = d // (D // 2)
-    p = tl.load(pos_ptr + b * 2 + chan)
-    c = tl.load(cos_ptr + p * stride_tab + j).to(tl.float32)
-    s = tl.load(sin_ptr + p * stride_tab + j).to(tl.float32)
+    cs_row = cs_ptr + b * (2 * D) + chan * D + j
+    c = tl.load(cs_row).to(tl.float32)
+    s = tl.load(cs_row + D // 2).to(tl.float32)
     base = qkv_ptr + b * stride_qkv + h * (3 * D)
     q = tl.load(base + d).to(tl.float32)
     qp = tl.load(base + partner).to(tl.float32)
+    k = tl.load(base + D + d).to(tl.float32)
+    kp = tl.load(base + D + partner).to(tl.float32)
+    v_new = tl.load(base + 2 * D + d)
+    cur = tl.load(cur_ptr)  # int32: slot of the new token = number of cached slots
+    pad = tl.load(pad_ptr + b)  # int32: left-pad slots of this row
     qp = tl.where(neg, -qp, qp)
     q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
     qs = (q * inv_denom).to(dt).to(tl.float32)
-    k = tl.load(base + D + d).to(tl.float32)
-    kp = tl.load(base + D + partner).to(tl.float32)
     kp = tl.where(neg, -kp, kp)
     k_new = ((k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)).to(dt)
-    v_new = tl.load(base + 2 * D + d)
-
-    cur = tl.load(cur_ptr)  # int32
-    pad = tl.load(pad_ptr + b)  # int32
     kc = kc_ptr + b * stride_cb + h * stride_ch
     vc = vc_ptr + b * stride_cb + h * stride_ch
     if split == 0:
@@ -206,13 +222,14 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_
     m_i = tl.zeros([1], tl.float32) - 1.0e30
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
-    start0 = split * CHUNK
-    lo = tl.maximum(start0, pad)
-    hi = tl.minimum(start0 + CHUNK, cur)
+    chunk = (cur - pad + SPLITS - 1) // SPLITS
+    lo = pad + split * chunk
+    hi = tl.minimum(lo + chunk, cur)
     for start in range(lo, hi, BLOCK_S):
         offs = start + tl.arange(0, BLOCK_S)
         valid = offs < hi
         kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
         sc = tl.sum(kt.to(tl.float32) * qs[None, :], 1)
         sc = sc.to(dt).to(tl.float32) * coeff
         sc = tl.where(valid, sc, float("-inf"))
@@ -220,7 +237,6 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_
         corr = tl.exp(m_i - m_new)
         pr = tl.exp(sc - m_new)
         l_i = l_i * corr + tl.sum(pr, 0)
-        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * corr + tl.sum(pr[:, None] * vt.to(tl.float32), 0)
         m_i = m_new
     if split == SPLITS - 1:
@@ -240,6 +256,20 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, cur_
         tl.store(pm_ptr + idx + one, m_i)
         tl.store(pl_ptr + idx + one, l_i)
         tl.store(pacc_ptr + idx * D + d, acc)
+        if INLINE:
+            tl.debug_barrier()  # every thread's partial stores precede the (release) ticket
+            ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:  # the last split of this (row, head): merge
+                sp = tl.arange(0, SPLITS)
+                first = bh.to(tl.int64) * SPLITS
+                ms = tl.load(pm_ptr + first + sp, cache_modifier=".cg")
+                ls = tl.load(pl_ptr + first + sp, cache_modifier=".cg")
+                accs = tl.load(pacc_ptr + (first + sp)[:, None] * D + d[None, :], cache_modifier=".cg")
+                mx = tl.max(ms, 0)
+                w = tl.exp(ms - mx)
+                o = tl.sum(accs * w[:, None], 0) / tl.sum(ls * w, 0)
+                tl.store(out_ptr + b * stride_out + h * D + d, o.to(dt))
+                tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next layer / step
 
 
 def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
@@ -259,7 +289,36 @@ def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
     tl.store(out_ptr + b * stride_out + h * D + d, o.to(out_ptr.dtype.element_ty))
 
 
-_KERNEL_FUNCS = (_ln_kernel, _gelu_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel)
+def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos_ptr, cur_ptr, alive_ptr,
+                     genlen_ptr, B, stride_ids, NEOS: tl.constexpr, BLOCK_B: tl.constexpr):
+    # After choosing `nxt` for every row (one program): finished rows get pad; the token goes to
+    # ids[:, cur + 1]; rows that produced an eos id finish; gen_len counts the step if any row was
+    # still running; the next step's input token, position (block position + 1) and cache slot.
+    r = tl.arange(0, BLOCK_B)
+    m = r < B
+    unf = tl.load(unf_ptr + r, mask=m, other=0) != 0
+    nxt = tl.load(nxt_ptr + r, mask=m, other=0)
+    any_before = tl.max(unf.to(tl.int64), 0)
+    nxt = tl.where(unf, nxt, tl.load(padid_ptr))
+    cur = tl.load(cur_ptr)
+    tl.store(ids_ptr + r.to(tl.int64) * stride_ids + (cur + 1), nxt, mask=m)
+    e = tl.arange(0, NEOS)
+    eos = tl.load(eos_ptr + e)
+    hit = tl.max((nxt[:, None] == eos[None, :]).to(tl.int32), 1) > 0
+    unf = unf & (hit == 0)
+    tl.store(unf_ptr + r, unf, mask=m)
+    tl.store(tok_ptr + r, nxt, mask=m)
+    p1 = tl.load(pos_ptr + r * 2 + 1, mask=m, other=0)
+    tl.store(pos_ptr + r * 2 + 1, p1 + 1, mask=m)
+    one = tl.arange(0, 1)
+    tl.store(genlen_ptr + one, tl.load(genlen_ptr + one) + any_before)
+    alive = tl.max(unf.to(tl.int32), 0)
+    tl.store(alive_ptr + one, (tl.zeros([1], tl.int32) + alive) != 0)
+    tl.store(cur_ptr + one, tl.load(cur_ptr + one) + 1)
+
+
+_KERNEL_FUNCS = (_ln_kernel, _gelu_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel,
+                 _bookkeep_kernel)
 
 
 def available() -> bool:
@@ -277,6 +336,16 @@ def _build():
             triton = importlib.import_module("triton")
             language = importlib.import_module("triton.language")
             tl = language
+            global _libdevice, _USE_LIBDEVICE
+            _USE_LIBDEVICE = False
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                for name in ("triton.language.extra.libdevice", "triton.language.extra.cuda.libdevice"):
+                    try:
+                        _libdevice = importlib.import_module(name)
+                        _USE_LIBDEVICE = hasattr(_libdevice, "tanh")
+                        break
+                    except ImportError:
+                        continue
             jitted = {}
             for fn in _KERNEL_FUNCS:
                 fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
@@ -303,7 +372,7 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
     block = _pow2(n)
     k["ln_kernel"][(rows,)](a, r, weight, bias, out, n, a.stride(0), r.stride(0), out.stride(0),
                             float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
-                            num_warps=8 if block >= 2048 else 4)
+                            num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4))
     return out
 
 
@@ -312,7 +381,7 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     k = _build()
     n = x.numel()
     block = 2048
-    k["gelu_kernel"][(triton_cdiv(n, block),)](x, n, BLOCK=block, num_warps=4)
+    k["gelu_kernel"][(triton_cdiv(n, block),)](x, n, BLOCK=block, LIBDEVICE=_USE_LIBDEVICE, num_warps=4)
     return x
 
 
@@ -342,43 +411,61 @@ def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, 
     return q_out, k_out, v_out
 
 
-def decode_attention(qkv, k_cache, v_cache, cos_t, sin_t, pos, cur, pad, out, inv_denom, coeff, splits,
-                     partials=None):
+def step_cos_sin(cs_table, pos) -> torch.Tensor:
+    """[b, 2 channels, cos half | sin half] for positions pos [b, 2] (once per step, for all layers);
+    cs_table [positions, head_dim] = cat(cos, sin) rows (see _State.rotary_tables)."""
+    return cs_table[pos]
+
+
+def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, inv_denom, coeff, splits, scratch=None, cfg=None):
     """One decode step of attention for every row and head (see _decode_attn_kernel).
 
-    qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; pos [b, 2] int64; cur [1] int32 (slot of the new
-    token); pad [b] int32 (left-pad slots per row); out [b, H*D]."""
+    qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; cs [b, 2, D] from step_cos_sin; cur [1] int32 (slot
+    of the new token); pad [b] int32 (left-pad slots per row); out [b, H*D]; scratch: (max, sum,
+    acc, ticket counters) for splits > 1, from attention_scratch."""
     k = _build()
     b, heads, length, head_dim = k_cache.shape
-    chunk = triton_cdiv(triton_cdiv(length, splits), _BLOCK_S) * _BLOCK_S
+    cfg = dict(_attn_cfg(b) if cfg is None else cfg)
+    inline = bool(cfg.pop("INLINE"))
+    block_s = cfg.pop("BLOCK_S")
+    cfg.pop("TARGET", None)
     if splits > 1:
-        pm, pl, pacc = partials
+        pm, pl, pacc, cnt = scratch
     else:
         pm = pl = pacc = out
+        cnt = cur
     k["decode_attn_kernel"][(b * heads, splits)](
-        qkv, k_cache, v_cache, cos_t, sin_t, pos, cur, pad, out, pm, pl, pacc,
-        heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_t.stride(0),
-        out.stride(0), chunk, inv_denom, coeff, D=head_dim, BLOCK_S=_BLOCK_S, SPLITS=splits, num_warps=4)
-    if splits > 1:
+        qkv, k_cache, v_cache, cs, cur, pad, out, pm, pl, pacc, cnt,
+        heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
+        inv_denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg)
+    if splits > 1 and not inline:
         k["attn_combine_kernel"][(b * heads,)](pm, pl, pacc, out, heads, out.stride(0), D=head_dim, SPLITS=splits,
                                                num_warps=4)
     return out
+
+
+def _attn_cfg(batch: int) -> dict:
+    return ATTN_CFG["small" if batch <= 2 else "large"]
+
+
+def attention_scratch(batch: int, heads: int, head_dim: int, splits: int, device):
+    n = batch * heads * splits
+    return (torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.float32, device=device),
+            torch.empty(n, head_dim, dtype=torch.float32, device=device),
+            torch.zeros(batch * heads, dtype=torch.int32, device=device))
 
 
 def _pow2_floor(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def attention_splits(batch: int, heads: int, length: int) -> int:
-    """Sequence splits per (row, head) so a layer's attention has ~_TARGET_PROGRAMS programs, each
-    split covering at least two tiles of the cache."""
-    want = _pow2_floor(max(1, _TARGET_PROGRAMS // max(1, batch * heads)))
-    cap = _pow2_floor(max(1, length // (2 * _BLOCK_S)))
-    return max(1, min(want, cap, _MAX_SPLITS))
+def attention_splits(batch: int, heads: int, length: int, target: Optional[int] = None) -> int:
+    """Splits of each (row, head)'s context so that a layer's attention has about `target` programs
+    (the chunks follow the current length on the GPU, so short contexts split finely too)."""
+    target = _attn_cfg(batch)["TARGET"] if target is None else target
+    want = _pow2_floor(max(1, target // max(1, batch * heads)))
+    return max(1, min(want, _MAX_SPLITS, _pow2_floor(max(1, length // 16))))
 
-
-# ---------------------------------------------------------------------------------------------
-# Static KV cache.
 
 class StaticCache:
     """Preallocated keys/values ``[layers][b, heads, length, head_dim]`` (keys after rotary).
@@ -632,13 +719,8 @@ class _Slot:
         self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
         self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
         self.splits = attention_splits(batch, state.heads, length)
-        if self.splits > 1:
-            n = batch * state.heads * self.splits
-            self.partials = (torch.empty(n, dtype=torch.float32, device=dev),
-                             torch.empty(n, dtype=torch.float32, device=dev),
-                             torch.empty(n, state.head_dim, dtype=torch.float32, device=dev))
-        else:
-            self.partials = None
+        self.scratch = attention_scratch(batch, state.heads, state.head_dim, self.splits, dev) \
+            if self.splits > 1 else None
         self.attn_out = torch.empty(batch, cfg.hidden_size, dtype=dt, device=dev)
         self.graphs: Dict[tuple, Any] = {}
         self.broken: Dict[tuple, str] = {}
@@ -664,20 +746,26 @@ class _State:
         self.lock = threading.Lock()
         self.slots: "OrderedDict[Tuple[int, int], _Slot]" = OrderedDict()
         self.pool = None
-        self.tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.tables: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self.signature = _signature(model)
         # strong references: captured graphs hold raw pointers to these tensors
         self.params = [p for p in model.parameters()] + [b for b in model.buffers()]
         self.debug_logits = False
 
     def rotary_tables(self, model, length: int):
-        """cos/sin [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)."""
+        """(cos, sin) [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)
+        and their concatenation per position (decode). Captured graphs read these tables: growing
+        them drops the graphs."""
         if self.tables is None or self.tables[0].shape[0] < length:
+            if self.tables is not None:
+                for slot in self.slots.values():
+                    slot.free()
             n = max(length, 2 * self.cfg.max_sequence_length)
             modeling = _modeling(model)
             pos = torch.arange(n, device=self.device).view(1, 1, n)
             cos, sin = modeling.rotary_cos_sin(pos, model.transformer._rotary_inv_freq, self.dtype)
-            self.tables = (cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous())
+            cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+            self.tables = (cos, sin, torch.cat((cos, sin), dim=-1).contiguous())
         return self.tables
 
     def slot(self, batch: int, length: int) -> _Slot:
@@ -753,7 +841,7 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     b, s = input_ids.shape
     heads, hd = state.heads, state.head_dim
     alpha = _alpha(model)
-    cos_t, sin_t = state.rotary_tables(model, slot.length + 2)
+    cos_t, sin_t, _ = state.rotary_tables(model, slot.length + 2)
     bool_mask = modeling.build_attention_mask(input_ids, cfg.bos_token_id, pad_mask)
     mask = _additive_mask(bool_mask, state.dtype)
     del bool_mask
@@ -797,7 +885,7 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     tr = model.transformer
     layers = tr.layers
     alpha = _alpha(model)
-    cos_t, sin_t = state.tables
+    cs = step_cos_sin(state.tables[2], slot.pos)  # [b, 2, D]: this step's rotary, shared by all layers
     x = F.embedding(slot.tok, tr.word_embeddings.weight).to(state.dtype)
     ln = layers[0].input_layernorm
     x1 = layer_norm(x, ln.weight, ln.bias, ln.eps)
@@ -806,8 +894,8 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
         att = block.attention
         inv, coeff = _scale_for(att.layer_index, state.head_dim)
         qkv = att.query_key_value(x1)
-        ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cos_t, sin_t, slot.pos, cache.pos, slot.pad,
-                               slot.attn_out, inv, coeff, slot.splits, slot.partials)
+        ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, inv,
+                               coeff, slot.splits, slot.scratch)
         dense = att.dense(ctx)
         ln = block.post_attention_layernorm
         x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
@@ -825,29 +913,49 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
 
 def _choose(logits, slot: _Slot, plan_key, processors) -> torch.Tensor:
     """Next token per row: InvalidScore fix-up, then argmax or HF-equivalent sampling (no host sync)."""
+    if plan_key[0] == "greedy":
+        # argmax of the fp16 logits equals that of their fp32 copy; InvalidScoreLogitsProcessor (the
+        # only processor allowed here) turns every row to "token 5" if any score is NaN/inf: the sum
+        # of all logits is non-finite exactly then.
+        best = logits.argmax(dim=-1)
+        if processors:
+            best = torch.where(torch.isfinite(logits.sum(dtype=torch.float32)), best, torch.full_like(best, 5))
+        return best
     scores = logits.float()
     for proc in processors:
         scores = proc(slot.ids, scores)
-    if plan_key[0] == "greedy":
-        return scores.argmax(dim=-1)
+    probs = warp(scores, plan_key, slot.inv_temperature, slot.top_p_cut).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def warp(scores, plan_key, inv_temperature, top_p_cut):
+    """Temperature, top-k, top-p on fp32 scores [b, V], as transformers' warpers do (ties at the k-th
+    value are kept; top-p keeps at least one token); removed entries become -inf."""
     _, temp_on, top_k, top_p_on = plan_key
     if temp_on:
-        scores = scores * slot.inv_temperature  # transformers: scores / T computed as scores * (1/T)
+        scores = scores * inv_temperature  # transformers: scores / T, computed by torch as scores * (1/T)
     if top_k:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p_on:
         ordered, order = torch.sort(scores, dim=-1)  # ascending
         cum = ordered.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= slot.top_p_cut
+        drop = cum <= top_p_cut
         drop[:, -1] = False  # keep at least the most likely token
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return scores
 
 
 def _bookkeep(slot: _Slot, nxt: torch.Tensor):
     """Record the step's tokens (pad for finished rows), update eos state, advance one position."""
+    k = _build()
+    k["bookkeep_kernel"][(1,)](nxt, slot.unfinished, slot.eos, slot.pad_id, slot.ids, slot.tok, slot.pos, slot.cache.pos,
+                               slot.alive, slot.gen_len, slot.batch, slot.ids.stride(0), NEOS=MAX_EOS,
+                               BLOCK_B=_pow2(slot.batch), num_warps=1)
+
+
+def _bookkeep_torch(slot: _Slot, nxt: torch.Tensor):
+    """The same bookkeeping in torch ops (the reference for the kernel in the tests)."""
     slot.gen_len += slot.unfinished.any().long()
     nxt = torch.where(slot.unfinished, nxt, slot.pad_id)
     where = (slot.cache.pos.long() + 1).expand(slot.batch).unsqueeze(1)
@@ -859,9 +967,14 @@ def _bookkeep(slot: _Slot, nxt: torch.Tensor):
     slot.cache.pos += 1
 
 
+def _graph_key(plan_key, processors, debug: bool):
+    # every allowed processor is the (idempotent) InvalidScore fix-up: only whether there is one matters
+    return plan_key + (bool(processors), bool(debug))
+
+
 def _graph_for(model, state: _State, slot: _Slot, plan_key, processors):
     """The slot's CUDA graph for this sampling mode, captured on first use (None if capture fails)."""
-    key = plan_key + (bool(state.debug_logits),)
+    key = _graph_key(plan_key, processors, state.debug_logits)
     g = slot.graphs.get(key)
     if g is not None or key in slot.broken:
         return g
@@ -1038,7 +1151,8 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
             pad_mask, pads, position_ids = prep
             run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
             if run.graph is None and run.remaining > 0:
-                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(run.key + (bool(state.debug_logits),), ""))
+                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(
+                    _graph_key(run.key, plan.processors, state.debug_logits), ""))
                 return None
             _set_decision(model, "graph")
             slot = run.slot
@@ -1099,7 +1213,8 @@ def fast_stream_generate(model, input_ids, attention_mask, position_ids, max_len
     if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or (top_k or 0) < 0):
         _set_decision(model, "eager", "sampling settings out of range")
         return None
-    plan = _Plan(limit, eos, cfg.pad_token_id, do_sample, temperature, top_k, top_p, procs)
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    plan = _Plan(limit, eos, pad_id, do_sample, temperature, top_k, top_p, procs)
     mask2d = None
     modeling = _modeling(model)
     if attention_mask is not None:  # only the mask the model itself would build, with left padding
@@ -1143,7 +1258,8 @@ def _stream(model, input_ids, mask2d, position_ids, plan: _Plan) -> Optional[Ite
             pad_mask, pads, position_ids = prep
             run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
             if run.graph is None and run.remaining > 0:
-                _set_decision(model, "eager", "graph capture failed")
+                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(
+                    _graph_key(run.key, plan.processors, state.debug_logits), ""))
                 state.lock.release()
                 return None
     except BaseException:
@@ -1154,33 +1270,33 @@ def _stream(model, input_ids, mask2d, position_ids, plan: _Plan) -> Optional[Ite
 
 
 def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
-    """Yield ids after each token; the next step is queued before the current one is handed out."""
+    """Yield ids after each token; the next step is queued before the current one is handed out.
+    (Contexts are entered per step, never across a yield, so none leaks into the caller's loop.)"""
+    slot = run.slot
+
+    def snapshot():
+        stream = torch.cuda.current_stream(state.device)
+        ids = slot.ids[:, :run.s + run.produced].clone()
+        flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+        flag.copy_(slot.alive, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ids, flag, ev
+
     try:
         with torch.inference_mode(), _with_device(state):
-            slot = run.slot
-            stream = torch.cuda.current_stream(state.device)
-            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-
-            def snapshot():
-                ids = slot.ids[:, :run.s + run.produced].clone()
-                f = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-                f.copy_(slot.alive, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                return ids, f, ev
-
             current = snapshot()
-            del flag
-            while True:
+        while True:
+            with torch.inference_mode(), _with_device(state):
                 nxt = None
                 if run.remaining > 0:  # queue the next step while the host handles this one
                     run.step()
                     nxt = snapshot()
-                ids, f, ev = current
+                ids, flag, ev = current
                 ev.synchronize()
-                yield ids
-                if not bool(f[0]) or nxt is None:
-                    return
-                current = nxt
+            yield ids
+            if not bool(flag[0]) or nxt is None:
+                return
+            current = nxt
     finally:
         state.lock.release()

@@ -1,0 +1,522 @@
+"""Whole-model GPU benchmark: decode ms/token, 1024-token prefill, batch-16 tokens/s, peak memory.
+
+Full-size ChatGLM-6B with random weights drawn on the GPU (tools/make_checkpoint.random_state_dict;
+no files): INT8, INT4 and FP16, each through
+
+* ``graph``  — the default path: SDPA prefill + CUDA-graph decode loop (fast_decode.py) with the
+  Triton linear kernels (cuda_kernels.py);
+* ``eager``  — the model's eager Hugging Face path with the same kernels, no graph;
+* ``torch``  — the eager path with the dequantize-in-torch linears (``QuantizedLinear.use_kernels =
+  False``), the naive baseline (quantized models only).
+
+Also measures the card's device-to-device copy and read-only bandwidth, the weight-streaming floor
+per token, and the peak memory of an INT8 generation filling a 2048-token context.
+
+    python3 benchmarks/bench_gpu.py --json out.json --md gpu_table.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if "chatglm6b" not in sys.modules:
+    _pkg = types.ModuleType("chatglm6b")
+    _pkg.__path__ = [str(ROOT)]
+    sys.modules["chatglm6b"] = _pkg
+mc = importlib.import_module("chatglm6b.modeling_chatglm")
+fd = importlib.import_module("chatglm6b.fast_decode")
+mk = importlib.import_module("chatglm6b.tools.make_checkpoint")
+GiB = 1024 ** 3
+LOG = []
+
+
+def log(**kw):
+    LOG.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def time_gpu(fn, reps=5, warmup=1):
+    """Median seconds of fn() between CUDA events (fn may launch many kernels)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(out)
+
+
+def bandwidth():
+    n = GiB // 4
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    t_copy = time_gpu(lambda: y.copy_(x), reps=10)
+    t_read = time_gpu(lambda: x.sum(), reps=10)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * GiB / t_copy / 1e9, GiB / t_read / 1e9
+
+
+def build(bits: int):
+    """Full-size model with random weights made on the GPU."""
+    cfg = mk.make_config("full", bits=bits)
+    t0 = time.time()
+    sd = mk.random_state_dict(cfg, bits, device="cuda", int_mode="direct" if bits != 16 else "auto")
+    config = mc.ChatGLMConfig(**cfg)
+    model = mc.ChatGLMForConditionalGeneration(config, empty_init=True, device="meta")
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    del sd
+    head_dim = config.hidden_size // config.num_attention_heads
+    model.transformer._rotary_inv_freq = mc.rotary_inv_freq(head_dim // 2).cuda()
+    model.tie_weights()
+    meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if meta or unexpected:
+        raise RuntimeError(f"model not fully built: meta {meta[:4]}, unexpected {unexpected[:4]}")
+    sync()
+    log(event="built", bits=bits, seconds=round(time.time() - t0, 2),
+        weights_gib=round(torch.cuda.memory_allocated() / GiB, 3))
+    return model.eval()
+
+
+def release(model):
+    fd.release(model)
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def prompt(batch: int, length: int, seed: int = 0):
+    """Random prompt rows ending in [gMASK] <sop>, as the tokenizer makes them."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(5, 130000, (batch, length - 2), generator=g, device="cuda")
+    tail = torch.tensor([130001, 130004], device="cuda").expand(batch, 2)
+    return torch.cat([ids, tail], dim=1)
+
+
+def use_kernels(model, on: bool):
+    for m in model.modules():
+        if type(m).__name__ == "QuantizedLinear":  # (transformers 5 models have a use_kernels property)
+            m.use_kernels = on
+
+
+class Path_:
+    def __init__(self, model, name):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        self.model.config.use_cuda_graph = self.name == "graph"
+        use_kernels(self.model, self.name != "torch")
+        return self
+
+    def __exit__(self, *exc):
+        self.model.config.use_cuda_graph = True
+        use_kernels(self.model, True)
+
+
+def graph_decode(model, batch, prompt_len=32, steps=128):
+    """Seconds per decode step (graph replays, greedy, eos off) at contexts prompt_len..+steps."""
+    ids = prompt(batch, prompt_len)
+    st = fd._state(model)
+    plan = fd._Plan(prompt_len + steps + 8, [], 3, False, 1.0, 0, 1.0, [])
+    mask = torch.ones_like(ids)
+    pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
+    with torch.inference_mode():
+        times = []
+        for rep in range(3):
+            run = fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask))
+            run.step()  # first replay after prefill
+            sync()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(steps):
+                run.step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / steps)
+    return statistics.median(times), run
+
+
+def graph_sampling_decode(model, prompt_len=32, steps=128):
+    """Per step with the chat defaults (temperature 0.95, top-k 50, top-p 0.7) sampled in the graph."""
+    ids = prompt(1, prompt_len)
+    st = fd._state(model)
+    plan = fd._Plan(prompt_len + steps + 8, [], 3, True, 0.95, 50, 0.7, [mc.InvalidScoreLogitsProcessor()])
+    mask = torch.ones_like(ids)
+    pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
+    with torch.inference_mode():
+        run = fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask))
+        run.step()
+        sync()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            run.step()
+        b.record()
+        b.synchronize()
+    return a.elapsed_time(b) / 1e3 / steps
+
+
+def end_to_end(model, batch, prompt_len, new_tokens):
+    """Wall seconds of model.generate (greedy, eos off) and the path it took."""
+    ids = prompt(batch, prompt_len, seed=1)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    sync()
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == prompt_len + new_tokens, out.shape
+    return dt, fd.last_decision(model)["path"]
+
+
+def eager_decode(model, batch, prompt_len=32, new_tokens=16):
+    """Seconds per token of the eager path: generate(n) - generate(1), divided by n - 1."""
+    end_to_end(model, batch, prompt_len, 2)  # warm-up
+    t1 = statistics.median(end_to_end(model, batch, prompt_len, 1)[0] for _ in range(2))
+    tn = statistics.median(end_to_end(model, batch, prompt_len, new_tokens)[0] for _ in range(2))
+    return (tn - t1) / (new_tokens - 1)
+
+
+def prefill_time(model, path, length=1024):
+    ids = prompt(1, length, seed=2)
+    if path == "graph":
+        st = fd._state(model)
+        mask = torch.ones_like(ids)
+        pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
+        slot = st.slot(1, fd._bucket(length + 1))
+        st.rotary_tables(model, slot.length + 2)
+        with torch.inference_mode():
+            return time_gpu(lambda: fd.prefill(model, st, slot, ids, pos, mask), reps=5)
+    with torch.inference_mode():
+        return time_gpu(lambda: model(input_ids=ids, logits_to_keep=1), reps=3)
+
+
+def kernel_breakdown(model, run, steps=20):
+    """Device time per kernel family over `steps` graph replays (torch profiler)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                run.step()
+            sync()
+        fam = {}
+        for ev in prof.key_averages():
+            name = ev.key
+            t = getattr(ev, "device_time_total", None)
+            if t is None:
+                t = getattr(ev, "cuda_time_total", 0)
+            key = ("gemv" if "gemv" in name else "qmm" if "qmm" in name else "splitk_reduce" if "splitk" in name
+                   else "attention" if ("decode_attn" in name or "combine" in name) else "layernorm" if "ln_kernel" in name
+                   else "gelu" if "gelu" in name else "lm_head/cublas" if ("gemm" in name.lower() or "gemv" in name.lower()
+                   or "cutlass" in name.lower() or "sm90" in name.lower()) else "other")
+            fam.setdefault(key, [0.0, 0])
+            fam[key][0] += t / steps
+            fam[key][1] += ev.count // steps
+        return {k: (round(v[0], 1), v[1]) for k, v in sorted(fam.items(), key=lambda kv: -kv[1][0])}
+    except Exception as exc:  # diagnostics only
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _graph_time(fn, reps=20):
+    """Median seconds of one replay of a CUDA graph of fn() (fn compiled/warmed by the caller)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    t = time_gpu(g.replay, reps=reps, warmup=2)
+    del g
+    return t
+
+
+def sweep_attention():
+    """Decode-attention tile / split / merge options, 28 launches (one per layer, own caches) per graph."""
+    H, D, L = 32, 128, 28
+    dt = torch.float16
+    cases = [("b1-ctx120", 1, 2048, 120), ("b1-ctx1800", 1, 2048, 1800), ("b16-ctx100", 16, 256, 100)]
+    tiles = [dict(BLOCK_S=bs, num_warps=w, num_stages=st) for bs in (32, 64, 128) for w in (4, 8) for st in (1, 3)]
+    inv, coeff = fd._scale_for(13, D)
+    rows = []
+    data = {}
+    for name, b, bucket, ctx in cases:
+        kc = torch.randn(L, b, H, bucket, D, device="cuda", dtype=dt)
+        vc = torch.randn_like(kc)
+        qkv = torch.randn(b, 3 * H * D, device="cuda", dtype=dt)
+        cs = torch.rand(b, 2, D, device="cuda", dtype=dt)
+        cur = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+        pad = torch.zeros(b, dtype=torch.int32, device="cuda")
+        out = torch.empty(b, H * D, device="cuda", dtype=dt)
+        data[name] = (b, bucket, kc, vc, qkv, cs, cur, pad, out)
+
+    def measure(name, cfg, target):
+        b, bucket, kc, vc, qkv, cs, cur, pad, out = data[name]
+        splits = fd.attention_splits(b, H, bucket, target)
+        scratch = fd.attention_scratch(b, H, D, splits, "cuda") if splits > 1 else None
+
+        def run():
+            for layer in range(L):
+                fd.decode_attention(qkv, kc[layer], vc[layer], cs, cur, pad, out, inv, coeff, splits, scratch, cfg)
+        run()
+        return _graph_time(run) / L * 1e6, splits
+
+    best = {}
+    for cls, names in (("small", ["b1-ctx120", "b1-ctx1800"]), ("large", ["b16-ctx100"])):
+        scored = []
+        for tile in tiles:
+            cfg = dict(tile, INLINE=True)
+            us = [measure(n, cfg, 256)[0] for n in names]
+            rows.append(dict(cls=cls, **cfg, target=256, us=[round(u, 2) for u in us]))
+            scored.append((sum(us), tile))
+        tile = min(scored, key=lambda x: x[0])[1]
+        scored = []
+        for target in (64, 128, 256, 512, 1024):
+            for inline in (True, False):
+                cfg = dict(tile, INLINE=inline)
+                res = [measure(n, cfg, target) for n in names]
+                rows.append(dict(cls=cls, **cfg, target=target, splits=[r[1] for r in res],
+                                 us=[round(r[0], 2) for r in res]))
+                scored.append((sum(r[0] for r in res), dict(cfg, TARGET=target)))
+        best[cls] = min(scored, key=lambda x: x[0])[1]
+    for r in rows:
+        log(event="sweep_attention", **r)
+    del data
+    torch.cuda.empty_cache()
+    return best
+
+
+def sweep_layernorm():
+    """num_warps of the residual + LayerNorm kernel, 57 launches per graph (as per decode step)."""
+    best = {}
+    for cls, rows in (("small", 1), ("large", 16)):
+        xs = [torch.randn(rows, 4096, device="cuda", dtype=torch.float16) for _ in range(2)]
+        w, b = torch.randn(4096, device="cuda", dtype=torch.float16), torch.randn(4096, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(xs[0])
+        scored = []
+        for warps in (2, 4, 8, 16):
+            fd.LN_WARPS[cls] = warps
+
+            def run():
+                for _ in range(57):
+                    fd.layer_norm(xs[0], w, b, 1e-5, residual=xs[1], alpha=7.48, out=out)
+            run()
+            us = _graph_time(run) / 57 * 1e6
+            log(event="sweep_layernorm", cls=cls, num_warps=warps, us=round(us, 2))
+            scored.append((us, warps))
+        best[cls] = min(scored)[1]
+        fd.LN_WARPS[cls] = best[cls]
+    return best
+
+
+def memory_2048(model):
+    """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
+    out = {}
+    for path in ("graph", "eager"):
+        release(model)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ids = prompt(1, 1536, seed=3)
+        with Path_(model, path):
+            t0 = time.perf_counter()
+            res = model.generate(ids, max_length=2048, do_sample=False, eos_token_id=None)
+            sync()
+            dt = time.perf_counter() - t0
+        assert res.shape[1] == 2048
+        out[path] = dict(peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3),
+                         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3),
+                         weights_gib=round(base / GiB, 3), seconds=round(dt, 2),
+                         path=fd.last_decision(model)["path"])
+        log(event="memory_2048", bits=8, variant=path, **out[path])
+    return out
+
+
+def weight_bytes(model):
+    """Bytes one decode step must read: every block weight/scale/bias, final LN, and the LM head."""
+    n = 0
+    for name, p in model.named_parameters():
+        if name.startswith("transformer.layers.") or name.startswith("transformer.final_layernorm"):
+            n += p.numel() * p.element_size()
+    w = model.lm_head.weight
+    return n + w.numel() * w.element_size()
+
+
+def bench_variant(bits, results, bw):
+    model = build(bits)
+    label = {8: "INT8", 4: "INT4", 16: "FP16"}[bits]
+    r = results.setdefault(label, {})
+    r["weight_read_gb"] = round(weight_bytes(model) / 1e9, 3)
+    r["floor_ms_copy"] = round(weight_bytes(model) / (bw["copy_gbs"] * 1e9) * 1e3, 3)
+    r["floor_ms_read"] = round(weight_bytes(model) / (bw["read_gbs"] * 1e9) * 1e3, 3)
+    if bits == 8:
+        r["memory_2048"] = memory_2048(model)
+        release(model)
+    # graph path
+    t1, run = graph_decode(model, 1)
+    r["graph_decode_ms"] = round(t1 * 1e3, 3)
+    r["graph_breakdown_us"] = kernel_breakdown(model, run)
+    log(event="graph_decode", bits=bits, batch=1, ms=r["graph_decode_ms"], breakdown=r["graph_breakdown_us"])
+    if bits == 8:
+        tl_, run_l = graph_decode(model, 1, prompt_len=1500, steps=128)
+        r["graph_decode_long_ms"] = round(tl_ * 1e3, 3)
+        r["graph_long_breakdown_us"] = kernel_breakdown(model, run_l)
+        log(event="graph_decode", bits=bits, batch=1, context="1501-1628", ms=r["graph_decode_long_ms"],
+            breakdown=r["graph_long_breakdown_us"])
+        del run_l
+        release(model)
+    r["graph_sample_ms"] = round(graph_sampling_decode(model) * 1e3, 3)
+    log(event="graph_sample", bits=bits, ms=r["graph_sample_ms"])
+    t16, run16 = graph_decode(model, 16)
+    r["graph_b16_ms"] = round(t16 * 1e3, 3)
+    r["graph_b16_tok_s"] = round(16 / t16, 1)
+    r["graph_b16_breakdown_us"] = kernel_breakdown(model, run16)
+    log(event="graph_decode", bits=bits, batch=16, ms=r["graph_b16_ms"], tok_s=r["graph_b16_tok_s"],
+        breakdown=r["graph_b16_breakdown_us"])
+    del run, run16
+    end_to_end(model, 1, 32, 256)  # capture this bucket's graph outside the timing
+    dt, path = end_to_end(model, 1, 32, 256)
+    r["graph_e2e_tok_s"] = round(256 / dt, 1)
+    log(event="graph_e2e", bits=bits, tok_s=r["graph_e2e_tok_s"], path=path)
+    r["graph_prefill_ms"] = round(prefill_time(model, "graph") * 1e3, 2)
+    log(event="prefill", bits=bits, variant="graph", ms=r["graph_prefill_ms"])
+    release(model)
+    # eager paths (no graph)
+    variants = ["eager", "torch"] if bits != 16 else ["eager"]
+    for v in variants:
+        with Path_(model, v):
+            r[f"{v}_decode_ms"] = round(eager_decode(model, 1) * 1e3, 3)
+            log(event="eager_decode", bits=bits, variant=v, batch=1, ms=r[f"{v}_decode_ms"])
+            r[f"{v}_b16_tok_s"] = round(16 / eager_decode(model, 16, new_tokens=8), 1)
+            log(event="eager_decode", bits=bits, variant=v, batch=16, tok_s=r[f"{v}_b16_tok_s"])
+            r[f"{v}_prefill_ms"] = round(prefill_time(model, v) * 1e3, 2)
+            log(event="prefill", bits=bits, variant=v, ms=r[f"{v}_prefill_ms"])
+            torch.cuda.empty_cache()
+    release(model)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def table(results, bw, env):
+    i8, i4, f16 = results.get("INT8", {}), results.get("INT4", {}), results.get("FP16", {})
+
+    def g(d, k, fmt="{:.2f}"):
+        v = d.get(k)
+        return "—" if v is None else fmt.format(v)
+
+    def ratio(a, b):
+        return "—" if not a or not b else f"{a / b:.2f}×"
+
+    lines = [
+        f"Device: **{env['device']}**, {env['date']}; torch {env['torch']}, Triton {env['triton']}, "
+        f"transformers {env['transformers']}.",
+        f"Measured bandwidth: device-to-device copy **{bw['copy_gbs']:.0f} GB/s** (bytes read + written), "
+        f"read-only stream **{bw['read_gbs']:.0f} GB/s**.",
+        "",
+        "| figure | goal | INT8 (graph) | INT4 (graph) | FP16 (graph) | INT8 eager, Triton kernels | INT8 eager, torch dequant | INT4 eager, torch dequant | FP16 eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| batch-1 decode, ms/token (context 33–160) | INT8 ≤ 2.8, INT4 ≤ 1.6 | **{g(i8, 'graph_decode_ms', '{:.3f}')}** | "
+        f"**{g(i4, 'graph_decode_ms', '{:.3f}')}** | {g(f16, 'graph_decode_ms', '{:.3f}')} | {g(i8, 'eager_decode_ms')} | "
+        f"{g(i8, 'torch_decode_ms')} | {g(i4, 'torch_decode_ms')} | {g(f16, 'eager_decode_ms')} |",
+        f"| weight-read floor, ms/token (copy BW / read BW) | | {g(i8, 'floor_ms_copy', '{:.2f}')} / "
+        f"{g(i8, 'floor_ms_read', '{:.2f}')} | {g(i4, 'floor_ms_copy', '{:.2f}')} / {g(i4, 'floor_ms_read', '{:.2f}')} | "
+        f"{g(f16, 'floor_ms_copy', '{:.2f}')} / {g(f16, 'floor_ms_read', '{:.2f}')} | | | | |",
+        f"| decode ÷ floor (copy BW) | ≤ 1.25 | {ratio(i8.get('graph_decode_ms'), i8.get('floor_ms_copy'))} | "
+        f"{ratio(i4.get('graph_decode_ms'), i4.get('floor_ms_copy'))} | {ratio(f16.get('graph_decode_ms'), f16.get('floor_ms_copy'))} | | | | |",
+        f"| batch-1 decode at context 1501–1628, ms/token | | {g(i8, 'graph_decode_long_ms', '{:.3f}')} | | | | | | |",
+        f"| batch-1 decode with chat sampling (T 0.95, top-k 50, top-p 0.7), ms/token | | "
+        f"{g(i8, 'graph_sample_ms', '{:.3f}')} | {g(i4, 'graph_sample_ms', '{:.3f}')} | {g(f16, 'graph_sample_ms', '{:.3f}')} | | | | |",
+        f"| batch-1 generate() end to end, 32 + 256 tokens, tokens/s | | {g(i8, 'graph_e2e_tok_s', '{:.0f}')} | "
+        f"{g(i4, 'graph_e2e_tok_s', '{:.0f}')} | {g(f16, 'graph_e2e_tok_s', '{:.0f}')} | | | | |",
+        f"| prefill 1024 tokens, ms | ≤ 30 | **{g(i8, 'graph_prefill_ms')}** | **{g(i4, 'graph_prefill_ms')}** | "
+        f"{g(f16, 'graph_prefill_ms')} | {g(i8, 'eager_prefill_ms')} | {g(i8, 'torch_prefill_ms')} | "
+        f"{g(i4, 'torch_prefill_ms')} | {g(f16, 'eager_prefill_ms')} |",
+        f"| batch-16 decode, tokens/s (context 33–160) | ≥ 4000 | **{g(i8, 'graph_b16_tok_s', '{:.0f}')}** | "
+        f"**{g(i4, 'graph_b16_tok_s', '{:.0f}')}** | {g(f16, 'graph_b16_tok_s', '{:.0f}')} | "
+        f"{g(i8, 'eager_b16_tok_s', '{:.0f}')} | {g(i8, 'torch_b16_tok_s', '{:.0f}')} | "
+        f"{g(i4, 'torch_b16_tok_s', '{:.0f}')} | {g(f16, 'eager_b16_tok_s', '{:.0f}')} |",
+    ]
+    mem = i8.get("memory_2048", {})
+    if mem:
+        gm, em = mem.get("graph", {}), mem.get("eager", {})
+        lines.append(f"| INT8 peak GPU memory, 2048-token context, GiB (allocated / reserved) | ≤ 7.5 | "
+                     f"**{gm.get('peak_alloc_gib')} / {gm.get('peak_reserved_gib')}** | | | "
+                     f"{em.get('peak_alloc_gib')} / {em.get('peak_reserved_gib')} | | | |")
+    lines += [
+        "",
+        "Speed-ups of the graph path: " + "; ".join(
+            f"{k} decode {ratio(d.get('torch_decode_ms') or d.get('eager_decode_ms'), d.get('graph_decode_ms'))} "
+            f"vs {'torch dequant' if d.get('torch_decode_ms') else 'eager'}, "
+            f"{ratio(d.get('eager_decode_ms'), d.get('graph_decode_ms'))} vs eager with the same kernels"
+            for k, d in (("INT8", i8), ("INT4", i4), ("FP16", f16)) if d) + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--bits", default="8,4,16")
+    ap.add_argument("--no-sweep", action="store_true", help="keep fast_decode's attention / LayerNorm settings")
+    args = ap.parse_args()
+    os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
+    triton = importlib.import_module("triton")
+    import transformers
+    env = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__)
+    log(event="env", **env)
+    copy_gbs, read_gbs = bandwidth()
+    bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
+    log(event="bandwidth", **bw)
+    results = {}
+    if not args.no_sweep:
+        try:
+            best = sweep_attention()
+            fd.ATTN_CFG.update(best)
+            ln = sweep_layernorm()
+            log(event="sweep_choice", attention=best, layernorm_warps=ln)
+            results["sweep_choice"] = dict(attention=best, layernorm_warps=ln)
+        except Exception as exc:
+            import traceback
+            traceback.print_exc()
+            log(event="error", where="sweep", error=f"{type(exc).__name__}: {exc}")
+    for bits in [int(b) for b in args.bits.split(",")]:
+        try:
+            bench_variant(bits, results, bw)
+        except Exception as exc:  # report and go on with the next variant
+            import traceback
+            traceback.print_exc()
+            log(event="error", bits=bits, error=f"{type(exc).__name__}: {exc}")
+            gc.collect()
+            torch.cuda.empty_cache()
+    md = table(results, bw, env)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, results=results, log=LOG), indent=1))
+    if args.md:
+        Path(args.md).write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
