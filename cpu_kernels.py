@@ -509,7 +509,12 @@ T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int6
     const __m512 table = _mm512_setr_ps(0, 16, 32, 48, 64, 80, 96, 112, -128, -112, -96, -80, -64, -48, -32, -16);
     __m512 ae[4][4], ao[4][4];
     for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
+    /* The hardware prefetchers fall behind on these short rows; request the next group of rows
+       (contiguous after this one within a work item) as this one is consumed: 20 vs 12 GB/s. */
+    const uint8_t *next = w + RB * ldw;
     for (int64_t k = 0; k < K; k += 32) {
+        if (RB > 1)
+            for (int o = 0; o < 16 * RB; o += 64) _mm_prefetch((const char *)next + k / 2 * RB + o, _MM_HINT_T1);
         const __mmask16 mask = K - k >= 32 ? (__mmask16)0xFFFF : first_lanes((K - k) / 2);
         __m512 xe[4], xo[4];
         for (int m = 0; m < MB; m++) {
