@@ -29,7 +29,9 @@ How it runs
 
 Numerics follow the eager path: the fused kernels round to the activation dtype wherever the
 eager torch code does (x*alpha, + residual, rotary products and sum, q scaling, the fp16 scores,
-every step of the tanh GELU) and the rotary tables come from the model's own `rotary_cos_sin`.
+every step of the tanh GELU) and the rotary tables come from the model's own `rotary_cos_sin`
+(bit-identical to the eager ops under Triton's CPU interpreter; compiled for an H100, the rotary and
+GELU outputs differ from torch's now and then within their rounding error: benchmarks/results/gpu.md).
 What differs: softmax probabilities are not rounded to fp16 before the product with v, sums run
 in another order, and prefill attention is fused (SDPA). Greedy ids equal the eager ones except
 at near ties (see tests/test_cuda_model.py).
@@ -143,7 +145,7 @@ def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 
 def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
-                           S, H, stride_qkv, stride_pb, stride_pc, stride_tab, inv_denom,
+                           S, H, stride_qkv, stride_pb, stride_pc, stride_tab, denom,
                            D: tl.constexpr, BLOCK_H: tl.constexpr):
     # One token (all heads): q, k rotated with 2-D rotary (eager rounding points), q scaled by
     # 1/(sqrt(d)*coeff) and rounded, v copied. Outputs [b, H, S, D] contiguous.
@@ -167,7 +169,7 @@ def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_p
     qp = tl.load(base + partner[None, :], mask=hm, other=0.0).to(tl.float32)
     qp = tl.where(neg[None, :], -qp, qp)
     q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    tl.store(q_ptr + out, (q * inv_denom).to(dt), mask=hm)
+    tl.store(q_ptr + out, tl.math.div_rn(q, denom).to(dt), mask=hm)
     k = tl.load(base + D + d[None, :], mask=hm, other=0.0).to(tl.float32)
     kp = tl.load(base + D + partner[None, :], mask=hm, other=0.0).to(tl.float32)
     kp = tl.where(neg[None, :], -kp, kp)
@@ -180,7 +182,7 @@ def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_p
 def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
                         out_ptr, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr,
                         H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
-                        inv_denom, coeff,
+                        denom, coeff,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr):
     # One (row, head, split): rotary on the new q/k (cos/sin of this step's positions in cs_ptr,
     # [b, 2 channels, cos half | sin half]), the new k/v written at cache slot `cur` (split 0), then
@@ -210,7 +212,7 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
     pad = tl.load(pad_ptr + b)  # int32: left-pad slots of this row
     qp = tl.where(neg, -qp, qp)
     q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    qs = (q * inv_denom).to(dt).to(tl.float32)
+    qs = tl.math.div_rn(q, denom).to(dt).to(tl.float32)
     kp = tl.where(neg, -kp, kp)
     k_new = ((k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)).to(dt)
     kc = kc_ptr + b * stride_cb + h * stride_ch
@@ -390,15 +392,15 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _scale_for(layer_index: int, head_dim: int) -> Tuple[float, float]:
-    """(1/(sqrt(d)*coeff) as the fp32 reciprocal torch uses for `q / python_float`, coeff)."""
+    """(sqrt(d) * coeff, coeff). The eager `q / python_float` is an IEEE fp32 division by the
+    float-rounded scalar on CUDA; the kernels divide the same way (div_rn)."""
     coeff = float(layer_index + 1)
-    denom = math.sqrt(head_dim) * coeff
-    inv = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(denom, dtype=torch.float32)).item()
-    return inv, coeff
+    denom = torch.tensor(math.sqrt(head_dim) * coeff, dtype=torch.float32).item()
+    return denom, coeff
 
 
 def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, b: int, s: int, heads: int,
-                   head_dim: int, inv_denom: float):
+                   head_dim: int, denom: float):
     """qkv [b*s, 3*heads*head_dim] -> (q scaled, k, v), each [b, heads, s, head_dim] contiguous."""
     k = _build()
     q_out = torch.empty((b, heads, s, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -406,7 +408,7 @@ def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, 
     v_out = torch.empty_like(q_out)
     k["prefill_rotary_kernel"][(b * s,)](
         qkv, cos_t, sin_t, position_ids, q_out, k_out, v_out, s, heads, qkv.stride(0),
-        position_ids.stride(0), position_ids.stride(1), cos_t.stride(0), inv_denom,
+        position_ids.stride(0), position_ids.stride(1), cos_t.stride(0), denom,
         D=head_dim, BLOCK_H=_pow2(heads), num_warps=4)
     return q_out, k_out, v_out
 
@@ -417,7 +419,7 @@ def step_cos_sin(cs_table, pos) -> torch.Tensor:
     return cs_table[pos]
 
 
-def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, inv_denom, coeff, splits, scratch=None, cfg=None):
+def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, splits, scratch=None, cfg=None):
     """One decode step of attention for every row and head (see _decode_attn_kernel).
 
     qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; cs [b, 2, D] from step_cos_sin; cur [1] int32 (slot
@@ -437,7 +439,7 @@ def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, inv_denom, coeff,
     k["decode_attn_kernel"][(b * heads, splits)](
         qkv, k_cache, v_cache, cs, cur, pad, out, pm, pl, pacc, cnt,
         heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        inv_denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg)
+        denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg)
     if splits > 1 and not inline:
         k["attn_combine_kernel"][(b * heads,)](pm, pl, pacc, out, heads, out.stride(0), D=head_dim, SPLITS=splits,
                                                num_warps=4)
@@ -854,9 +856,9 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     slot.cache.reset(0)
     for i, block in enumerate(layers):
         att = block.attention
-        inv, coeff = _scale_for(att.layer_index, hd)
+        denom, coeff = _scale_for(att.layer_index, hd)
         qkv = att.query_key_value(x1)
-        q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, inv)
+        q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom)
         del qkv
         slot.cache.keys[i][:, :, :s].copy_(k)
         slot.cache.values[i][:, :, :s].copy_(v)
@@ -892,9 +894,9 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     cache = slot.cache
     for i, block in enumerate(layers):
         att = block.attention
-        inv, coeff = _scale_for(att.layer_index, state.head_dim)
+        denom, coeff = _scale_for(att.layer_index, state.head_dim)
         qkv = att.query_key_value(x1)
-        ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, inv,
+        ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, denom,
                                coeff, slot.splits, slot.scratch)
         dense = att.dense(ctx)
         ln = block.post_attention_layernorm

@@ -257,7 +257,7 @@ def sweep_attention():
     dt = torch.float16
     cases = [("b1-ctx120", 1, 2048, 120), ("b1-ctx1800", 1, 2048, 1800), ("b16-ctx100", 16, 256, 100)]
     tiles = [dict(BLOCK_S=bs, num_warps=w, num_stages=st) for bs in (32, 64, 128) for w in (4, 8) for st in (1, 3)]
-    inv, coeff = fd._scale_for(13, D)
+    denom, coeff = fd._scale_for(13, D)
     rows = []
     data = {}
     for name, b, bucket, ctx in cases:
@@ -277,7 +277,7 @@ def sweep_attention():
 
         def run():
             for layer in range(L):
-                fd.decode_attention(qkv, kc[layer], vc[layer], cs, cur, pad, out, inv, coeff, splits, scratch, cfg)
+                fd.decode_attention(qkv, kc[layer], vc[layer], cs, cur, pad, out, denom, coeff, splits, scratch, cfg)
         run()
         return _graph_time(run) / L * 1e6, splits
 
