@@ -132,6 +132,12 @@ def run_child(python: str, mode: str, args, env_extra=None) -> dict:
 
 def ensure_checkpoint(ckpt: Path):
     if (ckpt / "pytorch_model.bin").exists():
+        import shutil  # refresh the code next to the weights: measure this checkout, not an old copy
+        for f in ROOT.glob("*.py"):
+            if f.name != "cli_demo.py":
+                shutil.copy(f, ckpt / f.name)
+        for name in ("ice_text.model", "tokenizer_config.json"):
+            shutil.copy(ROOT / name, ckpt / name)
         return
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), "--preset", "full", "--bits", "8",
                     "--format", "bin", "--copy-code", str(ckpt)], check=True)
