@@ -142,6 +142,13 @@ def build_position_ids(input_ids: torch.Tensor, bos_token_id: int, mask_token_id
     return pos
 
 
+def check_prompt_length(n_tokens: int, config) -> None:
+    """Prompts longer than the model's trained context are refused (the error names both numbers)."""
+    if n_tokens > config.max_sequence_length:
+        raise ValueError(f"the prompt has {n_tokens} tokens but ChatGLM-6B supports at most max_sequence_length="
+                         f"{config.max_sequence_length}; shorten the prompt or the chat history")
+
+
 # ----------------------------------------------------------------------------------------
 # Rotary embedding (SPEC §4.2).
 
@@ -494,9 +501,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         cache = past_key_values
         past_len = cache.get_seq_length() if cache is not None else 0
-        if past_len == 0 and s > cfg.max_sequence_length:
-            raise ValueError(f"the prompt has {s} tokens but ChatGLM-6B supports at most max_sequence_length="
-                             f"{cfg.max_sequence_length}; shorten the prompt or the chat history")
+        if past_len == 0:
+            check_prompt_length(s, cfg)
         if cache is None and self.pre_seq_len and (use_cache or self.pre_seq_len):
             cache = self._prefix_cache(b, device, dtype)
         elif cache is None and use_cache:
@@ -720,9 +726,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 attention_mask = attention_mask[:, :, -1:]
         else:
             cache = None
-            if input_ids.shape[1] > self.config.max_sequence_length:
-                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
-                                 f"max_sequence_length={self.config.max_sequence_length}; shorten the prompt")
+            check_prompt_length(input_ids.shape[1], self.config)
         return {
             "input_ids": input_ids,
             _CACHE_KW: cache,
@@ -785,9 +789,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and torch.is_tensor(input_ids) and kwargs.get("inputs_embeds") is None:
             cfg = self.config
-            if input_ids.shape[1] > cfg.max_sequence_length:
-                raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
-                                 f"max_sequence_length={cfg.max_sequence_length}; shorten the prompt")
+            check_prompt_length(input_ids.shape[1], cfg)
             mask = kwargs.get("attention_mask")
             if mask is None:
                 mask = torch.ones_like(input_ids)
@@ -862,9 +864,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if kwargs:
             raise TypeError(f"stream_generate() got unsupported arguments {sorted(kwargs)}")
         cfg = self.config
-        if input_ids.shape[1] > cfg.max_sequence_length:
-            raise ValueError(f"the prompt has {input_ids.shape[1]} tokens but ChatGLM-6B supports at most "
-                             f"max_sequence_length={cfg.max_sequence_length}; shorten the prompt")
+        check_prompt_length(input_ids.shape[1], cfg)
         fast = _fast_stream_generate(self, input_ids, attention_mask, position_ids, max_length, max_new_tokens,
                                      do_sample, top_p, temperature, top_k, logits_processor, eos_token_id)
         if fast is not None:  # CUDA graph decode loop
