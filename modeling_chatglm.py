@@ -375,14 +375,24 @@ class PrefixEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------
 # Models.
 
-@dataclass
-class ChatGLMOutput(ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    past_key_values: Optional[GLMCache] = None
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    last_hidden_state: Optional[torch.Tensor] = None
-    cache: Optional[GLMCache] = None  # transformers >= 5.x renames past_key_values to cache
+# The cache field carries the running transformers' name: `cache` on 5.x (whose ModelOutput maps the old
+# `past_key_values` onto it, with a deprecation warning), `past_key_values` before.
+if _CACHE_KW == "cache":
+    @dataclass
+    class ChatGLMOutput(ModelOutput):
+        loss: Optional[torch.Tensor] = None
+        logits: Optional[torch.Tensor] = None
+        cache: Optional[GLMCache] = None
+        hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+        last_hidden_state: Optional[torch.Tensor] = None
+else:
+    @dataclass
+    class ChatGLMOutput(ModelOutput):
+        loss: Optional[torch.Tensor] = None
+        logits: Optional[torch.Tensor] = None
+        past_key_values: Optional[GLMCache] = None
+        hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+        last_hidden_state: Optional[torch.Tensor] = None
 
 
 def _cache_of(output) -> Optional[GLMCache]:
