@@ -37,6 +37,18 @@ def prompt_ids(n: int):
     return [rng.randrange(20000, 120000) for _ in range(n - 2)] + [130001, 130004]
 
 
+def median_step_ms(steps) -> tuple:
+    """Median ms between consecutive items of a token iterator (the first item, which includes the
+    prefill, is not counted) and the number of steps timed."""
+    times, t_prev = [], time.perf_counter()
+    for step, _ in enumerate(steps):
+        now = time.perf_counter()
+        if step > 0:
+            times.append(now - t_prev)
+        t_prev = now
+    return 1000 * statistics.median(times), len(times)
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
@@ -60,16 +72,8 @@ def child_ours(ckpt: str, decode_tokens: int) -> dict:
             model(input_ids=ids, logits_to_keep=1)  # (its KV cache is dropped right away)
             res[f"prefill{n}_s"] = time.perf_counter() - t0
         ids = torch.tensor([prompt_ids(20)])
-        times = []
         gen = model.stream_generate(ids, max_new_tokens=decode_tokens + 1, do_sample=False)
-        t_prev = time.perf_counter()
-        for step, _ in enumerate(gen):
-            now = time.perf_counter()
-            if step > 0:  # step 0 includes the prefill
-                times.append(now - t_prev)
-            t_prev = now
-        res["decode_ms"] = 1000 * statistics.median(times)
-        res["decode_tokens"] = len(times)
+        res["decode_ms"], res["decode_tokens"] = median_step_ms(gen)
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 
@@ -89,14 +93,7 @@ def child_cpp(model_path: str, decode_tokens: int) -> dict:
         res[f"prefill{n}_s"] = time.perf_counter() - t0
     cfg = chatglm_cpp._C.GenerationConfig(max_length=4096, max_new_tokens=decode_tokens + 1,
                                           max_context_length=4096, do_sample=False)
-    times, t_prev = [], time.perf_counter()
-    for step, _ in enumerate(pipe._stream_generate_ids(prompt_ids(20), None, cfg)):
-        now = time.perf_counter()
-        if step > 0:
-            times.append(now - t_prev)
-        t_prev = now
-    res["decode_ms"] = 1000 * statistics.median(times)
-    res["decode_tokens"] = len(times)
+    res["decode_ms"], res["decode_tokens"] = median_step_ms(pipe._stream_generate_ids(prompt_ids(20), None, cfg))
     res["peak_rss_gb"] = peak_rss_gb()
     return res
 
