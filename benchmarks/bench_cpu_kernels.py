@@ -72,7 +72,7 @@ def memory_bandwidth(repeats: int):
     """GB/s of: a plain read of 1 GiB by the kernels' own threads and block order (the ceiling
     for a memory-bound decode kernel), torch's sum of 1 GiB, and torch's copy of 512 MiB
     (read + write counted)."""
-    a = torch.ones(1 << 28)
+    a = LARGE_PAGES(torch.ones(1 << 28))
     probe = a.numel() * 4 / timed(lambda: cpu_kernels._read_bytes(a), repeats)
     torch_sum = a.numel() * 4 / timed(lambda: a.sum(), repeats)
     src = torch.ones(1 << 27)
@@ -84,7 +84,11 @@ def memory_bandwidth(repeats: int):
 def quantized_weight(n: int, k: int, bits: int):
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8) if bits == 8 else \
         torch.randint(-128, 128, (n, k // 2), dtype=torch.int8)
-    return q, (torch.rand(n) * 0.01 + 1e-3).half(), torch.randn(n).half()
+    return LARGE_PAGES(q), (torch.rand(n) * 0.01 + 1e-3).half(), torch.randn(n).half()
+
+
+def LARGE_PAGES(t):  # set in main(): weights in 2 MB pages like the loader places them, or as allocated
+    return t
 
 
 def bench_decode(args, rows, bits: int):
@@ -105,7 +109,7 @@ def bench_decode(args, rows, bits: int):
 
 def bench_lm_head(args, rows):
     x = torch.randn(1, HIDDEN)
-    w = torch.randn(VOCAB, HIDDEN).half()  # 1.07 GB: larger than any cache, no rotation needed
+    w = LARGE_PAGES(torch.randn(VOCAB, HIDDEN).half())  # 1.07 GB: larger than any cache, no rotation needed
     t_kernel = timed(lambda: cpu_kernels.fp16_linear(x, w), args.repeats)
     t_torch = timed(lambda: F.linear(x, w.float()), 3)
     rows.append((f"decode FP16 lm_head [{VOCAB},{HIDDEN}], M=1", f"{t_kernel * 1e3:.2f} ms",
@@ -132,7 +136,7 @@ def bench_prefill(args, rows, bits: int, m: int, shapes):
 def bench_model_decode(args, rows):
     """One decode step over distinct weights for all 28 layers and the LM head (6.7 GB)."""
     layers = [[quantized_weight(n, k, 8) for _, n, k in LAYER_SHAPES] for _ in range(LAYERS)]
-    head = torch.randn(VOCAB, HIDDEN).half()
+    head = LARGE_PAGES(torch.randn(VOCAB, HIDDEN).half())
     x_h, x_i = torch.randn(1, HIDDEN), torch.randn(1, INNER)
 
     def step():
@@ -158,11 +162,20 @@ def main():
     ap.add_argument("--prefill-m", type=int, default=200)
     ap.add_argument("--model", action="store_true", help="also time a whole-model decode step (~8 GB RAM)")
     ap.add_argument("--markdown", type=Path, help="write the results table to this file")
+    ap.add_argument("--isa", choices=["amx", "avx512", "avx2", "generic"],
+                    help="kernel family (default: the best the CPU has; AMX is used for INT8 only)")
+    ap.add_argument("--small-pages", action="store_true",
+                    help="leave weights in ordinary 4 KB pages (the loader puts them in 2 MB pages)")
     args = ap.parse_args()
+    global LARGE_PAGES
+    if not args.small_pages:
+        LARGE_PAGES = cpu_kernels.to_large_pages
 
     torch.set_num_threads(args.threads)
     if not cpu_kernels.available():
         sys.exit(f"CPU kernels unavailable: {cpu_kernels.kernel_info()['error']}")
+    if args.isa:
+        cpu_kernels._set_isa(args.isa)
     info = cpu_kernels.kernel_info()
     load_before = os.getloadavg()
     read_bw, sum_bw, copy_bw = memory_bandwidth(max(5, args.repeats // 2))
@@ -187,7 +200,7 @@ def main():
     lines = [
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"kernels: {info['isa']} (OpenMP {'on' if info['openmp'] else 'off'}), threads: {args.threads}, "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}, weights in {'4 KB' if args.small_pages else '2 MB'} pages",
         f"- load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
         f"- memory bandwidth, same run: plain read {read_bw:.1f} GB/s (1 GiB, the kernels' threads "
         f"and block order), torch sum {sum_bw:.1f} GB/s, torch copy {copy_bw:.1f} GB/s (read + write)",

@@ -6,8 +6,10 @@ Two kinds of checks:
     reproduce the float64 result bit for bit; a wrong, missing or doubled term shows up.
   * realistic: random floats and fp16 scales, within the rigorous fp32 accumulation bound
     |err| <= (K + 4) * 2^-24 * (|x| @ |W|^T + |b|)  (K products and sums, scale, bias).
-Every SIMD family the CPU has (AVX-512, AVX2, portable C) and both algorithms (GEMV for few
-rows, GEMM for many) are exercised on the same shapes.
+Every SIMD family the CPU has (AMX for INT8 with 4+ rows, AVX-512, AVX2, portable C) and both
+algorithms (GEMV for few rows, GEMM for many) are exercised on the same shapes; a family the CPU
+lacks is replaced by the best it has. AMX's own error bound (activations as four base-128 int8
+digits, exact integer products) is checked separately.
 """
 import json
 import mmap
@@ -25,13 +27,13 @@ import torch
 from chatglm6b import cpu_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
-ISAS = ["avx512", "avx2", "generic"]
+ISAS = ["amx", "avx512", "avx2", "generic"]
 U = 2.0 ** -24  # fp32 unit roundoff
 
 # (M, K, N): odd K (not a multiple of 16/32/64), N = 1, 3, 17..., a shape that spans several
 # GEMM K-blocks (K > 512) and GEMM panels/tiles with remainders.
 SHAPES = [(1, 64, 1), (1, 100, 3), (2, 46, 17), (3, 130, 5), (7, 258, 33), (33, 1000, 29),
-          (1, 1030, 40), (17, 600, 13)]
+          (1, 1030, 40), (17, 600, 13), (4, 64, 32), (9, 70, 47)]
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +125,58 @@ def test_quantized_linear_random_within_fp32_accumulation_error(lib, isa, path, 
         scale = (torch.rand(N, generator=gen) * 0.02 + 1e-3).half()
         bias = torch.randn(N, generator=gen).half()
         x = torch.randn(M, K, generator=gen) * 3
+        x[:, ::13] *= 200  # outlier features, as in the real model's activations
         y = lib.linear(x, q, scale, bias, bits)
         ref, bound = reference(x, q_values, scale, bias)
+        if isa == "amx" and bits == 8 and M >= AMX_MIN_M:
+            bound = amx_bound(x, q_values, scale, ref)
         err = (y.double() - ref).abs()
         assert (err <= bound).all(), f"{isa}/{path} bits={bits} M={M} K={K} N={N}: max err {err.max()}"
+
+
+AMX_MIN_M = 4  # rows of x from which INT8 runs on AMX tiles
+
+
+def amx_bound(x, q_values, scale, ref):
+    """AMX path: x[m] = s_m * sum_j d_j 128^-j with s_m a power of two <= max|x[m]| / 63.75, so the
+    dropped remainder is below 0.5 * 128^-3 * s_m per element; products and sums of the digits
+    are exact integers, combined in double and rounded once to fp32 (plus the bias addition)."""
+    s = x.double().abs().amax(dim=1, keepdim=True) / 63.75
+    w = (q_values.double() * scale.double()[:, None]).abs()
+    return 0.5 * 128.0 ** -3 * s * w.sum(dim=1)[None] + 4 * U * ref.abs() + 1e-300
+
+
+@pytest.mark.parametrize("isa", ["amx"], indirect=True)
+def test_amx_digits_are_finer_than_fp32(lib, isa):
+    """With outliers 10^4 above the typical activation the AMX result is still within the fp32
+    accumulation bound, and far inside it for ordinary data (K = 70000 spans two exact int32 chunks)."""
+    gen = torch.Generator().manual_seed(11)
+    for M, K, N in [(4, 4096, 64), (6, 70000, 5), (200, 1000, 40)]:
+        q_values = torch.randint(-127, 128, (N, K), generator=gen)
+        scale = (torch.rand(N, generator=gen) * 0.02 + 1e-3).half()
+        x = torch.randn(M, K, generator=gen)
+        x[:, 7] *= 1e4
+        ref, bound = reference(x, q_values, scale, None)
+        err = (lib.linear(x, q_values.to(torch.int8), scale, None, 8).double() - ref).abs()
+        assert (err <= bound).all(), f"{isa} {M, K, N}"
+        if isa == "amx":  # (a CPU without AMX runs this on its best family: the fp32 bound above)
+            assert (err <= amx_bound(x, q_values, scale, ref)).all(), f"{M, K, N}"
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_non_finite_activations_propagate(lib, isa):
+    """A NaN or inf in x must reach the outputs of its row (AMX cannot encode them as digits and
+    hands such calls to the fp32 kernels), and leave the other rows alone."""
+    gen = torch.Generator().manual_seed(12)
+    x, q, q_values, scale, bias = integer_problem(6, 96, 10, 8, True, gen)
+    x[1, 5] = float("nan")
+    x[4, 0] = float("inf")
+    y = lib.linear(x, q, scale, bias, 8)
+    ref, _ = reference(x, q_values, scale, bias)
+    assert y[1].isnan().all()
+    assert (y[4].isinf() | y[4].isnan()).all()
+    keep = [0, 2, 3, 5]
+    assert torch.equal(y[keep].double(), ref[keep])
 
 
 @pytest.mark.parametrize("bits", [8, 4])

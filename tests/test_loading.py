@@ -222,6 +222,47 @@ def test_int8_load_never_materialises_float_block_weights(written, tmp_path):
     assert control.seen, "the spy must see the float matrices that the FP16 checkpoint holds"
 
 
+@pytest.mark.parametrize("name", ["int8-bin", "int8-safetensors", "fp16-sharded", "int4-bin"])
+def test_cpu_weights_in_large_pages_equal_what_was_written(written, name, monkeypatch):
+    """CPU weights are copied to 2 MB-aligned memory advised for huge pages (cpu_kernels.to_large_pages),
+    read from the file with pread for .bin checkpoints (loading.MappedFile). The threshold (2 MB) is
+    lowered so that the tiny checkpoint's tensors take that path too. Without transparent huge pages
+    (or off Linux) the weights stay where they were loaded, and must still equal the file."""
+    from chatglm6b import cpu_kernels, loading
+
+    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    read = []
+    original = loading.MappedFile._read
+    monkeypatch.setattr(loading.MappedFile, "_read", lambda self, a, n, o: (read.append(n), original(self, a, n, o)))
+    folder, ref = written[name]
+    model = _load(folder)
+    _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
+    weights = [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)] or \
+        [model.transformer.layers[0].mlp.dense_h_to_4h.weight]
+    weights.append(model.transformer.word_embeddings.weight)
+    if not cpu_kernels.large_pages_enabled():
+        assert read == []
+        return
+    for w in weights:
+        assert w.data_ptr() % (2 << 20) == 0, "not on a 2 MB boundary"
+    if name == "int8-safetensors":
+        assert read == []  # safetensors hands out copies: those are copied, the file is not re-read
+    else:  # .bin files (sharded too) are mapped by torch.load; the weights are read from the file instead
+        assert sum(read) >= sum(w.numel() * w.element_size() for w in weights)
+
+
+def test_large_pages_can_be_switched_off(written, monkeypatch):
+    from chatglm6b import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setenv("CHATGLM_LARGE_PAGES", "0")
+    assert not cpu_kernels.large_pages_enabled()
+    t = torch.arange(5000, dtype=torch.int32)
+    assert cpu_kernels.to_large_pages(t) is t
+    folder, ref = written["int8-bin"]
+    _assert_same_state(_load(folder).state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
+
+
 # ---------------------------------------------------------------------------------------------
 # FP16 checkpoint + quantization_bit override
 

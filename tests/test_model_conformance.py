@@ -152,3 +152,22 @@ def test_chat_prompt_matches_golden_prompt_and_tokenizer(tokenizer, golden):
     assert build_chat_prompt("再加3呢？", history) == meta["prompts"][3]
     assert build_chat_prompt("再加3呢？", history) == tokenizer.build_prompt("再加3呢？", history)
     assert build_chat_prompt("你好", []) == "你好"
+
+
+def test_inference_gelu_is_the_formula_bit_for_bit():
+    """gelu_tanh without autograd works in place (two buffers instead of nine) but must give exactly
+    the bits of the SPEC formula 0.5 * x * (1 + tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x)))."""
+    from chatglm6b.modeling_chatglm import gelu_tanh
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 301, generator=gen) * 4
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        expect = 0.5 * xd * (1.0 + torch.tanh(0.7978845608028654 * xd * (1.0 + 0.044715 * xd * xd)))
+        with torch.no_grad():
+            got = gelu_tanh(xd)
+        assert got.dtype == dtype and torch.equal(got, expect), dtype
+        assert torch.equal(xd, x.to(dtype))  # the input is left alone
+    xg = x.clone().requires_grad_()
+    gelu_tanh(xg).sum().backward()
+    assert xg.grad is not None
