@@ -18,8 +18,11 @@ How it runs
 * Decode: one step — embedding, 28 blocks, final LayerNorm, LM head, InvalidScore fix-up,
   greedy or temperature / top-k / top-p sampling, eos bookkeeping — captured once per
   (batch, cache bucket, sampling mode) in a `torch.cuda.CUDAGraph` and replayed. Per block it
-  launches 4 linear kernels (cuda_kernels.py), a fused rotary + cache write + attention kernel
-  (split over the sequence for long caches), a GELU kernel and two residual + LayerNorm kernels.
+  launches 4 linear kernels (cuda_kernels.py; the GELU runs in dense_h_to_4h's epilogue), a fused
+  rotary + cache write + attention kernel (split over the sequence, the splits merged in-kernel) and
+  two residual + LayerNorm kernels. On sm_90+ the Triton kernels use programmatic dependent launch
+  where it measured faster (PDL_MODE; CHATGLM_PDL=0 turns it off): a kernel's programs start while
+  the previous kernel finishes and wait for it before reading activations.
   Attention reads only the filled part of the cache: the current length lives on the GPU.
 * The cache holds prompt + max new tokens rounded up to `BUCKET` slots; graphs and caches are
   kept per (batch, bucket) for reuse (at most `max_slots`, least recently used dropped first).
@@ -51,7 +54,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .quantization import QuantizedLinear
+from .cuda_kernels import gelu_ as _ck_gelu, jit_helpers, launch_options as _launch, pdl_supported
+from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
     "StaticCache",
@@ -64,8 +68,7 @@ __all__ = [
 ]
 
 tl = None  # triton.language, bound by _build()
-_libdevice = None  # triton's libdevice wrappers, bound by _build()
-_USE_LIBDEVICE = False
+_pdl_start = _pdl_wait = None  # cuda_kernels' jitted PDL helpers, bound by _build()
 _KERNELS = None
 _BUILD_LOCK = threading.Lock()
 
@@ -73,20 +76,32 @@ BUCKET = 256  # cache lengths are multiples of this
 CHECK_EVERY = 16  # generate(): steps between looks at the "any row unfinished" flag
 MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) caches kept per model
 # Decode attention: cache positions per tile, launch options, programs wanted per layer (the
-# current context of each (row, head) is split into SPLITS chunks when b*heads alone is too few),
-# and whether the last split of a (row, head) merges the partial results itself (an atomic ticket)
-# instead of a second kernel. Chosen by measurement (benchmarks/results/gpu.md).
-# H100 sweep (benchmarks/bench_gpu.py, 28 launches per graph, µs per layer): b=1, context 120 / 1800:
-# 8.3 / 20.3 µs with 128-position tiles and 8 splits merged by a second kernel (the atomic-ticket
-# merge: 8.8 / 20.7; 64-position tiles: 7.7 / 23.0; 32: 7.3 / 28.4; 8 warps always slower);
-# b=16, context 100: 15.8 µs, one split, 128-position tiles, 3 stages (64: 17.1, 32: 20.5).
+# current context of each (row, head) is split into SPLITS chunks when b*heads alone is too few; at
+# most one split per 128 slots of the cache bucket), and whether the last split of a (row, head)
+# merges the partial results itself (an atomic ticket) instead of a second kernel. Chosen by
+# measurement (benchmarks/results/gpu.md). In the INT8 decode graph with PDL (H100, ms/token at
+# contexts 33-160 / 1501-1628): 128-position tiles, 8 splits, atomic-ticket merge 2.892 / 3.232;
+# merged by a second kernel 2.920 / 3.267; 2 splits 2.858 / 3.897; 64-position tiles with the ticket
+# 2.885 / 3.301. b=16, context 100: one split, 128-position tiles, 3 stages (4045 tokens/s; 64: 4022,
+# 8 warps: 3915, 8 splits: 3781).
 ATTN_CFG = {  # by batch: "small" (b <= 2) and "large"
-    "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=False, TARGET=256),
+    "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
     "large": dict(BLOCK_S=128, num_warps=4, num_stages=3, INLINE=False, TARGET=128),
 }
 # residual + LayerNorm over 4096: 2.15 / 2.21 / 2.55 / 2.73 µs with 16 / 8 / 4 / 2 warps (H100)
 LN_WARPS = {"small": 16, "large": 16}
 _MAX_SPLITS = 16
+# Programmatic dependent launch in the decode step (sm_90+), by (weight bits or 16, batch class):
+# "all": every Triton kernel may start while the previous one finishes (the GEMVs prefetch weights
+# meanwhile); "small": only LayerNorm / attention / GELU kernels start early, the linears start on an
+# idle GPU (letting the next kernel launch early); "off". Chosen by measurement (benchmarks/results/gpu.md):
+# starting the linear kernels early helps the bandwidth-bound INT8 GEMV at batch 1 but spreads the
+# programs of the heavier INT4 / tensor-core kernels unevenly over the SMs.
+# H100, ms/token at batch 1 (off / small / all) — INT8 3.071 / 3.200 / 2.926, INT4 2.385 / 2.564 / 2.575,
+# FP16 5.180 / 5.233 / 5.248; batch 16 — INT8 3.976 / 3.970 / 5.723, INT4 3.784 / 3.777 / 3.819,
+# FP16 5.441 / 5.389 / 5.402.
+PDL_MODE = {(8, "small"): "all", (4, "small"): "off", (16, "small"): "off",
+            (8, "large"): "small", (4, "large"): "small", (16, "large"): "small"}
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
 
@@ -94,13 +109,17 @@ MAX_EOS = 8  # eos ids a call may give (more: eager path)
 # Triton kernels (plain functions here; _build() jits them once Triton is imported).
 
 def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
-               HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
     # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
     dt = y_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)  # parameters: before the PDL wait
+    b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    _pdl_wait(PDL)
     x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
@@ -110,38 +129,8 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_
     xc = tl.where(m, x - mean, 0.0)
     var = tl.sum(xc * xc, 0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
     y = xc * rstd * w + b
     tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=m)
-
-
-def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
-    # In place: 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))), rounding to x's dtype after every
-    # operation exactly where the eager fp16 expression in modeling_chatglm.gelu_tanh does.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    dt = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    a = (0.5 * x).to(dt).to(tl.float32)
-    c = (0.044715 * x).to(dt).to(tl.float32)
-    c = (c * x).to(dt).to(tl.float32)
-    c = (1.0 + c).to(dt).to(tl.float32)
-    g = (0.7978845608028654 * x).to(dt).to(tl.float32)
-    g = (g * c).to(dt).to(tl.float32)
-    if LIBDEVICE:  # CUDA's tanhf, the function torch's tanh calls: identical results
-        t = _libdevice.tanh(g)
-    else:  # (Triton's CPU interpreter) odd Taylor series near 0, else (1 - e^-2|g|) / (1 + e^-2|g|)
-        ag = tl.abs(g)
-        e = tl.exp(-2.0 * ag)
-        big = (1.0 - e) / (1.0 + e)
-        g2 = g * g
-        small = ag * (1.0 + g2 * (-1.0 / 3.0 + g2 * (2.0 / 15.0 + g2 * (-17.0 / 315.0 + g2 * (62.0 / 2835.0)))))
-        t = tl.where(ag < 0.0625, small, big)
-        t = tl.where(g < 0.0, -t, t)
-    t = t.to(dt).to(tl.float32)
-    t = (1.0 + t).to(dt).to(tl.float32)
-    tl.store(x_ptr + offs, (a * t).to(dt), mask=m)
 
 
 def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
@@ -183,12 +172,14 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
                         out_ptr, pm_ptr, pl_ptr, pacc_ptr, cnt_ptr,
                         H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
                         denom, coeff,
-                        D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr):
+                        D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr,
+                        PDL: tl.constexpr = False):
     # One (row, head, split): rotary on the new q/k (cos/sin of this step's positions in cs_ptr,
     # [b, 2 channels, cos half | sin half]), the new k/v written at cache slot `cur` (split 0), then
     # softmax(q k^T) v over this split's share of the row's context [pad, cur) plus the new token
     # (last split), online softmax in fp32. With SPLITS > 1 the partials (max, sum, acc) are merged
     # by the last split to finish (INLINE: atomic ticket per (row, head)) or by _attn_combine_kernel.
+    _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -199,6 +190,7 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
     neg = j < (D // 4)
     partner = tl.where(neg, d + D // 4, d - D // 4)
     chan = d // (D // 2)
+    _pdl_wait(PDL)
     cs_row = cs_ptr + b * (2 * D) + chan * D + j
     c = tl.load(cs_row).to(tl.float32)
     s = tl.load(cs_row + D // 2).to(tl.float32)
@@ -275,12 +267,14 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
 
 
 def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
-                         D: tl.constexpr, SPLITS: tl.constexpr):
+                         D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_start(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     sp = tl.arange(0, SPLITS)
     d = tl.arange(0, D)
+    _pdl_wait(PDL)
     m = tl.load(pm_ptr + bh * SPLITS + sp)
     l = tl.load(pl_ptr + bh * SPLITS + sp)
     mx = tl.max(m, 0)
@@ -319,8 +313,7 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     tl.store(cur_ptr + one, tl.load(cur_ptr + one) + 1)
 
 
-_KERNEL_FUNCS = (_ln_kernel, _gelu_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel,
-                 _bookkeep_kernel)
+_KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _bookkeep_kernel)
 
 
 def available() -> bool:
@@ -330,7 +323,7 @@ def available() -> bool:
 
 
 def _build():
-    global tl, _KERNELS
+    global tl, _KERNELS, _pdl_start, _pdl_wait
     if _KERNELS is not None:
         return _KERNELS
     with _BUILD_LOCK:
@@ -338,16 +331,8 @@ def _build():
             triton = importlib.import_module("triton")
             language = importlib.import_module("triton.language")
             tl = language
-            global _libdevice, _USE_LIBDEVICE
-            _USE_LIBDEVICE = False
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
-                for name in ("triton.language.extra.libdevice", "triton.language.extra.cuda.libdevice"):
-                    try:
-                        _libdevice = importlib.import_module(name)
-                        _USE_LIBDEVICE = hasattr(_libdevice, "tanh")
-                        break
-                    except ImportError:
-                        continue
+            helpers = jit_helpers()
+            _pdl_start, _pdl_wait = helpers.pdl_start, helpers.pdl_wait
             jitted = {}
             for fn in _KERNEL_FUNCS:
                 fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
@@ -365,8 +350,9 @@ def _pow2(n: int) -> int:
 # Launch helpers (also used by the tests against torch references).
 
 def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
-               alpha: float = 1.0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given."""
+               alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0) -> torch.Tensor:
+    """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given.
+    pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only)."""
     k = _build()
     rows, n = a.shape
     out = torch.empty_like(a) if out is None else out
@@ -374,17 +360,14 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
     block = _pow2(n)
     k["ln_kernel"][(rows,)](a, r, weight, bias, out, n, a.stride(0), r.stride(0), out.stride(0),
                             float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
-                            num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4))
+                            num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4),
+                            **_launch(pdl))
     return out
 
 
-def gelu_(x: torch.Tensor) -> torch.Tensor:
-    """In-place tanh GELU with the eager rounding (x contiguous)."""
-    k = _build()
-    n = x.numel()
-    block = 2048
-    k["gelu_kernel"][(triton_cdiv(n, block),)](x, n, BLOCK=block, LIBDEVICE=_USE_LIBDEVICE, num_warps=4)
-    return x
+def gelu_(x: torch.Tensor, pdl=0) -> torch.Tensor:
+    """In-place tanh GELU with the eager rounding (x contiguous); cuda_kernels.gelu_."""
+    return _ck_gelu(x, pdl=pdl)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -419,7 +402,8 @@ def step_cos_sin(cs_table, pos) -> torch.Tensor:
     return cs_table[pos]
 
 
-def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, splits, scratch=None, cfg=None):
+def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, splits, scratch=None, cfg=None,
+                     pdl=0):
     """One decode step of attention for every row and head (see _decode_attn_kernel).
 
     qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; cs [b, 2, D] from step_cos_sin; cur [1] int32 (slot
@@ -439,10 +423,10 @@ def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, spl
     k["decode_attn_kernel"][(b * heads, splits)](
         qkv, k_cache, v_cache, cs, cur, pad, out, pm, pl, pacc, cnt,
         heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg)
+        denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg, **_launch(pdl))
     if splits > 1 and not inline:
         k["attn_combine_kernel"][(b * heads,)](pm, pl, pacc, out, heads, out.stride(0), D=head_dim, SPLITS=splits,
-                                               num_warps=4)
+                                               num_warps=4, **_launch(pdl))
     return out
 
 
@@ -466,7 +450,7 @@ def attention_splits(batch: int, heads: int, length: int, target: Optional[int] 
     (the chunks follow the current length on the GPU, so short contexts split finely too)."""
     target = _attn_cfg(batch)["TARGET"] if target is None else target
     want = _pow2_floor(max(1, target // max(1, batch * heads)))
-    return max(1, min(want, _MAX_SPLITS, _pow2_floor(max(1, length // 16))))
+    return max(1, min(want, _MAX_SPLITS, _pow2_floor(max(1, length // 128))))
 
 
 class StaticCache:
@@ -753,6 +737,10 @@ class _State:
         # strong references: captured graphs hold raw pointers to these tensors
         self.params = [p for p in model.parameters()] + [b for b in model.buffers()]
         self.debug_logits = False
+        # programmatic dependent launch of the decode step's Triton kernels (sm_90+; CHATGLM_PDL=0: off)
+        self.pdl = pdl_supported(self.device)
+        q = [m for m in model.modules() if type(m) is QuantizedLinear]
+        self.weight_kind = q[0].bits if q else 16
 
     def rotary_tables(self, model, length: int):
         """(cos, sin) [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)
@@ -870,8 +858,7 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
         ln = block.post_attention_layernorm
         x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
         del dense, x1
-        h = block.mlp.dense_h_to_4h(x2)
-        gelu_(h)
+        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu")
         m = block.mlp.dense_4h_to_h(h)
         del h
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
@@ -882,30 +869,56 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     return F.linear(last, model.lm_head.weight.to(last.dtype))
 
 
+def _linear(m, x, act: Optional[str] = None, pdl=0):
+    """One of a block's linears inside the decode step. A QuantizedLinear that uses the kernels goes
+    straight to cuda_kernels.linear, which can fuse the GELU into its epilogue and launch with PDL;
+    anything else (FP16 CastLinear, torch-dequant linears) runs the module, then the GELU kernel."""
+    if act is not None or pdl:
+        if type(m) is QuantizedLinear and m.use_kernels:
+            kernel = kernel_backend("cuda")  # None under CHATGLM_KERNELS=torch
+            if kernel is not None:
+                y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
+                if y is not None:
+                    return y
+    y = m(x)
+    if act == "gelu":
+        gelu_(y, pdl=pdl)
+    return y
+
+
+def _pdl_levels(state: _State, slot: _Slot) -> Tuple[int, int]:
+    """(linears, small kernels) programmatic-dependent-launch levels of this decode step
+    (cuda_kernels.launch_options), from PDL_MODE by weight kind and batch."""
+    if not state.pdl:
+        return 0, 0
+    mode = PDL_MODE.get((state.weight_kind, "small" if slot.batch <= 2 else "large"), "off")
+    return {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[mode]
+
+
 def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     """One decode step on the slot's static buffers (what the CUDA graph captures)."""
     tr = model.transformer
     layers = tr.layers
     alpha = _alpha(model)
+    pdl_lin, pdl = _pdl_levels(state, slot)
     cs = step_cos_sin(state.tables[2], slot.pos)  # [b, 2, D]: this step's rotary, shared by all layers
     x = F.embedding(slot.tok, tr.word_embeddings.weight).to(state.dtype)
     ln = layers[0].input_layernorm
-    x1 = layer_norm(x, ln.weight, ln.bias, ln.eps)
+    x1 = layer_norm(x, ln.weight, ln.bias, ln.eps, pdl=pdl)
     cache = slot.cache
     for i, block in enumerate(layers):
         att = block.attention
         denom, coeff = _scale_for(att.layer_index, state.head_dim)
-        qkv = att.query_key_value(x1)
+        qkv = _linear(att.query_key_value, x1, pdl=pdl_lin)
         ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, denom,
-                               coeff, slot.splits, slot.scratch)
-        dense = att.dense(ctx)
+                               coeff, slot.splits, slot.scratch, pdl=pdl)
+        dense = _linear(att.dense, ctx, pdl=pdl_lin)
         ln = block.post_attention_layernorm
-        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
-        h = block.mlp.dense_h_to_4h(x2)
-        gelu_(h)
-        m = block.mlp.dense_4h_to_h(h)
+        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl)
+        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin)  # GELU in the linear's epilogue
+        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin)
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
-        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha)
+        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl)
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
     if state.debug_logits:
         slot.logits.copy_(logits)
@@ -1085,22 +1098,30 @@ def _with_device(state):
     return torch.cuda.device(state.device)
 
 
+def _eligible(model, input_ids) -> bool:
+    """The model can take the fast path (_model_reason) and input_ids is a 2-D tensor on its device;
+    else False, with the reason in last_decision."""
+    reason = _model_reason(model)
+    if reason is None and not (torch.is_tensor(input_ids) and input_ids.dim() == 2
+                               and input_ids.device == model.transformer.word_embeddings.weight.device):
+        reason = "input_ids not a 2-D tensor on the model's device"
+    if reason:
+        _set_decision(model, "eager", reason)
+        return False
+    return True
+
+
 def fast_generate(model, inputs, args, kwargs) -> Optional[torch.Tensor]:
     """`generate` on the CUDA-graph path, or None when it does not apply (see module docstring)."""
     if args:
         _set_decision(model, "eager", "positional generate arguments")
         return None
-    reason = _model_reason(model)
-    if reason:
-        _set_decision(model, "eager", reason)
-        return None
     kw = dict(kwargs)
     input_ids = inputs if inputs is not None else kw.pop("input_ids", None)
+    if not _eligible(model, input_ids):
+        return None
     if inputs is not None and "input_ids" in kw:
         _set_decision(model, "eager", "inputs and input_ids both given")
-        return None
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.device != model.transformer.word_embeddings.weight.device:
-        _set_decision(model, "eager", "input_ids not a 2-D tensor on the model's device")
         return None
     mask = kw.pop("attention_mask", None)
     position_ids = kw.pop("position_ids", None)
@@ -1136,7 +1157,10 @@ def _prepare(model, input_ids, mask, position_ids):
     return mask, pads, position_ids.to(device=input_ids.device, dtype=torch.long)
 
 
-def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
+def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple["_State", "_Run"]]:
+    """The checks shared by generate and stream_generate that need the model's state, then the
+    model's lock, prefill and the first token. Returns (state, run) with the lock held (the caller
+    releases it), or None with the lock free and the reason in last_decision."""
     if len(plan.eos) > MAX_EOS:
         _set_decision(model, "eager", f"more than {MAX_EOS} eos ids")
         return None
@@ -1148,19 +1172,33 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
         with torch.inference_mode(), _with_device(state):
             prep = _prepare(model, input_ids, mask, position_ids)
             if isinstance(prep, str):
-                _set_decision(model, "eager", prep)
-                return None
-            pad_mask, pads, position_ids = prep
-            run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
-            if run.graph is None and run.remaining > 0:
-                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(
-                    _graph_key(run.key, plan.processors, state.debug_logits), ""))
-                return None
-            _set_decision(model, "graph")
+                reason = prep
+            else:
+                pad_mask, pads, position_ids = prep
+                run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
+                if run.graph is not None or run.remaining <= 0:
+                    _set_decision(model, "graph")
+                    return state, run
+                reason = "graph capture failed: " + run.slot.broken.get(
+                    _graph_key(run.key, plan.processors, state.debug_logits), "")
+    except BaseException:
+        state.lock.release()
+        raise
+    _set_decision(model, "eager", reason)
+    state.lock.release()
+    return None
+
+
+def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
+    started = _start(model, input_ids, mask, position_ids, plan)
+    if started is None:
+        return None
+    state, run = started
+    try:
+        with torch.inference_mode(), _with_device(state):
             slot = run.slot
             stream = torch.cuda.current_stream(state.device)
             flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
-            events = [None, None]
             pending = None  # (index, event) of the flag copied one check ago
             n = 0
             logs = [run.first_logits] if state.debug_logits else None
@@ -1193,12 +1231,7 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
 def fast_stream_generate(model, input_ids, attention_mask, position_ids, max_length, max_new_tokens, do_sample,
                          top_p, temperature, top_k, logits_processor, eos_token_id) -> Optional[Iterator[torch.Tensor]]:
     """`stream_generate` on the CUDA-graph path (same yields), or None when it does not apply."""
-    reason = _model_reason(model)
-    if reason:
-        _set_decision(model, "eager", reason)
-        return None
-    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.device != model.transformer.word_embeddings.weight.device:
-        _set_decision(model, "eager", "input_ids not a 2-D tensor on the model's device")
+    if not _eligible(model, input_ids):
         return None
     ok, procs = _processors_ok(model, logits_processor)
     if not ok:
@@ -1243,32 +1276,11 @@ def fast_stream_generate(model, input_ids, attention_mask, position_ids, max_len
 
 
 def _stream(model, input_ids, mask2d, position_ids, plan: _Plan) -> Optional[Iterator[torch.Tensor]]:
-    if len(plan.eos) > MAX_EOS:
-        _set_decision(model, "eager", f"more than {MAX_EOS} eos ids")
+    started = _start(model, input_ids, mask2d, position_ids, plan)
+    if started is None:
         return None
-    state = _state(model)
-    if not state.lock.acquire(blocking=False):
-        _set_decision(model, "eager", "fast path busy (another generation on this model)")
-        return None
-    try:
-        with torch.inference_mode(), _with_device(state):
-            prep = _prepare(model, input_ids, mask2d, position_ids)
-            if isinstance(prep, str):
-                _set_decision(model, "eager", prep)
-                state.lock.release()
-                return None
-            pad_mask, pads, position_ids = prep
-            run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
-            if run.graph is None and run.remaining > 0:
-                _set_decision(model, "eager", "graph capture failed: " + run.slot.broken.get(
-                    _graph_key(run.key, plan.processors, state.debug_logits), ""))
-                state.lock.release()
-                return None
-    except BaseException:
-        state.lock.release()
-        raise
-    _set_decision(model, "graph")
-    return _stream_iter(run, state)
+    state, run = started
+    return _stream_iter(run, state)  # releases the lock when it ends
 
 
 def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:

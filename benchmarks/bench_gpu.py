@@ -37,6 +37,7 @@ if "chatglm6b" not in sys.modules:
     sys.modules["chatglm6b"] = _pkg
 mc = importlib.import_module("chatglm6b.modeling_chatglm")
 fd = importlib.import_module("chatglm6b.fast_decode")
+ck = importlib.import_module("chatglm6b.cuda_kernels")
 mk = importlib.import_module("chatglm6b.tools.make_checkpoint")
 GiB = 1024 ** 3
 LOG = []
@@ -376,6 +377,21 @@ def bench_variant(bits, results, bw):
     r["graph_decode_ms"] = round(t1 * 1e3, 3)
     r["graph_breakdown_us"] = kernel_breakdown(model, run)
     log(event="graph_decode", bits=bits, batch=1, ms=r["graph_decode_ms"], breakdown=r["graph_breakdown_us"])
+    st = fd._state(model)
+    if st.pdl and fd.PDL_MODE.get((st.weight_kind, "small"), "off") != "off":
+        # the same step without programmatic dependent launch (kernel times then add up to the step)
+        ck.PDL = False
+        release(model)
+        try:
+            t0, run0 = graph_decode(model, 1)
+            r["graph_decode_nopdl_ms"] = round(t0 * 1e3, 3)
+            r["graph_nopdl_breakdown_us"] = kernel_breakdown(model, run0)
+            log(event="graph_decode", bits=bits, batch=1, pdl=False, ms=r["graph_decode_nopdl_ms"],
+                breakdown=r["graph_nopdl_breakdown_us"])
+            del run0
+        finally:
+            ck.PDL = True
+            release(model)
     if bits == 8:
         tl_, run_l = graph_decode(model, 1, prompt_len=1500, steps=128)
         r["graph_decode_long_ms"] = round(tl_ * 1e3, 3)
@@ -443,6 +459,8 @@ def table(results, bw, env):
         f"{g(f16, 'floor_ms_copy', '{:.2f}')} / {g(f16, 'floor_ms_read', '{:.2f}')} | | | | |",
         f"| decode ÷ floor (copy BW) | ≤ 1.25 | {ratio(i8.get('graph_decode_ms'), i8.get('floor_ms_copy'))} | "
         f"{ratio(i4.get('graph_decode_ms'), i4.get('floor_ms_copy'))} | {ratio(f16.get('graph_decode_ms'), f16.get('floor_ms_copy'))} | | | | |",
+        f"| batch-1 decode without programmatic dependent launch, ms/token | | {g(i8, 'graph_decode_nopdl_ms', '{:.3f}')} | "
+        f"{g(i4, 'graph_decode_nopdl_ms', '{:.3f}')} | {g(f16, 'graph_decode_nopdl_ms', '{:.3f}')} | | | | |",
         f"| batch-1 decode at context 1501–1628, ms/token | | {g(i8, 'graph_decode_long_ms', '{:.3f}')} | | | | | | |",
         f"| batch-1 decode with chat sampling (T 0.95, top-k 50, top-p 0.7), ms/token | | "
         f"{g(i8, 'graph_sample_ms', '{:.3f}')} | {g(i4, 'graph_sample_ms', '{:.3f}')} | {g(f16, 'graph_sample_ms', '{:.3f}')} | | | | |",
@@ -478,7 +496,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--bits", default="8,4,16")
-    ap.add_argument("--no-sweep", action="store_true", help="keep fast_decode's attention / LayerNorm settings")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="keep fast_decode's attention / LayerNorm settings (chosen in the decode graph, with PDL)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")

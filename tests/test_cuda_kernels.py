@@ -327,3 +327,40 @@ def test_quantized_linear_module_uses_the_kernel(gpu, bits):
         y = layer(x)
     assert torch.equal(y, ck.linear(x, q, scale, bias, bits))
     check_close(y, x, q, scale, bias, bits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 5, 16, 300])
+@pytest.mark.parametrize("N", [384, 4160])  # N <= 4096 takes the split-K decode configs, N > 4096 not
+def test_gelu_epilogue_and_pdl_levels(gpu, bits, M, N):
+    # act="gelu" rounds the linear output to fp16 and applies the eager-rounded GELU: bit-equal to the
+    # GELU kernel on the stored output, on every path (GEMV, tensor-core with and without split-K,
+    # dequantize + cuBLAS). Programmatic dependent launch (levels 1 and 2) changes no bit.
+    q, scale, bias = make_weight(N, 512, bits, seed=N + M)
+    x = torch.randn(M, 512, device=gpu, dtype=torch.float16)
+    plain = ck.linear(x, q, scale, bias, bits)
+    check_close(plain, x, q, scale, bias, bits)
+    want = ck.gelu_(plain.clone())
+    levels = [0, 1, 2] if ck.pdl_supported(gpu) else [0]
+    for level in levels:
+        got = ck.linear(x, q, scale, bias, bits, act="gelu", pdl=level)
+        assert torch.equal(got, want), (level, int((got != want).sum()))
+        assert torch.equal(ck.linear(x, q, scale, bias, bits, pdl=level), plain), level
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_l2_prefetch_under_pdl(gpu, bits):
+    # The L2 prefetch before the PDL wait (whole rows, part of them, ragged N) only moves data early.
+    if not ck.pdl_supported(gpu):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    q, scale, bias = make_weight(77, 1024, bits, seed=3)
+    x = torch.randn(1, 1024, device=gpu, dtype=torch.float16)
+    base = dict(BLOCK_N=8, BLOCK_KW=64, PREFETCH=True, EV="evict_first", num_warps=4)
+    want = ck._run_gemv(x, q, scale, bias, bits, base)
+    check_close(want, x, q, scale, bias, bits)
+    for frac in (0.1, 0.5, 1.0):
+        for act in (0, 1):
+            got = ck._run_gemv(x, q, scale, bias, bits, dict(base, L2_FRACTION=frac), act=act, pdl=2)
+            assert torch.equal(got, ck.gelu_(want.clone()) if act else want), (frac, act)

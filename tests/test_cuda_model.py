@@ -510,3 +510,32 @@ def test_torch_dequant_linears_inside_the_graph(models, golden):
         for m in mods:
             m.use_kernels = True
     assert_same_until_tie(got, ref, margin, ids.shape[1], DELTA_EAGER, "torch-dequant linears in the graph")
+
+
+def test_pdl_modes_give_identical_steps(models, golden):
+    """Programmatic dependent launch only changes when kernels start: every mode gives the same
+    per-step logits and ids, bit for bit (INT8 and INT4, batch 1)."""
+    for tag in TAGS:
+        model = models[tag]
+        fd = fd_of(model)
+        ck = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".cuda_kernels"]
+        if not ck.pdl_supported(model.device):
+            pytest.skip("programmatic dependent launch needs sm_90+")
+        ids = prompt_ids(golden, tag, 0, model.device)
+        bits = int(tag[3:])
+        old = dict(fd.PDL_MODE)
+        runs = []
+        try:
+            for mode in ("off", "small", "all"):
+                fd.PDL_MODE[(bits, "small")] = mode
+                fd.release(model)
+                with debug_logits(model) as st:
+                    out = fast_greedy(model, ids, 12)
+                    runs.append((mode, out, st.last_logits.clone()))
+        finally:
+            fd.PDL_MODE.clear()
+            fd.PDL_MODE.update(old)
+            fd.release(model)
+        for mode, out, logits in runs[1:]:
+            assert torch.equal(out, runs[0][1]), (tag, mode)
+            assert torch.equal(logits, runs[0][2]), (tag, mode, rel_err(logits, runs[0][2]))
