@@ -221,19 +221,39 @@ class GLMCache:
     """
 
     is_compileable = False
+    GROW = 64  # positions added at a time when the preallocated room runs out (inference)
 
     def __init__(self, num_layers: int):
         self.keys: List[Optional[torch.Tensor]] = [None] * num_layers
         self.values: List[Optional[torch.Tensor]] = [None] * num_layers
+        self._room: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * num_layers
         self.prefix_len = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            if self.keys[layer].device != k.device:  # P-tuning prefix made at the prefix encoder; block elsewhere
-                self.keys[layer] = self.keys[layer].to(k.device)
-                self.values[layer] = self.values[layer].to(k.device)
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
+        old_k, old_v = self.keys[layer], self.values[layer]
+        if old_k is None:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        if old_k.device != k.device:  # P-tuning prefix made at the prefix encoder; block elsewhere
+            old_k, old_v = old_k.to(k.device), old_v.to(k.device)
+        if torch.is_grad_enabled() or old_k.dtype != k.dtype or old_k.shape[:2] != k.shape[:2]:
+            k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)  # autograd needs fresh tensors
+            self._room[layer] = None
+        else:
+            # Inference: keys/values are views of buffers with room for GROW more positions, so a
+            # decode step writes one position instead of copying the whole cache (torch.cat).
+            n, add = old_k.shape[2], k.shape[2]
+            room = self._room[layer]
+            if room is None or room[0].shape[2] < n + add or room[0].data_ptr() != old_k.data_ptr():
+                size = list(k.shape)
+                size[2] = n + add + self.GROW
+                room = (k.new_empty(size), v.new_empty(size))
+                room[0][:, :, :n].copy_(old_k)
+                room[1][:, :, :n].copy_(old_v)
+                self._room[layer] = room
+            room[0][:, :, n:n + add].copy_(k)
+            room[1][:, :, n:n + add].copy_(v)
+            k, v = room[0][:, :, :n + add], room[1][:, :, :n + add]
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
@@ -243,6 +263,7 @@ class GLMCache:
         return 0 if k is None else k.shape[2] - self.prefix_len
 
     def reorder(self, beam_idx: torch.Tensor) -> "GLMCache":
+        self._room = [None] * len(self.keys)
         for i, k in enumerate(self.keys):
             if k is not None:
                 self.keys[i] = k.index_select(0, beam_idx.to(k.device))
