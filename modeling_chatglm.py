@@ -174,10 +174,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[b, heads, s, d]``; first half of d rotates with channel 0, second half with channel 1."""
+    """x ``[b, heads, s, d]`` (or ``[b, heads, s, n, d]``: n vectors per position rotated alike);
+    the first half of d rotates with channel 0, the second half with channel 1."""
     x_pos, x_block = x.chunk(2, dim=-1)
     c0, c1 = cos[:, 0, None], cos[:, 1, None]  # [b, 1, s, d/2]
     s0, s1 = sin[:, 0, None], sin[:, 1, None]
+    if x.dim() == 5:
+        c0, c1, s0, s1 = c0.unsqueeze(-2), c1.unsqueeze(-2), s0.unsqueeze(-2), s1.unsqueeze(-2)
     x_pos = x_pos * c0 + rotate_half(x_pos) * s0
     x_block = x_block * c1 + rotate_half(x_block) * s1
     return torch.cat((x_pos, x_block), dim=-1)
@@ -232,7 +235,9 @@ class GLMCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         old_k, old_v = self.keys[layer], self.values[layer]
         if old_k is None:
-            self.keys[layer], self.values[layer] = k, v
+            # own storage: k and v arrive as views of the layer's whole q/k/v projection, which
+            # the cache would otherwise keep alive (twice the memory of the keys and values)
+            self.keys[layer], self.values[layer] = k.contiguous(), v.contiguous()
             return k, v
         if old_k.device != k.device:  # P-tuning prefix made at the prefix encoder; block elsewhere
             old_k, old_v = old_k.to(k.device), old_v.to(k.device)
@@ -343,9 +348,10 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
         qkv = qkv.transpose(1, 2)  # [b, heads, s, 3*head_dim]: rows interleaved per head
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q = apply_rotary_2d(q, cos, sin)
-        k = apply_rotary_2d(k, cos, sin)
+        d = self.head_dim
+        # q and k side by side in one rotation (the same element-wise operations, half the calls)
+        q, k = apply_rotary_2d(qkv[..., :2 * d].unflatten(-1, (2, d)), cos, sin).unbind(-2)
+        v = qkv[..., 2 * d:]
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         ctx = glm_attention(q, k, v, mask, self.layer_index)  # [b, heads, s, head_dim]
