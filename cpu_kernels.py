@@ -53,6 +53,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -60,7 +61,7 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV", "to_large_pages",
-           "release_pages", "populate_for_writing", "large_pages_enabled"]
+           "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
 _ABI_VERSION = 3  # bump together with CG_ABI_VERSION in the C source
@@ -1455,16 +1456,30 @@ def _run(x, w, kind, N, K, scale, bias):
     bias_t, bias_code = _param(bias, N, "bias")
     y = torch.empty(x.shape[:-1] + (N,), dtype=torch.float32)
     if M and N:
-        rc = lib.cg_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K,
-                           w.data_ptr(), kind, N, w.stride(0) * w.element_size(),
-                           None if scale_t is None else scale_t.data_ptr(), scale_code,
-                           None if bias_t is None else bias_t.data_ptr(), bias_code,
-                           y.data_ptr(), N, torch.get_num_threads())
+        _ACTIVITY[0] += 1
+        try:
+            rc = lib.cg_linear(x2.data_ptr(), M, K, x2.stride(0) if M > 1 else K,
+                               w.data_ptr(), kind, N, w.stride(0) * w.element_size(),
+                               None if scale_t is None else scale_t.data_ptr(), scale_code,
+                               None if bias_t is None else bias_t.data_ptr(), bias_code,
+                               y.data_ptr(), N, torch.get_num_threads())
+        finally:
+            _ACTIVITY[0] -= 1
+            _ACTIVITY[1] = time.monotonic()
         if rc == 1:
             raise MemoryError(f"CPU kernel could not allocate its work buffers (M={M}, N={N}, K={K})")
         if rc != 0:
             raise RuntimeError(f"CPU kernel rejected its arguments (code {rc}); this is a bug")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_ACTIVITY = [0, 0.0]  # kernel calls running, time.monotonic() when the last one ended
+
+
+def idle_for(seconds: float) -> bool:
+    """True when no kernel call is running and none ended in the last ``seconds`` (the loader's
+    background work waits for this, so that it never competes with inference)."""
+    return _ACTIVITY[0] == 0 and time.monotonic() - _ACTIVITY[1] >= seconds
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -1527,6 +1542,16 @@ class _Libc:
 _LIBC = _Libc()
 
 
+def large_pages_mode() -> str:
+    """How the loader puts CPU weights in 2 MB pages: "background" (default: after loading, on a
+    background thread), "sync" (``CHATGLM_LARGE_PAGES=sync``: while loading) or "off"
+    (``CHATGLM_LARGE_PAGES=0``, or no transparent huge pages on this system)."""
+    value = os.environ.get(LARGE_PAGES_ENV, "1").strip().lower()
+    if value in ("0", "false", "no", "off") or not large_pages_enabled():
+        return "off"
+    return "sync" if value == "sync" else "background"
+
+
 def large_pages_enabled() -> bool:
     """Whether weights loaded for the CPU go to 2 MB pages: Linux with transparent huge pages
     not set to "never", unless ``CHATGLM_LARGE_PAGES=0``."""
@@ -1572,9 +1597,13 @@ def release_pages(t: torch.Tensor) -> None:
     """Drop the pages lying wholly inside ``t`` from this process (MADV_DONTNEED). Only for a
     tensor in a private read-only mapping of a file (``torch.load(mmap=True)``): its pages are
     read back from the file if touched again. (On anonymous memory this would zero the data.)"""
-    nbytes = t.numel() * t.element_size()
-    first = -t.data_ptr() % 4096
-    _LIBC.madvise(t.data_ptr() + first, (nbytes - first) // 4096 * 4096, _MADV_DONTNEED)
+    release_range(t.data_ptr(), t.numel() * t.element_size())
+
+
+def release_range(address: int, nbytes: int) -> None:
+    """``release_pages`` for the pages wholly inside [address, address + nbytes)."""
+    first = -address % 4096
+    _LIBC.madvise(address + first, (nbytes - first) // 4096 * 4096, _MADV_DONTNEED)
 
 
 def populate_for_writing(address: int, nbytes: int) -> None:

@@ -12,6 +12,9 @@ import ctypes
 import importlib
 import json
 import os
+import threading
+import time
+import weakref
 import warnings
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -21,8 +24,9 @@ from torch import nn
 from .configuration_chatglm import ChatGLMConfig
 from .dispatch import check_device_map as _check_device_map, device_for as _device_for, dispatch as _dispatch, \
     normalize_device_map as _normalize_device_map, plan_device_map as _plan_device_map
-from .cpu_kernels import populate_for_writing, release_pages, to_large_pages
-from .quantization import QuantizedLinear, quantize_weight
+from . import cpu_kernels
+from .cpu_kernels import large_pages_mode, populate_for_writing, release_pages, release_range, to_large_pages
+from .quantization import QuantizedLinear, kernel_backend, quantize_weight
 
 HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
               "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
@@ -116,8 +120,10 @@ class MappedFile:
                 raise CheckpointError(f"{self.path} ended early (truncated download?); re-download it")
             done += got
 
-    def filler(self, t: torch.Tensor):
-        """``fill(dst)`` for ``cpu_kernels.to_large_pages``: dst <- the bytes of t, from the file."""
+    def filler(self, t: torch.Tensor, parallel: bool = True, before_chunk=None):
+        """``fill(dst)`` for ``cpu_kernels.to_large_pages``: dst <- the bytes of t, from the file
+        (on several threads unless ``parallel`` is False; then ``before_chunk()``, if given, is
+        called before each chunk)."""
         offset = self.offset(t)
         if offset is None or self.fd is None:
             return None
@@ -125,6 +131,14 @@ class MappedFile:
         def fill(dst: torch.Tensor) -> bool:
             n = dst.numel()
             starts = range(0, n, self.CHUNK)
+            if not parallel:
+                for i in starts:
+                    if before_chunk is not None:
+                        before_chunk()
+                    self._read(dst.data_ptr() + i, min(self.CHUNK, n - i), offset + i)
+                    if before_chunk is not None:  # (background) drop what was read from the mapping as we go
+                        release_range(t.data_ptr() + i, min(self.CHUNK, n - i))
+                return True
             if len(starts) == 1:
                 self._read(dst.data_ptr(), n, offset)
                 return True
@@ -146,7 +160,7 @@ class MappedFile:
 def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str, Optional[MappedFile]]]:
     """Yield (key, tensor, file, mapped) for every tensor, streaming file by file; ``mapped`` is a
     MappedFile when the tensor lives in a private read-only mapping of the file
-    (``torch.load(mmap=True)``), else None."""
+    (``torch.load(mmap=True)``), else None. The caller closes the MappedFiles."""
     for path in files:
         _check_not_lfs_pointer(path)
         if path.endswith(".safetensors"):
@@ -177,16 +191,12 @@ def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str, Optional[Ma
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} holds a {type(sd).__name__}, not a state dict (name -> tensor); save "
                                   "model.state_dict() instead")
-        try:
-            for key in list(sd.keys()):
-                value = sd.pop(key)
-                if not isinstance(value, torch.Tensor):
-                    raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; a "
-                                          "checkpoint must map parameter names to tensors (save model.state_dict())")
-                yield key, value, path, mapped
-        finally:
-            if mapped is not None:
-                mapped.close()
+        for key in list(sd.keys()):
+            value = sd.pop(key)
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; a "
+                                      "checkpoint must map parameter names to tensors (save model.state_dict())")
+            yield key, value, path, mapped
         del sd
 
 
@@ -258,8 +268,47 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     files = find_weight_files(path, hub_kwargs, use_safetensors)
     expected = dict(model.state_dict(keep_vars=True))
     bits = config.quantization_bit
+    # CPU weights of a mapped .bin go to 2 MB pages after loading, in the background (see start_large_pages)
+    mode = large_pages_mode() if _all_on_cpu(dmap) else "sync"
+    if mode == "background" and kernel_backend("cpu") is None:
+        mode = "off"  # the move waits for idle CPU kernels; without them (torch path) it would compete
+    background = [] if mode == "background" else None
+    mapped_files = []
+    try:
+        loaded = _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode, background,
+                               mapped_files)
+        _finish(model, config, loaded, expected, dmap)
+        model.tie_weights()
+        _attach_generation_config(model, path, hub_kwargs)
+        if isinstance(model.config, ChatGLMConfig):
+            model.config._name_or_path = path
+        model.eval()
+        _dispatch(model, dmap, offload_folder)  # accelerate hooks for several devices or "disk"; no-op for one device
+    except BaseException:
+        for f in mapped_files:
+            f.close()
+        raise
+    if background:
+        start_large_pages(model, background, mapped_files)  # the files are closed when it is done
+    else:
+        for f in mapped_files:
+            f.close()
+    if output_loading_info:
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return model
+
+
+def _all_on_cpu(dmap) -> bool:
+    places = list((dmap or {"": "cpu"}).values())
+    return all(isinstance(p, (str, torch.device)) and str(p) == "cpu" for p in places)
+
+
+def _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode, background, mapped_files) -> set:
+    """Read every tensor of the checkpoint into ``model``; returns the keys loaded."""
     loaded, quantized_on_load, source, embed_source_ptr = set(), False, {}, None
     for key, tensor, src, mapped in iter_checkpoint(files):
+        if mapped is not None and mapped not in mapped_files:
+            mapped_files.append(mapped)
         if key in source:
             raise CheckpointError(f"{key} is stored twice ({source[key]} and {src}); the checkpoint is inconsistent: "
                                   "re-download it (or fix the shard index)")
@@ -286,14 +335,14 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
                 q, scale = quantize_weight(tensor.to(dev), bits)
                 if mapped is not None:
                     release_pages(tensor)  # read once: don't keep the FP16 file resident while quantizing
-                _set_tensor(model, key, _place(q, dev, None), False)
+                _set_tensor(model, key, _place(q, dev, None, mode, None, key), False)
                 _set_tensor(model, key[:-len("weight")] + "weight_scale", scale.to(torch.float16), False)
                 loaded.update({key, key[:-len("weight")] + "weight_scale"})
                 quantized_on_load = True
                 continue
             else:
                 raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected int8 for quantization_bit {bits}")
-            _set_tensor(model, key, _place(tensor, dev, mapped), False)
+            _set_tensor(model, key, _place(tensor, dev, mapped, mode, background, key), False)
         elif key.endswith(".inv_freq"):
             _check_shape(key, tensor, want, "float", config)
             _set_tensor(model, key, want.new_empty(0, device="cpu"), False)  # recomputed below
@@ -308,32 +357,31 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
             new_dtype = _float_target(key, tensor.dtype, target_dtype)
             value = tensor.to(device=dev, dtype=new_dtype)
             if value.data_ptr() == tensor.data_ptr():
-                placed = _place(value, dev, mapped)
+                placed = _place(value, dev, mapped, mode, background, key)
                 if quantized_on_load and placed is value:
                     placed = value.clone()  # don't keep the whole FP16 file mapped for a few small tensors
                 value = placed
             _set_tensor(model, key, value, not key.endswith("weight_scale") and not _is_quant_bias(model, key))
         loaded.add(key)
-
-    _finish(model, config, loaded, expected, dmap)
-    model.tie_weights()
-    _attach_generation_config(model, path, hub_kwargs)
-    if isinstance(model.config, ChatGLMConfig):
-        model.config._name_or_path = path
-    model.eval()
-    _dispatch(model, dmap, offload_folder)  # accelerate hooks for several devices or "disk"; no-op for one device
-    if output_loading_info:
-        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-    return model
+    return loaded
 
 
-def _place(tensor: torch.Tensor, dev, mapped: Optional[MappedFile]) -> torch.Tensor:
+def _place(tensor: torch.Tensor, dev, mapped: Optional[MappedFile], mode: str, background: Optional[list],
+           key: str):
     """``tensor`` on ``dev``; a large CPU weight goes to memory in 2 MB pages (decode streams the
     weights once per token, and 4 KB pages cost it a fifth of the bandwidth, see
     ``cpu_kernels.to_large_pages``), read straight from the file of a mapped checkpoint so that
-    the file's mapping and the copy are never resident together."""
+    the file's mapping and the copy are never resident together. With ``background`` (a list), a
+    mapped weight stays in the mapping for now and is queued for ``start_large_pages``; with mode
+    "off" it stays where it is."""
     if torch.device(dev).type != "cpu" or tensor.device.type != "cpu":
         return tensor.to(dev)
+    if mode == "off":
+        return tensor
+    if background is not None and mapped is not None and mapped.offset(tensor) is not None \
+            and tensor.numel() * tensor.element_size() >= cpu_kernels._LARGE_PAGE_MIN_BYTES:
+        background.append((key, tensor, mapped))
+        return tensor
     placed = to_large_pages(tensor, mapped.filler(tensor) if mapped is not None else None)
     if placed is not tensor and mapped is not None:
         release_pages(tensor)  # in case fill fell back to copying through the mapping
@@ -448,3 +496,108 @@ def _attach_generation_config(model, path, hub_kwargs):
                                                                            if v is not None})
     except Exception:  # no generation_config.json (the official repos have none)
         model.generation_config = GenerationConfig.from_model_config(model.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving mapped CPU weights to 2 MB pages after loading
+
+_MIGRATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _LargePages
+_SWAP = threading.Lock()
+
+
+class _Halted(Exception):
+    pass
+
+
+class _LargePages(threading.Thread):
+    """Copies the weights of a freshly loaded model from the checkpoint's mapping into 2 MB pages
+    on one background thread, swapping each parameter's data when its copy is complete.
+
+    Loading then takes as long as mapping the file, and generation can start at once, reading the
+    mapping (4 KB pages); the copying runs only while no CPU kernel has run for 0.1 s (between
+    requests), and decoding gets faster as weights move (see ``cpu_kernels.to_large_pages``). Each weight is resident once, in the mapping or in its copy:
+    the mapping's pages of a moved weight are dropped (MADV_DONTNEED; they stay readable from the
+    file), so memory does not grow. The mapped tensors are kept referenced (address space only) so
+    that a kernel call already running on one never reads unmapped memory. A parameter that was
+    replaced or converted meanwhile (``.to()``, ``.half()``, ``load_state_dict``) is left alone;
+    ``model._apply`` (behind ``.to()`` & co.) stops the thread first (``stop_large_pages``).
+    """
+
+    def __init__(self, model, items, files):
+        super().__init__(name="chatglm6b-large-pages", daemon=True)
+        self._model = weakref.ref(model)
+        self._items = [(weakref.ref(model.get_parameter(key)), tensor, mapped) for key, tensor, mapped in items]
+        self.sources = [tensor for _, tensor, _ in items]
+        self._files = files
+        self._halt = threading.Event()
+        self.total, self.moved, self.seconds, self.error = len(items), 0, None, None
+
+    def run(self):
+        t0 = time.perf_counter()
+        try:
+            for param_ref, old, mapped in self._items:
+                param = param_ref()
+                if self._halt.is_set() or self._model() is None:
+                    break
+                if param is None or param.device.type != "cpu" or param.data_ptr() != old.data_ptr():
+                    continue  # replaced (quantize(), load_state_dict, ...) or converted meanwhile
+                new = to_large_pages(old, mapped.filler(old, parallel=False, before_chunk=self._wait_idle))
+                if new is old:
+                    continue
+                with _SWAP:
+                    if self._halt.is_set() or param.data_ptr() != old.data_ptr():
+                        continue
+                    param.data = new
+                release_pages(old)
+                self.moved += 1
+        except _Halted:
+            pass
+        except Exception as exc:  # e.g. out of memory: the model keeps working from the mapping
+            self.error = exc
+            warnings.warn(f"chatglm6b: moving the weights to 2 MB pages stopped ({exc}); the model keeps "
+                          "reading them from the checkpoint's mapping (slower decoding)", RuntimeWarning)
+        finally:
+            for f in self._files:
+                f.close()
+            self.seconds = time.perf_counter() - t0
+
+    IDLE = 0.1  # seconds without a CPU kernel call before a chunk is copied
+
+    def _wait_idle(self):
+        """Copy only while the model is idle (e.g. between chat turns): the copy competes with
+        inference for memory bandwidth and, on 2 cores, for a core (measured here: decode steps
+        500-1200 ms instead of 320 while copying). Raises to stop when halted."""
+        while not cpu_kernels.idle_for(self.IDLE):
+            if self._halt.wait(0.02):
+                break
+        if self._halt.is_set():
+            raise _Halted()
+
+    def halt(self):
+        self._halt.set()
+        with _SWAP:
+            pass  # a swap in progress completes; none starts after this
+
+
+def start_large_pages(model, items, files) -> None:
+    job = _LargePages(model, items, files)
+    _MIGRATIONS[model] = job
+    job.start()
+
+
+def wait_for_large_pages(model, timeout: Optional[float] = None) -> dict:
+    """Wait until the weights of ``model`` are in 2 MB pages (no-op when nothing is being moved);
+    returns ``{"moved": n, "total": n, "seconds": s or None, "done": bool}``."""
+    job = _MIGRATIONS.get(model)
+    if job is None:
+        return {"moved": 0, "total": 0, "seconds": 0.0, "done": True}
+    job.join(timeout)
+    return {"moved": job.moved, "total": job.total, "seconds": job.seconds, "done": not job.is_alive()}
+
+
+def stop_large_pages(model) -> None:
+    """Stop moving weights (the ones already moved stay moved) and wait for the thread."""
+    job = _MIGRATIONS.get(model)
+    if job is not None and job.is_alive():
+        job.halt()
+        job.join()

@@ -236,6 +236,7 @@ def test_cpu_weights_in_large_pages_equal_what_was_written(written, name, monkey
     monkeypatch.setattr(loading.MappedFile, "_read", lambda self, a, n, o: (read.append(n), original(self, a, n, o)))
     folder, ref = written[name]
     model = _load(folder)
+    model.wait_for_large_pages()  # .bin weights move after loading, on a background thread
     _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
     weights = [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)] or \
         [model.transformer.layers[0].mlp.dense_h_to_4h.weight]
@@ -249,6 +250,72 @@ def test_cpu_weights_in_large_pages_equal_what_was_written(written, name, monkey
         assert read == []  # safetensors hands out copies: those are copied, the file is not re-read
     else:  # .bin files (sharded too) are mapped by torch.load; the weights are read from the file instead
         assert sum(read) >= sum(w.numel() * w.element_size() for w in weights)
+
+
+def _quantized_weights(model):
+    return [m.weight for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
+@pytest.fixture
+def small_large_pages(monkeypatch):
+    """Every CPU tensor counts as large (the real threshold, 2 MB, exceeds the tiny checkpoints')."""
+    from chatglm6b import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    # the copying and swapping run even where THP is set to "never" (madvise still succeeds there)
+    monkeypatch.setattr(cpu_kernels, "large_pages_enabled", lambda: True)
+    return cpu_kernels
+
+
+def test_weights_move_in_the_background_only_while_idle(written, small_large_pages, monkeypatch):
+    """Loading returns with the weights still in the file's mapping; they move to 2 MB pages only
+    while no CPU kernel runs (busy simulated here), and end up equal to the file."""
+    from chatglm6b import loading
+
+    monkeypatch.setattr(small_large_pages, "_ACTIVITY", [1, 0.0])  # a kernel call is "running"
+    folder, ref = written["int8-bin"]
+    model = _load(folder)
+    status = model.wait_for_large_pages(timeout=0.5)
+    assert not status["done"] and status["moved"] == 0 and status["total"] > 0
+    assert all(w.data_ptr() % (2 << 20) for w in _quantized_weights(model))  # still mapped
+    with torch.no_grad():  # usable meanwhile
+        model(input_ids=torch.tensor([[5, 6, 130001, 130004]]))
+    small_large_pages._ACTIVITY[0] = 0  # idle from now on
+    status = model.wait_for_large_pages(timeout=60)
+    assert status["done"] and status["moved"] == status["total"]
+    assert all(w.data_ptr() % (2 << 20) == 0 for w in _quantized_weights(model))
+    _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    assert loading._MIGRATIONS.get(model) is not None
+
+
+def test_conversion_during_the_move_stops_it(written, small_large_pages, monkeypatch):
+    """.bfloat16() (any model._apply) while weights are moving: the move stops first, the
+    conversion sees consistent tensors, and no later swap brings a CPU copy back."""
+    import copy
+
+    monkeypatch.setattr(small_large_pages, "_ACTIVITY", [1, 0.0])
+    folder, ref = written["int8-bin"]
+    model = _load(folder)
+    clone = copy.deepcopy(model)  # the background job is not part of the model's state
+    model.bfloat16()
+    small_large_pages._ACTIVITY[0] = 0
+    assert model.wait_for_large_pages(timeout=60)["done"]
+    assert model.transformer.word_embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(model.transformer.word_embeddings.weight, ref[EMBED].bfloat16())
+    for k, v in model.state_dict().items():
+        if k.endswith(".weight") and v.dtype == torch.int8:
+            assert torch.equal(v, ref[k]), k
+    _assert_same_state(clone.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
+
+
+def test_sync_mode_moves_while_loading(written, small_large_pages, monkeypatch):
+    monkeypatch.setenv("CHATGLM_LARGE_PAGES", "sync")
+    folder, ref = written["int8-bin"]
+    model = _load(folder)
+    assert model.wait_for_large_pages(timeout=0) == {"moved": 0, "total": 0, "seconds": 0.0, "done": True}
+    assert all(w.data_ptr() % (2 << 20) == 0 for w in _quantized_weights(model))
+    _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
 
 
 def test_large_pages_can_be_switched_off(written, monkeypatch):
