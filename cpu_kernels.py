@@ -18,9 +18,11 @@ How it works
     portable version is built; the compiler vectorizes its loops.
   * Threads: OpenMP, as many as ``torch.get_num_threads()`` (which follows ``OMP_NUM_THREADS``).
     Work items (blocks of output features) are taken from a shared counter, so a thread whose
-    core is busy with something else takes fewer. torch ships its own ``libgomp.so.1``; the
-    library links the same soname, so one OpenMP thread pool serves both and they never
-    oversubscribe the cores.
+    core is busy with something else takes fewer. torch ships its own ``libgomp.so.1``; a gcc
+    build links the same soname, so one OpenMP thread pool serves both and they never
+    oversubscribe the cores (a clang build links LLVM's libomp: two pools, still correct).
+    Checked here: gcc 12 (x86-64, with AMX), clang 14 (x86-64; AMX left out, see the C source)
+    and an aarch64 cross-compile with gcc 12 (portable path; compiled, not run).
   * Decode (few rows of x) streams every weight byte from memory once and converts it in
     registers (memory-bound); prefill (many rows) converts panels of the weight to fp32 in
     cache and runs a register-blocked fp32 GEMM (compute-bound, ~85-90% of FMA peak on a core).
@@ -657,16 +659,25 @@ static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {32, 12, 3
 
 /* ------------------------------------------------------------------ dispatch ------------ */
 
-static int amx_supported(void);
+static inline int amx_supported(void);
+
+#if CG_X86
+#include <cpuid.h>
+/* F16C from CPUID leaf 1 (ECX bit 29): clang's __builtin_cpu_supports does not know "f16c". */
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1u);
+}
+#endif
 
 static int best_isa(void) {
 #if CG_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        __builtin_cpu_supports("fma") && has_f16c())
         return amx_supported() ? ISA_AMX : ISA_AVX512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c())
         return ISA_AVX2;
 #endif
     return ISA_GENERIC;
@@ -914,7 +925,10 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    with the weights (|sum| <= 128 * 128 * 65536 < 2^31 per K chunk), the digit sums are combined
    in double precision and the result is rounded once, so the whole dot product is more accurate
    than an fp32 loop. Weights are read straight from their rows (tile loads with stride ldw). */
-#if CG_X86 && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+/* gcc >= 11 only: clang 14 accepts the target attribute but its backend fails on the tile
+   intrinsics ("Cannot select: intrinsic %llvm.x86.tilezero") unless the whole file is built with
+   -mamx-tile, so clang builds use AVX-512 for everything. */
+#if CG_X86 && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 11
 #define CG_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -931,7 +945,7 @@ typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; u
 
 /* AMX-TILE and AMX-INT8 in CPUID, and the kernel's permission to use the tile data (Linux 5.16+;
    asking for it is process-wide and idempotent). */
-static int amx_supported(void) {
+static inline int amx_supported(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1u) || !((d >> 25) & 1u)) return 0;
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
@@ -1079,8 +1093,8 @@ TAMX static int amx_driver(const problem *p, int nthreads) {
 #else
 #define CG_AMX 0
 #define AMX_MIN_M 1
-static int amx_supported(void) { return 0; }
-static int amx_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
+static inline int amx_supported(void) { return 0; }
+static inline int amx_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
 #endif
 
 /* fp32 copy of a per-output vector given as fp32 / fp16 / bf16; *owned is set when allocated */
