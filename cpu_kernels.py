@@ -1295,6 +1295,22 @@ def _compile(cmd: list, flags: list, target: Path) -> None:
                 pass
 
 
+STALE_DAYS = 30
+
+
+def _prune(keep: Path) -> None:
+    """After a build, delete cached libraries of other sources/compilers/flags that were built more
+    than STALE_DAYS ago (each package upgrade leaves one behind). A process still using one keeps
+    its mapping (unlinking a loaded library is safe on POSIX); another that needs it rebuilds it."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in keep.parent.glob("cpu_kernels-*.so"):
+        try:
+            if old != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.cg_linear.argtypes = [ptr, i64, i64, i64, ptr, c_int, i64, i64, ptr, c_int, ptr, c_int, ptr, i64, c_int]
@@ -1365,6 +1381,7 @@ class _Kernels:
             try:
                 _compile(cmd, flags, path)
                 self.lib, self.path, self.compiled = _bind(ctypes.CDLL(str(path))), path, True
+                _prune(path)
                 break
             except (_BuildError, OSError) as exc:
                 errors.append(str(exc))

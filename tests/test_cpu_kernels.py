@@ -398,6 +398,21 @@ def test_second_load_uses_the_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [lib_path.name]  # no temporary files left
 
 
+def test_a_build_prunes_libraries_older_than_30_days(tmp_path):
+    old, recent, other = (tmp_path / "cpu_kernels-0000000000000000dead.so",
+                          tmp_path / "cpu_kernels-0000000000000000beef.so", tmp_path / "notes.txt")
+    for f in (old, recent, other):
+        f.write_bytes(b"x")
+    month = time.time() - 31 * 86400
+    os.utime(old, (month, month))
+    os.utime(other, (month, month))
+    res = probe_result(run_probe(tmp_path))
+    assert res["ok"] and res["compiled"]
+    assert not old.exists()  # stale library of another version: removed
+    assert recent.exists() and other.exists()  # recent libraries and foreign files are left alone
+    assert Path(res["library"]).exists()
+
+
 def test_missing_compiler_warns_once_and_falls_back(tmp_path):
     cache = tmp_path / "empty-cache"
     res = probe_result(run_probe(cache, {"CC": str(tmp_path / "no-such-compiler")}))
