@@ -9,7 +9,9 @@ at install time. `linear` picks one of three paths from the number of activation
   16-byte loads (evict-first: the weights are streamed, x stays cached). Each 32-bit word of
   four int8 (or eight int4) values becomes exact fp32 values through byte-permute / LOP3
   tricks in inline PTX (the value lands under a float exponent; one subtraction removes the
-  offset), which is cheaper than the int-to-float conversion unit, then one FMA per value.
+  offset), which is cheaper than the int-to-float conversion unit, then one FMA per value. On the
+  ChatGLM shapes on sm_90 (`_GEMV_SHAPE_CFG`) the four fp16 activations of a word come as one
+  8-byte load (`XVEC`): four 2-byte loads per word kept the L1 busier than the weight stream.
 * 2 <= M <= 16 (batched decode): tensor cores with the weight as the A operand
   (yᵀ = W·xᵀ), so one read of a weight tile serves all rows: `_qmm_asm_kernel` (the same bit
   tricks, fp16 activations) or `_qmm_kernel` (plain conversion; bf16 or unaligned K). Where
@@ -65,7 +67,7 @@ _PDL_IMPORTED = False
 _LOCK = threading.Lock()
 _KERNELS = None
 _AVAILABLE: Optional[bool] = None
-_DEVICE_OK = {}  # device index -> bool (compute capability high enough)
+_CAPABILITY = {}  # device index -> (major, minor)
 _BROKEN = set()  # (path, bits, dtype, device) whose compile or launch failed: the torch path runs
 # Raise kernel errors instead of falling back to the torch path (tests and benchmarks set it).
 STRICT = os.environ.get("CHATGLM_CUDA_STRICT", "0") == "1"
@@ -92,6 +94,15 @@ _GEMV_CFG = {  # M == 1, _gemv_kernel; key (bits, N <= _SMALL_N, K >= _BIG_K)
     (4, False, True): dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=False, EV="evict_first", num_warps=4, num_stages=4),
     (4, True, False): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, EV="evict_first", num_warps=4),
     (4, True, True): dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+}
+# Per-shape M == 1 configs, key ((major, minor) compute capability, bits, N, K); they override
+# _GEMV_CFG on that architecture only (other GPUs keep the generic entries above). Chosen by timing
+# the whole CUDA-graph decode step with PDL (benchmarks/bench_gpu.py --sweep-gemv).
+_GEMV_SHAPE_CFG = {
+    ((9, 0), 8, 12288, 4096): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    ((9, 0), 8, 4096, 4096): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    ((9, 0), 8, 16384, 4096): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    ((9, 0), 8, 4096, 16384): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
 }
 _DECODE_CFG = {  # 2 <= M <= 16 (and M == 1 when rows are not whole words); key (bits, N <= _SMALL_N)
     # "asm" (_qmm_asm_kernel) needs fp16 activations and whole words, else _DECODE_PLAIN_CFG runs.
@@ -215,57 +226,90 @@ def _tile_store(acc, rn, rm, rn_c, M, N, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym,
         tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], _activate(out, y_ptr, ACT, LIBDEVICE), mask=mask)
 
 
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xk, stride_wn, stride_wk,
+def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, stride_xk, stride_wn, stride_wk,
                  BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr,
                  ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
-                 L2_BYTES: tl.constexpr = 0):
+                 L2_BYTES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, CM: tl.constexpr = "",
+                 XVEC: tl.constexpr = 0):
     # y[n] = act(s[n] * sum_k x[k] q[n, k] + b[n]) for one activation row.
     # L2_BYTES > 0 (with PDL): before waiting for the previous kernel, have the first L2_BYTES of
     # each of this program's weight rows brought into L2, so that DRAM streams weights while the
     # small kernels before this one (LayerNorm, attention) run.
     # w_ptr: the weight as int32 words [N, KW]; word t holds columns 4t..4t+3 (INT8: byte i is
     # column 4t+i) or 8t..8t+7 (INT4: byte i holds column 8t+2i high nibble, 8t+2i+1 low).
+    # SPLIT_K > 1: program_id(1) takes an equal share of the K tiles (the launcher makes the tile
+    # count divisible) and writes its fp32 partial sums to ws[split, n] for _splitk_reduce_kernel.
+    # CM: cache modifier of the weight loads. XVEC (INT8, x contiguous, 8-byte aligned): the four
+    # activations of a word come as one 8-byte load from xv_ptr (x viewed as int64; 16-byte vectors
+    # per thread) instead of four 2-byte loads; xv_ptr is unused otherwise.
     _pdl_start(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
     rw = tl.arange(0, BLOCK_KW)
-    w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :] * stride_wk
     num_kt = tl.cdiv(KW, BLOCK_KW)
+    kt0 = 0
+    kt1 = num_kt
+    if SPLIT_K > 1:
+        kt0 = tl.program_id(1) * (num_kt // SPLIT_K)
+        kt1 = kt0 + num_kt // SPLIT_K
+    w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :] * stride_wk
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)  # fp32 bit patterns (asm in/out is .b32)
     if PREFETCH:  # register double buffer: the next tile's loads are in flight during the math
         if EVEN_K:
-            w_nxt = tl.load(w_ptrs, eviction_policy=EV)
+            w_nxt = tl.load(w_ptrs + kt0 * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
         else:
-            w_nxt = tl.load(w_ptrs, mask=(rw < KW)[None, :], other=0, eviction_policy=EV)
+            w_nxt = tl.load(w_ptrs + kt0 * BLOCK_KW * stride_wk, mask=(kt0 * BLOCK_KW + rw < KW)[None, :], other=0,
+                            cache_modifier=CM, eviction_policy=EV)
     if L2_BYTES > 0:
         one = tl.zeros([1], dtype=tl.int32)
         for r in tl.static_range(BLOCK_N):
             row = tl.minimum(tl.program_id(0) * BLOCK_N + r, N - 1)
             _l2_prefetch(w_ptr + row.to(tl.int64) * stride_wn + one, one + L2_BYTES)
     _pdl_wait(PDL)  # the first weight tile (weights are never written by a kernel) is already on its way
-    for kt in range(0, num_kt):
+    for kt in range(kt0, kt1):
         ww = kt * BLOCK_KW + rw
         kmask = ww < KW
         if PREFETCH:
             w = w_nxt
-            nk = tl.minimum(kt + 1, num_kt - 1)  # last iteration re-reads its own tile (L2 hit)
+            nk = tl.minimum(kt + 1, kt1 - 1)  # last iteration re-reads its own tile (L2 hit)
             if EVEN_K:
-                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, eviction_policy=EV)
+                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
             else:
                 w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, mask=(nk * BLOCK_KW + rw < KW)[None, :], other=0,
-                                eviction_policy=EV)
+                                cache_modifier=CM, eviction_policy=EV)
         else:
             if EVEN_K:
-                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, eviction_policy=EV)
+                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
             else:
-                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=kmask[None, :], other=0, eviction_policy=EV)
+                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=kmask[None, :], other=0, cache_modifier=CM,
+                            eviction_policy=EV)
         if BITS == 8:
-            xb = x_ptr + (ww * 4) * stride_xk
-            x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-            x1 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-            x2 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-            x3 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+            if XVEC == 2:  # fp16 x: unpack the four halves of the int64 in PTX
+                xv = tl.load(xv_ptr + ww, mask=kmask, other=0)  # x[4t..4t+3] as one int64
+                x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                    "{\n"
+                    ".reg .b16 %gh0, %gh1, %gh2, %gh3;\n"
+                    "mov.b64 {%gh0, %gh1, %gh2, %gh3}, $4;\n"
+                    "cvt.f32.f16 $0, %gh0;\n"
+                    "cvt.f32.f16 $1, %gh1;\n"
+                    "cvt.f32.f16 $2, %gh2;\n"
+                    "cvt.f32.f16 $3, %gh3;\n"
+                    "}",
+                    "=r,=r,=r,=r,l", [xv], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            elif XVEC == 1:
+                xv = tl.load(xv_ptr + ww, mask=kmask, other=0)  # x[4t..4t+3] as one int64
+                xdt = x_ptr.dtype.element_ty
+                x0 = (xv & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+                x1 = ((xv >> 16) & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+                x2 = ((xv >> 32) & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+                x3 = ((xv >> 48) & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
+            else:
+                xb = x_ptr + (ww * 4) * stride_xk
+                x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+                x1 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+                x2 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+                x3 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
             # byte i of (w ^ 0x80808080) is q+128; prmt puts it under the exponent of 2^23, so the
             # float is 2^23 + 128 + q exactly; subtracting 2^23 + 128 leaves q.
             acc = tl.inline_asm_elementwise(
@@ -354,10 +398,13 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xk, stride_wn,
                  acc],
                 dtype=tl.int32, is_pure=True, pack=1)
     out = tl.sum(acc.to(tl.float32, bitcast=True), axis=1)  # [BLOCK_N]
-    out = out * tl.load(s_ptr + rn_c).to(tl.float32)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + rn_c).to(tl.float32)
-    tl.store(y_ptr + rn, _activate(out, y_ptr, ACT, LIBDEVICE), mask=rn < N)
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
+    else:
+        out = out * tl.load(s_ptr + rn_c).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_c).to(tl.float32)
+        tl.store(y_ptr + rn, _activate(out, y_ptr, ACT, LIBDEVICE), mask=rn < N)
 
 
 def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, stride_xk, stride_qn, stride_ym,
@@ -654,13 +701,16 @@ def launch_options(pdl) -> dict:
     return dict(PDL=True, launch_pdl=True) if level >= 2 else dict(PDL=True)
 
 
-def _device_ok(device: torch.device) -> bool:
+def _capability(device: torch.device) -> tuple:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _DEVICE_OK.get(idx)
-    if ok is None:
-        ok = torch.cuda.get_device_capability(idx) >= (7, 5)  # Triton's tensor-core floor
-        _DEVICE_OK[idx] = ok
-    return ok
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cap
+
+
+def _device_ok(device: torch.device) -> bool:
+    return _capability(device) >= (7, 5)  # Triton's tensor-core floor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,11 +749,23 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
         cfg["L2_BYTES"] = max(16, int(KW * 4 * min(1.0, l2)) // 16 * 16)
     cfg.setdefault("PREFETCH", False)
     cfg.setdefault("EV", "")
+    split_k = cfg.pop("SPLIT_K", 1)
+    if split_k > 1 and _cdiv(KW, block_kw) % split_k:
+        split_k = 1  # splits take whole, equal shares of the K tiles
+    xv = x2
+    xvec = int(cfg.pop("XVEC", 0))
+    if xvec and bits == 8 and x2.stride(1) == 1 and x2.data_ptr() % 8 == 0 and K % 4 == 0 and (
+            xvec == 1 or x2.dtype == torch.float16):
+        cfg["XVEC"] = xvec
+        xv = torch.as_strided(x2, (K,), (1,)).view(torch.int64)
+    ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
     kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
-    kernel[(_cdiv(N, block_n),)](
-        x2, words, scale, bias if bias is not None else scale, y, N, KW, x2.stride(1), words.stride(0), 1,
+    kernel[(_cdiv(N, block_n), split_k)](
+        x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0,
-        **cfg, **_epilogue_options(act, pdl))
+        SPLIT_K=split_k, **cfg, **_epilogue_options(act if split_k == 1 else 0, pdl))
+    if split_k > 1:
+        _reduce(ws, scale, bias, y, split_k, act, pdl)
     return y
 
 
@@ -818,11 +880,12 @@ def gelu_(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     return x
 
 
-def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool):
-    """(path name, launcher, config) for an [M, K] x [N, K]^T product."""
+def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, cap: tuple = ()):
+    """(path name, launcher, config) for an [M, K] x [N, K]^T product on a GPU of capability cap."""
     small_n = N <= _SMALL_N
     if M == 1 and aligned:
-        return "gemv", _run_gemv, _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
+        cfg = _GEMV_SHAPE_CFG.get((tuple(cap), bits, N, K))
+        return "gemv", _run_gemv, cfg if cfg is not None else _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
     if M <= 16:
         kind, cfg = _DECODE_CFG[(bits, small_n)]
         if kind == "asm" and aligned and dtype == torch.float16:
@@ -869,7 +932,7 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     if max_x > _INT32_MAX or N * KQ > _INT32_MAX or M * N > _INT32_MAX or q.stride(0) * N > _INT32_MAX:
         return None  # kernels index with 32-bit offsets
     aligned = _words(q, bits, K) is not None
-    name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned)
+    name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned, _capability(x.device))
     act_id = _ACTS[act]
     pdl = _pdl_level(pdl)
     key = (name, bits, x.dtype, x.device, act_id, pdl)

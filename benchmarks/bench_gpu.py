@@ -330,6 +330,108 @@ def sweep_layernorm():
     return best
 
 
+# INT8 batch-1 GEMV shapes of one layer: query_key_value, attention.dense, dense_h_to_4h (GELU),
+# dense_4h_to_h.
+GEMV_SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
+
+
+def _gemv_ok(cfg, N, K, bits=8):
+    """An isolated check of one GEMV config against a float64 reference (fresh random data)."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda", generator=g)
+    scale = (torch.rand(N, device="cuda", generator=g) * 0.01 + 0.001).half()
+    bias = torch.randn(N, device="cuda", generator=g).half()
+    x = torch.randn(1, K, device="cuda", generator=g).half()
+    ref = (x.double() @ (q.double() * scale.double()[:, None]).t()) + bias.double()
+    y = ck._run_gemv(x, q, scale, bias, bits, cfg)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    return err
+
+
+def sweep_gemv(steps=128, budget_s=float(os.environ.get("SWEEP_GEMV_BUDGET_S", "400"))):
+    """Choose the INT8 batch-1 GEMV config of each layer shape by timing the whole CUDA-graph decode
+    step (PDL as in fast_decode.PDL_MODE), greedily: knobs for all shapes first, then tiles per shape.
+    Returns {shape name: cfg}; every candidate is also checked in isolation against float64."""
+    cap = ck._capability(torch.device("cuda"))
+    t_start = time.time()
+    model = build(8)
+    shapes = {name: (N, K) for name, (N, K) in GEMV_SHAPES.items()}
+    base = {name: dict(ck._GEMV_SHAPE_CFG.get((cap, 8, N, K))
+                       or ck._GEMV_CFG[(8, N <= ck._SMALL_N, K >= ck._BIG_K)]) for name, (N, K) in shapes.items()}
+    cur = {name: dict(c) for name, c in base.items()}
+
+    def apply(cfgs):
+        for name, (N, K) in shapes.items():
+            ck._GEMV_SHAPE_CFG[(cap, 8, N, K)] = dict(cfgs[name])
+
+    def measure(cfgs, tag):
+        apply(cfgs)
+        for name, (N, K) in shapes.items():
+            err = _gemv_ok(dict(cfgs[name]), N, K)
+            if not err < 2e-3:
+                raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
+        release(model)
+        t, _ = graph_decode(model, 1, steps=steps)
+        ms = round(t * 1e3, 4)
+        log(event="sweep_gemv", tag=tag, ms=ms, cfgs={n: cfgs[n] for n in shapes})
+        return ms
+
+    best_ms = measure(cur, "start")
+    # knobs applied to every shape at once
+    for tag, extra in [("xvec", dict(XVEC=True)), ("cg", dict(CM=".cg")), ("no_evict_first", dict(EV="")),
+                       ("xvec_cg", dict(XVEC=True, CM=".cg"))]:
+        cand = {n: dict(c, **extra) for n, c in cur.items()}
+        try:
+            ms = measure(cand, tag)
+        except Exception as exc:
+            log(event="sweep_gemv_error", tag=tag, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        if ms < best_ms:
+            best_ms, win = ms, cand
+            cur = win
+    knobs = {k: v for k, v in cur["qkv"].items() if k in ("XVEC", "CM", "EV")}
+    tiles_big = [dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4),
+                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=8),
+                 dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=True, num_warps=8),
+                 dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=2),
+                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, num_warps=4, num_stages=3),
+                 dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=4),
+                 dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=True, num_warps=4)]
+    tiles_small = [dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+                   dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+                   dict(BLOCK_N=2, BLOCK_KW=256, PREFETCH=True, num_warps=2),
+                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=8),
+                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=False, num_warps=4, num_stages=3),
+                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=2),
+                   dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=2),
+                   dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4)]
+    for name, (N, K) in shapes.items():
+        for tile in (tiles_small if N <= ck._SMALL_N else tiles_big):
+            if time.time() - t_start > budget_s:
+                log(event="sweep_gemv_budget", skipped=name, cfg=tile)
+                continue
+            cand = dict(cur)
+            cand[name] = dict(tile, **knobs)
+            try:
+                ms = measure(cand, f"{name} tile")
+            except Exception as exc:
+                log(event="sweep_gemv_error", tag=name, cfg=cand[name], error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            if ms < best_ms:
+                best_ms, cur = ms, cand
+    # same-call confirmation: start vs chosen, alternating
+    pairs = []
+    for _ in range(2):
+        pairs.append((measure(base, "confirm start"), measure(cur, "confirm chosen")))
+    log(event="sweep_gemv_choice", cfgs=cur, start_ms=[a for a, _ in pairs], chosen_ms=[b for _, b in pairs])
+    apply(cur)
+    release(model)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return cur
+
+
 def memory_2048(model):
     """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
     out = {}
@@ -498,6 +600,8 @@ def main():
     ap.add_argument("--bits", default="8,4,16")
     ap.add_argument("--no-sweep", action="store_true",
                     help="keep fast_decode's attention / LayerNorm settings (chosen in the decode graph, with PDL)")
+    ap.add_argument("--sweep-gemv", action="store_true",
+                    help="only choose the INT8 batch-1 GEMV configs per layer shape in the decode graph (no table)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -509,6 +613,11 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
+    if args.sweep_gemv:
+        choice = sweep_gemv()
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=choice, log=LOG), indent=1))
+        return
     if not args.no_sweep:
         try:
             best = sweep_attention()

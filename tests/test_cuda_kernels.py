@@ -234,6 +234,10 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
 @pytest.mark.parametrize("kernel,M,N,K,cfg", [
     ("gemv", 1, 77, 1000, dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4)),
     ("gemv", 1, 77, 1024, dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=False, num_warps=2, EV="evict_first")),
+    ("gemv", 1, 77, 1000, dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, XVEC=1)),
+    ("gemv", 1, 77, 1000, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")),
+    ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
+    ("gemv", 1, 77, 1024, dict(BLOCK_N=4, BLOCK_KW=64, PREFETCH=False, num_warps=2, SPLIT_K=2, CM=".cg")),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3)),
     ("qmm", 16, 130, 4096, dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=4, SPLIT_K=4)),
     ("qmm_asm", 16, 100, 1024, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4)),
@@ -364,3 +368,23 @@ def test_gemv_l2_prefetch_under_pdl(gpu, bits):
         for act in (0, 1):
             got = ck._run_gemv(x, q, scale, bias, bits, dict(base, L2_FRACTION=frac), act=act, pdl=2)
             assert torch.equal(got, ck.gelu_(want.clone()) if act else want), (frac, act)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("pdl", [0, 2])
+def test_gemv_vector_x_loads_are_bit_equal(gpu, act, pdl):
+    # XVEC (x as one 8-byte load per weight word) and the split-K GEMV against the plain GEMV.
+    if pdl and not ck.pdl_supported(gpu):
+        pytest.skip("no PDL here")
+    N, K = 300, 4096
+    q, scale, bias = make_weight(N, K, 8, seed=3)
+    x = torch.randn(1, K, device=gpu, dtype=torch.float16)
+    base = dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, EV="evict_first")
+    a = 1 if act else 0
+    want = ck._run_gemv(x, q, scale, bias, 8, base, act=a, pdl=pdl)
+    for xvec in (1, 2):
+        got = ck._run_gemv(x, q, scale, bias, 8, dict(base, XVEC=xvec), act=a, pdl=pdl)
+        assert torch.equal(got, want), xvec
+    got = ck._run_gemv(x, q, scale, bias, 8, dict(base, XVEC=2, SPLIT_K=2), act=a, pdl=pdl)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
