@@ -49,8 +49,14 @@ def quantize_weight(weight: torch.Tensor, bits: int):
     _check_bits(bits)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
-    scale = weight.abs().max(dim=-1).values / float(2 ** (bits - 1) - 1)  # [out], weight dtype
-    q = torch.round(weight.float() / scale.float()[:, None]).to(torch.int8)
+    # Row blocks of ~64 MB of fp32: the same row-wise operations as on the whole matrix (so the
+    # same bits), without full-size temporaries (a 16384 x 4096 fp32 copy is 268 MB, fresh pages).
+    rows = max(1, (64 << 20) // max(1, 4 * weight.shape[1]))
+    maxima = torch.cat([w.abs().max(dim=-1).values for w in weight.split(rows)])
+    scale = maxima / float(2 ** (bits - 1) - 1)  # [out], weight dtype
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for i in range(0, weight.shape[0], rows):
+        q[i:i + rows] = torch.round(weight[i:i + rows].float() / scale[i:i + rows].float()[:, None])
     if bits == 4:
         q = pack_int4(q)
     return q, scale
