@@ -47,6 +47,7 @@ at the end; the digits drop less than 2^-28 * max|x_m| per element).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -1578,7 +1579,7 @@ def large_pages_mode() -> str:
     background thread), "sync" (``CHATGLM_LARGE_PAGES=sync``: while loading) or "off"
     (``CHATGLM_LARGE_PAGES=0``, or no transparent huge pages on this system)."""
     value = os.environ.get(LARGE_PAGES_ENV, "1").strip().lower()
-    if value in ("0", "false", "no", "off") or not large_pages_enabled():
+    if value in ("0", "false", "no", "off") or not _thp_available():
         return "off"
     return "sync" if value == "sync" else "background"
 
@@ -1586,8 +1587,12 @@ def large_pages_mode() -> str:
 def large_pages_enabled() -> bool:
     """Whether weights loaded for the CPU go to 2 MB pages: Linux with transparent huge pages
     not set to "never", unless ``CHATGLM_LARGE_PAGES=0``."""
-    if os.environ.get(LARGE_PAGES_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
+    return large_pages_mode() != "off"
+
+
+@functools.lru_cache(maxsize=None)
+def _thp_available() -> bool:
+    """Transparent huge pages exist here and are not set to "never" (read once per process)."""
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             return "[never]" not in f.read()
@@ -1633,13 +1638,17 @@ def release_pages(t: torch.Tensor) -> None:
 
 def release_range(address: int, nbytes: int) -> None:
     """``release_pages`` for the pages wholly inside [address, address + nbytes)."""
+    _advise_inner_pages(address, nbytes, _MADV_DONTNEED)
+
+
+def _advise_inner_pages(address: int, nbytes: int, advice: int) -> None:
+    """madvise() the 4 KB pages lying wholly inside [address, address + nbytes)."""
     first = -address % 4096
-    _LIBC.madvise(address + first, (nbytes - first) // 4096 * 4096, _MADV_DONTNEED)
+    _LIBC.madvise(address + first, (nbytes - first) // 4096 * 4096, advice)
 
 
 def populate_for_writing(address: int, nbytes: int) -> None:
     """Fault in the pages of [address, address + nbytes) ahead of writing them (MADV_POPULATE_WRITE,
     Linux 5.14+; a no-op elsewhere). Filling fresh 2 MB pages this way and then reading the file
     into them ran at 4-5.6 GB/s here, against 2.7-4.7 GB/s when the reads faulted them in."""
-    first = -address % 4096
-    _LIBC.madvise(address + first, (nbytes - first) // 4096 * 4096, _MADV_POPULATE_WRITE)
+    _advise_inner_pages(address, nbytes, _MADV_POPULATE_WRITE)

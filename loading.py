@@ -120,10 +120,10 @@ class MappedFile:
                 raise CheckpointError(f"{self.path} ended early (truncated download?); re-download it")
             done += got
 
-    def filler(self, t: torch.Tensor, parallel: bool = True, before_chunk=None):
-        """``fill(dst)`` for ``cpu_kernels.to_large_pages``: dst <- the bytes of t, from the file
-        (on several threads unless ``parallel`` is False; then ``before_chunk()``, if given, is
-        called before each chunk)."""
+    def filler(self, t: torch.Tensor, before_chunk=None):
+        """``fill(dst)`` for ``cpu_kernels.to_large_pages``: dst <- the bytes of t, from the file, on
+        several threads. With ``before_chunk`` (the background move): on this thread, calling
+        ``before_chunk()`` before each chunk and dropping each chunk's mapped pages once read."""
         offset = self.offset(t)
         if offset is None or self.fd is None:
             return None
@@ -131,13 +131,11 @@ class MappedFile:
         def fill(dst: torch.Tensor) -> bool:
             n = dst.numel()
             starts = range(0, n, self.CHUNK)
-            if not parallel:
+            if before_chunk is not None:
                 for i in starts:
-                    if before_chunk is not None:
-                        before_chunk()
+                    before_chunk()
                     self._read(dst.data_ptr() + i, min(self.CHUNK, n - i), offset + i)
-                    if before_chunk is not None:  # (background) drop what was read from the mapping as we go
-                        release_range(t.data_ptr() + i, min(self.CHUNK, n - i))
+                    release_range(t.data_ptr() + i, min(self.CHUNK, n - i))
                 return True
             if len(starts) == 1:
                 self._read(dst.data_ptr(), n, offset)
@@ -268,15 +266,9 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     files = find_weight_files(path, hub_kwargs, use_safetensors)
     expected = dict(model.state_dict(keep_vars=True))
     bits = config.quantization_bit
-    # CPU weights of a mapped .bin go to 2 MB pages after loading, in the background (see start_large_pages)
-    mode = large_pages_mode() if _all_on_cpu(dmap) else "sync"
-    if mode == "background" and kernel_backend("cpu") is None:
-        mode = "off"  # the move waits for idle CPU kernels; without them (torch path) it would compete
-    background = [] if mode == "background" else None
-    mapped_files = []
+    placement = _Placement(dmap)
     try:
-        loaded = _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode, background,
-                               mapped_files)
+        loaded = _load_tensors(model, config, files, expected, dmap, bits, target_dtype, placement)
         _finish(model, config, loaded, expected, dmap)
         model.tie_weights()
         _attach_generation_config(model, path, hub_kwargs)
@@ -285,14 +277,9 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
         model.eval()
         _dispatch(model, dmap, offload_folder)  # accelerate hooks for several devices or "disk"; no-op for one device
     except BaseException:
-        for f in mapped_files:
-            f.close()
+        placement.close()
         raise
-    if background:
-        start_large_pages(model, background, mapped_files)  # the files are closed when it is done
-    else:
-        for f in mapped_files:
-            f.close()
+    placement.finish(model)
     if output_loading_info:
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     return model
@@ -303,12 +290,61 @@ def _all_on_cpu(dmap) -> bool:
     return all(isinstance(p, (str, torch.device)) and str(p) == "cpu" for p in places)
 
 
-def _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode, background, mapped_files) -> set:
+class _Placement:
+    """Where loaded CPU weights go (``place``), and the checkpoint files mapped on the way.
+
+    mode "sync": large CPU weights are copied into 2 MB pages as they are loaded (a mapped .bin
+    is read with pread, see MappedFile); "background": mapped ones stay in the mapping and are
+    queued for ``start_large_pages`` (``finish``), the rest are copied as in "sync"; "off": weights
+    stay where they were loaded. Background needs the whole model on the CPU (no thread beside
+    accelerate's hooks: "sync" then) and the CPU kernels (it waits for them to be idle; the torch
+    path gives no such signal: "off" then)."""
+
+    def __init__(self, dmap):
+        self.mode = large_pages_mode()
+        if self.mode == "background" and not _all_on_cpu(dmap):
+            self.mode = "sync"
+        if self.mode == "background" and kernel_backend("cpu") is None:
+            self.mode = "off"
+        self.queue = []  # (key, mapped tensor, MappedFile) for the background move
+        self.files = []  # MappedFiles to close
+
+    def place(self, tensor: torch.Tensor, dev, mapped: Optional[MappedFile], key: str) -> torch.Tensor:
+        """``tensor`` on ``dev``; a large CPU weight in 2 MB pages (decode streams the weights once
+        per token, and 4 KB pages cost it a fifth of the bandwidth, see ``cpu_kernels.to_large_pages``),
+        read straight from the file of a mapped checkpoint so that the mapping and the copy are never
+        resident together, or queued for the background move."""
+        if torch.device(dev).type != "cpu" or tensor.device.type != "cpu":
+            return tensor.to(dev)
+        if self.mode == "off":
+            return tensor
+        if self.mode == "background" and mapped is not None and mapped.offset(tensor) is not None \
+                and tensor.numel() * tensor.element_size() >= cpu_kernels._LARGE_PAGE_MIN_BYTES:
+            self.queue.append((key, tensor, mapped))
+            return tensor
+        placed = to_large_pages(tensor, mapped.filler(tensor) if mapped is not None else None)
+        if placed is not tensor and mapped is not None:
+            release_pages(tensor)  # in case fill fell back to copying through the mapping
+        return placed
+
+    def finish(self, model) -> None:
+        """Start the background move (it closes the files when done), or close the files now."""
+        if self.queue:
+            start_large_pages(model, self.queue, self.files)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _load_tensors(model, config, files, expected, dmap, bits, target_dtype, placement: _Placement) -> set:
     """Read every tensor of the checkpoint into ``model``; returns the keys loaded."""
     loaded, quantized_on_load, source, embed_source_ptr = set(), False, {}, None
     for key, tensor, src, mapped in iter_checkpoint(files):
-        if mapped is not None and mapped not in mapped_files:
-            mapped_files.append(mapped)
+        if mapped is not None and mapped not in placement.files:
+            placement.files.append(mapped)  # (closed by the caller, also when loading fails)
         if key in source:
             raise CheckpointError(f"{key} is stored twice ({source[key]} and {src}); the checkpoint is inconsistent: "
                                   "re-download it (or fix the shard index)")
@@ -335,14 +371,14 @@ def _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode
                 q, scale = quantize_weight(tensor.to(dev), bits)
                 if mapped is not None:
                     release_pages(tensor)  # read once: don't keep the FP16 file resident while quantizing
-                _set_tensor(model, key, _place(q, dev, None, mode, None, key), False)
+                _set_tensor(model, key, placement.place(q, dev, None, key), False)
                 _set_tensor(model, key[:-len("weight")] + "weight_scale", scale.to(torch.float16), False)
                 loaded.update({key, key[:-len("weight")] + "weight_scale"})
                 quantized_on_load = True
                 continue
             else:
                 raise CheckpointError(f"{key}: dtype {tensor.dtype}, expected int8 for quantization_bit {bits}")
-            _set_tensor(model, key, _place(tensor, dev, mapped, mode, background, key), False)
+            _set_tensor(model, key, placement.place(tensor, dev, mapped, key), False)
         elif key.endswith(".inv_freq"):
             _check_shape(key, tensor, want, "float", config)
             _set_tensor(model, key, want.new_empty(0, device="cpu"), False)  # recomputed below
@@ -357,35 +393,13 @@ def _load_tensors(model, config, files, expected, dmap, bits, target_dtype, mode
             new_dtype = _float_target(key, tensor.dtype, target_dtype)
             value = tensor.to(device=dev, dtype=new_dtype)
             if value.data_ptr() == tensor.data_ptr():
-                placed = _place(value, dev, mapped, mode, background, key)
+                placed = placement.place(value, dev, mapped, key)
                 if quantized_on_load and placed is value:
                     placed = value.clone()  # don't keep the whole FP16 file mapped for a few small tensors
                 value = placed
             _set_tensor(model, key, value, not key.endswith("weight_scale") and not _is_quant_bias(model, key))
         loaded.add(key)
     return loaded
-
-
-def _place(tensor: torch.Tensor, dev, mapped: Optional[MappedFile], mode: str, background: Optional[list],
-           key: str):
-    """``tensor`` on ``dev``; a large CPU weight goes to memory in 2 MB pages (decode streams the
-    weights once per token, and 4 KB pages cost it a fifth of the bandwidth, see
-    ``cpu_kernels.to_large_pages``), read straight from the file of a mapped checkpoint so that
-    the file's mapping and the copy are never resident together. With ``background`` (a list), a
-    mapped weight stays in the mapping for now and is queued for ``start_large_pages``; with mode
-    "off" it stays where it is."""
-    if torch.device(dev).type != "cpu" or tensor.device.type != "cpu":
-        return tensor.to(dev)
-    if mode == "off":
-        return tensor
-    if background is not None and mapped is not None and mapped.offset(tensor) is not None \
-            and tensor.numel() * tensor.element_size() >= cpu_kernels._LARGE_PAGE_MIN_BYTES:
-        background.append((key, tensor, mapped))
-        return tensor
-    placed = to_large_pages(tensor, mapped.filler(tensor) if mapped is not None else None)
-    if placed is not tensor and mapped is not None:
-        release_pages(tensor)  # in case fill fell back to copying through the mapping
-    return placed
 
 
 def _check_tied_copy(key, tensor, want, model, config):
@@ -502,7 +516,6 @@ def _attach_generation_config(model, path, hub_kwargs):
 # Moving mapped CPU weights to 2 MB pages after loading
 
 _MIGRATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> _LargePages
-_SWAP = threading.Lock()
 
 
 class _Halted(Exception):
@@ -515,19 +528,21 @@ class _LargePages(threading.Thread):
 
     Loading then takes as long as mapping the file, and generation can start at once, reading the
     mapping (4 KB pages); the copying runs only while no CPU kernel has run for 0.1 s (between
-    requests), and decoding gets faster as weights move (see ``cpu_kernels.to_large_pages``). Each weight is resident once, in the mapping or in its copy:
-    the mapping's pages of a moved weight are dropped (MADV_DONTNEED; they stay readable from the
-    file), so memory does not grow. The mapped tensors are kept referenced (address space only) so
-    that a kernel call already running on one never reads unmapped memory. A parameter that was
+    requests), and decoding gets faster as weights move (see ``cpu_kernels.to_large_pages``).
+    Each weight is resident once, in the mapping or in its copy: the mapping's pages of a moved
+    weight are dropped (MADV_DONTNEED; they stay readable from the file), so memory does not grow.
+    The mapped tensors stay referenced by ``_items`` for the model's lifetime (address space only)
+    so that a kernel call already running on one never reads unmapped memory. A parameter that was
     replaced or converted meanwhile (``.to()``, ``.half()``, ``load_state_dict``) is left alone;
     ``model._apply`` (behind ``.to()`` & co.) stops the thread first (``stop_large_pages``).
     """
+
+    IDLE = 0.1  # seconds without a CPU kernel call before a chunk is copied
 
     def __init__(self, model, items, files):
         super().__init__(name="chatglm6b-large-pages", daemon=True)
         self._model = weakref.ref(model)
         self._items = [(weakref.ref(model.get_parameter(key)), tensor, mapped) for key, tensor, mapped in items]
-        self.sources = [tensor for _, tensor, _ in items]
         self._files = files
         self._halt = threading.Event()
         self.total, self.moved, self.seconds, self.error = len(items), 0, None, None
@@ -541,14 +556,11 @@ class _LargePages(threading.Thread):
                     break
                 if param is None or param.device.type != "cpu" or param.data_ptr() != old.data_ptr():
                     continue  # replaced (quantize(), load_state_dict, ...) or converted meanwhile
-                new = to_large_pages(old, mapped.filler(old, parallel=False, before_chunk=self._wait_idle))
-                if new is old:
+                new = to_large_pages(old, mapped.filler(old, before_chunk=self._wait_idle))
+                if new is old or param.data_ptr() != old.data_ptr():
                     continue
-                with _SWAP:
-                    if self._halt.is_set() or param.data_ptr() != old.data_ptr():
-                        continue
-                    param.data = new
-                release_pages(old)
+                param.data = new
+                release_pages(old)  # again: a forward may have touched chunks dropped during the copy
                 self.moved += 1
         except _Halted:
             pass
@@ -561,8 +573,6 @@ class _LargePages(threading.Thread):
                 f.close()
             self.seconds = time.perf_counter() - t0
 
-    IDLE = 0.1  # seconds without a CPU kernel call before a chunk is copied
-
     def _wait_idle(self):
         """Copy only while the model is idle (e.g. between chat turns): the copy competes with
         inference for memory bandwidth and, on 2 cores, for a core (measured here: decode steps
@@ -574,9 +584,8 @@ class _LargePages(threading.Thread):
             raise _Halted()
 
     def halt(self):
+        """Stop before the next chunk or weight (the weight being swapped, if any, completes)."""
         self._halt.set()
-        with _SWAP:
-            pass  # a swap in progress completes; none starts after this
 
 
 def start_large_pages(model, items, files) -> None:

@@ -145,16 +145,19 @@ def graph_decode(model, batch, prompt_len=32, steps=128):
         times = []
         for rep in range(3):
             run = fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask))
-            run.step()  # first replay after prefill
-            sync()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(steps):
-                run.step()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / steps)
+            times.append(_seconds_per_step(run, steps))
     return statistics.median(times), run
+
+
+def _seconds_per_step(run, steps: int) -> float:
+    """CUDA-event seconds per decode step over ``steps`` graph replays, after one untimed replay
+    (the first after the prefill)."""
+    run.step()
+
+    def replays():
+        for _ in range(steps):
+            run.step()
+    return time_gpu(replays, reps=1, warmup=0) / steps
 
 
 def graph_sampling_decode(model, prompt_len=32, steps=128):
@@ -165,16 +168,7 @@ def graph_sampling_decode(model, prompt_len=32, steps=128):
     mask = torch.ones_like(ids)
     pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
     with torch.inference_mode():
-        run = fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask))
-        run.step()
-        sync()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            run.step()
-        b.record()
-        b.synchronize()
-    return a.elapsed_time(b) / 1e3 / steps
+        return _seconds_per_step(fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask)), steps)
 
 
 def end_to_end(model, batch, prompt_len, new_tokens):

@@ -263,7 +263,7 @@ def small_large_pages(monkeypatch):
 
     monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
     # the copying and swapping run even where THP is set to "never" (madvise still succeeds there)
-    monkeypatch.setattr(cpu_kernels, "large_pages_enabled", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_thp_available", lambda: True)
     return cpu_kernels
 
 
