@@ -103,6 +103,11 @@ _GEMV_SHAPE_CFG = {
     ((9, 0), 8, 4096, 4096): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
     ((9, 0), 8, 16384, 4096): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
     ((9, 0), 8, 4096, 16384): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    # INT4 with 16-byte activation loads (bench_gpu.py --sweep-linear 4:1): 2.379 -> 2.175 ms/token
+    ((9, 0), 4, 12288, 4096): dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    ((9, 0), 4, 4096, 4096): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, EV="evict_first", XVEC=2, num_warps=8),
+    ((9, 0), 4, 16384, 4096): dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
+    ((9, 0), 4, 4096, 16384): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
 }
 _DECODE_CFG = {  # 2 <= M <= 16 (and M == 1 when rows are not whole words); key (bits, N <= _SMALL_N)
     # "asm" (_qmm_asm_kernel) needs fp16 activations and whole words, else _DECODE_PLAIN_CFG runs.
@@ -111,6 +116,16 @@ _DECODE_CFG = {  # 2 <= M <= 16 (and M == 1 when rows are not whole words); key 
     (8, True): ("plain", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=256, num_warps=4, num_stages=3, SPLIT_K=4)),
     (4, False): ("asm", dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=2)),
     (4, True): ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4)),
+}
+# Per-shape 2 <= M <= 16 entries (kind, config), key as _GEMV_SHAPE_CFG; they override _DECODE_CFG
+# on that architecture only. Chosen by timing the whole batch-16 CUDA-graph decode step
+# (benchmarks/bench_gpu.py --sweep-linear 8:16).
+_DECODE_SHAPE_CFG = {
+    # INT8, the two N = 4096 shapes: narrower tiles, 2 warps (3.998 -> 3.836 ms per batch-16 step)
+    ((9, 0), 8, 4096, 4096): ("plain", dict(BLOCK_N=32, BLOCK_M=16, BLOCK_KQ=256, num_warps=2, num_stages=3, SPLIT_K=4)),
+    ((9, 0), 8, 4096, 16384): ("plain", dict(BLOCK_N=32, BLOCK_M=16, BLOCK_KQ=256, num_warps=2, num_stages=3, SPLIT_K=4)),
+    # INT4 query_key_value: 64-row tiles, 4 warps (3.824 -> 3.792 ms)
+    ((9, 0), 4, 12288, 4096): ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=2)),
 }
 _DECODE_PLAIN_CFG = {  # fallback of an "asm" entry (bf16 activations, K not whole words)
     (4, False): dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=4, SPLIT_K=4),
@@ -158,6 +173,20 @@ def _l2_prefetch(ptr, nbytes):
         "mov.u32 $0, 0;\n"
         "}",
         "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def _f16x4_to_f32(xv):
+    # An int64 holding four fp16 values (lowest half first) -> their fp32 bit patterns (int32).
+    return tl.inline_asm_elementwise(
+        "{\n"
+        ".reg .b16 %gh0, %gh1, %gh2, %gh3;\n"
+        "mov.b64 {%gh0, %gh1, %gh2, %gh3}, $4;\n"
+        "cvt.f32.f16 $0, %gh0;\n"
+        "cvt.f32.f16 $1, %gh1;\n"
+        "cvt.f32.f16 $2, %gh2;\n"
+        "cvt.f32.f16 $3, %gh3;\n"
+        "}",
+        "=r,=r,=r,=r,l", [xv], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 def _gelu_f32(x, ref_ptr, LIBDEVICE: tl.constexpr):
@@ -240,9 +269,10 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     # column 4t+i) or 8t..8t+7 (INT4: byte i holds column 8t+2i high nibble, 8t+2i+1 low).
     # SPLIT_K > 1: program_id(1) takes an equal share of the K tiles (the launcher makes the tile
     # count divisible) and writes its fp32 partial sums to ws[split, n] for _splitk_reduce_kernel.
-    # CM: cache modifier of the weight loads. XVEC (INT8, x contiguous, 8-byte aligned): the four
-    # activations of a word come as one 8-byte load from xv_ptr (x viewed as int64; 16-byte vectors
-    # per thread) instead of four 2-byte loads; xv_ptr is unused otherwise.
+    # CM: cache modifier of the weight loads. XVEC (x contiguous, viewed as int64 at xv_ptr; unused
+    # otherwise): INT8 (x 8-byte aligned) takes the four activations of a word as one 8-byte load
+    # instead of four 2-byte loads; INT4 (XVEC 2, fp16 x, 16-byte aligned) takes the eight of a word
+    # as one 16-byte load instead of eight.
     _pdl_start(PDL)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
@@ -286,17 +316,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                             eviction_policy=EV)
         if BITS == 8:
             if XVEC == 2:  # fp16 x: unpack the four halves of the int64 in PTX
-                xv = tl.load(xv_ptr + ww, mask=kmask, other=0)  # x[4t..4t+3] as one int64
-                x0, x1, x2, x3 = tl.inline_asm_elementwise(
-                    "{\n"
-                    ".reg .b16 %gh0, %gh1, %gh2, %gh3;\n"
-                    "mov.b64 {%gh0, %gh1, %gh2, %gh3}, $4;\n"
-                    "cvt.f32.f16 $0, %gh0;\n"
-                    "cvt.f32.f16 $1, %gh1;\n"
-                    "cvt.f32.f16 $2, %gh2;\n"
-                    "cvt.f32.f16 $3, %gh3;\n"
-                    "}",
-                    "=r,=r,=r,=r,l", [xv], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+                x0, x1, x2, x3 = _f16x4_to_f32(tl.load(xv_ptr + ww, mask=kmask, other=0))  # x[4t..4t+3]
             elif XVEC == 1:
                 xv = tl.load(xv_ptr + ww, mask=kmask, other=0)  # x[4t..4t+3] as one int64
                 xdt = x_ptr.dtype.element_ty
@@ -339,15 +359,29 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
             # lop3 (w & 0xF<<p') ^ C, with C = the fp32 bits of 2^(23-p') + 8 (exponent field plus
             # bit 3 of the nibble), reads 2^(23-p') + (q ^ 8) = 2^(23-p') + q + 8 exactly as a float;
             # subtracting C as a float leaves q. One LOP3, one FADD, one FFMA per value.
-            xb = x_ptr + (ww * 8) * stride_xk
-            x0 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 1 (p' = 0)
-            x1 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)  # col 0 (p' = 4)
-            x2 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 3 (p' = 8)
-            x3 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 2 (p' = 12)
-            x4 = tl.load(xb + 5 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 5
-            x5 = tl.load(xb + 4 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 4
-            x6 = tl.load(xb + 7 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 7
-            x7 = tl.load(xb + 6 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 6
+            if XVEC == 2:  # fp16 x: the eight activations of a word as one 16-byte load (two int64)
+                xp = tl.load(xv_ptr + (2 * ww)[:, None] + tl.arange(0, 2)[None, :], mask=kmask[:, None], other=0)
+                xa, xb = tl.split(xp)
+                c1, c0, c3, c2 = _f16x4_to_f32(xa)  # columns 8t..8t+3, as fp32 bit patterns
+                c5, c4, c7, c6 = _f16x4_to_f32(xb)  # columns 8t+4..8t+7
+                x0 = c0.to(tl.float32, bitcast=True)  # col 1 (p' = 0)
+                x1 = c1.to(tl.float32, bitcast=True)  # col 0 (p' = 4)
+                x2 = c2.to(tl.float32, bitcast=True)  # col 3 (p' = 8)
+                x3 = c3.to(tl.float32, bitcast=True)  # col 2 (p' = 12)
+                x4 = c4.to(tl.float32, bitcast=True)  # col 5
+                x5 = c5.to(tl.float32, bitcast=True)  # col 4
+                x6 = c6.to(tl.float32, bitcast=True)  # col 7
+                x7 = c7.to(tl.float32, bitcast=True)  # col 6
+            else:
+                xb = x_ptr + (ww * 8) * stride_xk
+                x0 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 1 (p' = 0)
+                x1 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)  # col 0 (p' = 4)
+                x2 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 3 (p' = 8)
+                x3 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 2 (p' = 12)
+                x4 = tl.load(xb + 5 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 5
+                x5 = tl.load(xb + 4 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 4
+                x6 = tl.load(xb + 7 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 7
+                x7 = tl.load(xb + 6 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 6
             acc = tl.inline_asm_elementwise(
                 "{\n"
                 ".reg .b32 %gh, %gt, %ga, %gc0, %gc1, %gc2, %gc3, %gk0, %gk1, %gk2, %gk3;\n"
@@ -574,11 +608,10 @@ def _gelu_kernel(x_ptr, n, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl
     tl.store(x_ptr + offs, _gelu_f32(x, x_ptr, LIBDEVICE).to(x_ptr.dtype.element_ty), mask=m)
 
 
-def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn,
-                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
-    # w[n, k] = q[n, k] * s[n] rounded once to w's dtype (what the torch path computes for fp16).
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _dequant_tile(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn, pid_n, pid_k, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_KQ: tl.constexpr):
+    # w[n, k] = q[n, k] * s[n] rounded once to w's dtype (what the torch path computes for fp16),
+    # for one [BLOCK_N, BLOCK_KQ] tile of q (w [N, K] contiguous).
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
     nmask = rn < N
@@ -597,8 +630,38 @@ def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn,
                  mask=nmask[:, None] & (rk2 < 2 * KQ)[None, :])
 
 
-_KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _gelu_kernel)
-_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_l2_prefetch", "_gelu_f32", "_activate", "_tile_index", "_tile_store")
+def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn,
+                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+    _dequant_tile(q_ptr, s_ptr, w_ptr, N, KQ, stride_qn, tl.program_id(0), tl.program_id(1), BITS, BLOCK_N, BLOCK_KQ)
+
+
+def _dequant4_kernel(q0, q1, q2, q3, s0, s1, s2, s3, w0, w1, w2, w3, N0, N1, N2, N3, KQ0, KQ1, KQ2, KQ3,
+                     T1, T2, T3, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+    # _dequant_kernel for four weights (rows contiguous) in one launch: programs [0, T1) take the
+    # tiles of weight 0, [T1, T2) weight 1, [T2, T3) weight 2, the rest weight 3.
+    pid = tl.program_id(0)
+    if pid < T1:
+        t = pid
+        tk = tl.cdiv(KQ0, BLOCK_KQ)
+        _dequant_tile(q0, s0, w0, N0, KQ0, KQ0, t // tk, t % tk, BITS, BLOCK_N, BLOCK_KQ)
+    elif pid < T2:
+        t = pid - T1
+        tk = tl.cdiv(KQ1, BLOCK_KQ)
+        _dequant_tile(q1, s1, w1, N1, KQ1, KQ1, t // tk, t % tk, BITS, BLOCK_N, BLOCK_KQ)
+    elif pid < T3:
+        t = pid - T2
+        tk = tl.cdiv(KQ2, BLOCK_KQ)
+        _dequant_tile(q2, s2, w2, N2, KQ2, KQ2, t // tk, t % tk, BITS, BLOCK_N, BLOCK_KQ)
+    else:
+        t = pid - T3
+        tk = tl.cdiv(KQ3, BLOCK_KQ)
+        _dequant_tile(q3, s3, w3, N3, KQ3, KQ3, t // tk, t % tk, BITS, BLOCK_N, BLOCK_KQ)
+
+
+_KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _dequant4_kernel,
+                 _gelu_kernel)
+_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_l2_prefetch", "_f16x4_to_f32", "_gelu_f32", "_activate", "_tile_index", "_tile_store",
+                 "_dequant_tile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,8 +817,9 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
         split_k = 1  # splits take whole, equal shares of the K tiles
     xv = x2
     xvec = int(cfg.pop("XVEC", 0))
-    if xvec and bits == 8 and x2.stride(1) == 1 and x2.data_ptr() % 8 == 0 and K % 4 == 0 and (
-            xvec == 1 or x2.dtype == torch.float16):
+    if xvec and x2.stride(1) == 1 and x2.data_ptr() % (8 if bits == 8 else 16) == 0 and (
+            (bits == 8 and (xvec == 1 or x2.dtype == torch.float16)) or (bits == 4 and xvec == 2 and
+                                                                          x2.dtype == torch.float16)):
         cfg["XVEC"] = xvec
         xv = torch.as_strided(x2, (K,), (1,)).view(torch.int64)
     ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
@@ -837,6 +901,52 @@ def _dequantize(q, scale, bits, dtype, cfg=None, out=None):
     return w
 
 
+def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
+    """Up to four (q, scale) pairs of `bits`-bit weights (q rows contiguous, on one CUDA device) ->
+    their dequantized [N, K] weights in `dtype` (fp16 / bf16), views of one fresh buffer, written by
+    one kernel launch (bit-equal to `_dequantize` of each). None when the kernels cannot run here.
+    For a prompt's linears: one launch per layer instead of four (less host time per layer)."""
+    if not (1 <= len(weights) <= 4) or dtype not in (torch.float16, torch.bfloat16) or bits not in (4, 8):
+        return None
+    dev = weights[0][0].device
+    for q, sc in weights:
+        if not (q.is_cuda and q.device == dev and sc.device == dev and q.dtype == torch.int8 and q.dim() == 2
+                and q.is_contiguous() and sc.dim() == 1 and sc.shape[0] == q.shape[0] and sc.stride(0) == 1):
+            return None
+        if q.numel() > _INT32_MAX:
+            return None
+    if not _device_ok(dev) or ("dequant4", bits, dtype, dev) in _BROKEN:
+        return None
+    k = _build()
+    per = 2 if bits == 4 else 1
+    sizes = [q.shape[0] * q.shape[1] * per for q, _ in weights]
+    buf = torch.empty(sum(sizes), dtype=dtype, device=dev)
+    outs, at = [], 0
+    for (q, _), n in zip(weights, sizes):
+        outs.append(buf[at:at + n].view(q.shape[0], q.shape[1] * per))
+        at += n
+    bn, bk, warps = _DEQUANT_CFG["BLOCK_N"], _DEQUANT_CFG["BLOCK_KQ"], _DEQUANT_CFG["num_warps"]
+    items = list(zip(weights, outs)) + [((weights[0][0][:0], weights[0][1][:0]), outs[0][:0])] * (4 - len(weights))
+    tiles = [_cdiv(q.shape[0], bn) * _cdiv(q.shape[1], bk) for (q, _), _ in items]
+    bounds = [sum(tiles[:i]) for i in (1, 2, 3)]
+    qs = [q for (q, _), _ in items]
+    ss = [sc for (_, sc), _ in items]
+    ws = [w for _, w in items]
+    try:
+        with torch.cuda.device(dev):
+            k.dequant4_kernel[(max(1, sum(tiles)),)](
+                *qs, *ss, *ws, *[q.shape[0] for q in qs], *[q.shape[1] for q in qs], *bounds,
+                BITS=bits, BLOCK_N=bn, BLOCK_KQ=bk, num_warps=warps)
+    except Exception as exc:
+        if STRICT:
+            raise
+        _BROKEN.add(("dequant4", bits, dtype, dev))
+        warnings.warn(f"chatglm6b cuda_kernels: dequant4 kernel failed ({type(exc).__name__}: {exc}); "
+                      f"dequantizing one weight per launch from now on", RuntimeWarning)
+        return None
+    return outs
+
+
 # Long prompts (M >= DEQUANT_CHUNK_MIN_M rows) dequantize into a buffer of at most
 # DEQUANT_CHUNK_BYTES: a larger weight goes through cuBLAS in slices of output columns, each written in
 # place into y, so the transient buffer of a 16384 x 4096 layer is 64 MiB instead of 128 MiB (peak
@@ -887,11 +997,12 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
         cfg = _GEMV_SHAPE_CFG.get((tuple(cap), bits, N, K))
         return "gemv", _run_gemv, cfg if cfg is not None else _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
     if M <= 16:
-        kind, cfg = _DECODE_CFG[(bits, small_n)]
+        kind, cfg = _DECODE_SHAPE_CFG.get((tuple(cap), bits, N, K)) or _DECODE_CFG[(bits, small_n)]
         if kind == "asm" and aligned and dtype == torch.float16:
             return "qmm_asm", _run_qmm_asm, cfg
         if kind == "asm":
-            return "qmm", _run_qmm, _DECODE_PLAIN_CFG[(bits, small_n)]
+            plain = _DECODE_PLAIN_CFG.get((bits, small_n))  # INT8's generic entries are plain already
+            return "qmm", _run_qmm, plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
         return "qmm", _run_qmm, cfg
     if M <= _MID_MAX_M:
         return "qmm", _run_qmm, _MID_CFG[bits]
@@ -939,8 +1050,12 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     if key in _BROKEN:
         return None
     try:
-        with torch.cuda.device(x.device):  # Triton launches on the current device; x may be on another GPU
+        idx = x.device.index
+        if idx is None or idx == torch.cuda.current_device():
             y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
+        else:
+            with torch.cuda.device(x.device):  # Triton launches on the current device; x is on another GPU
+                y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
     except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
         if STRICT:
             raise

@@ -42,6 +42,7 @@ at near ties (see tests/test_cuda_model.py).
 from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
 
 import copy
+import functools
 import importlib
 import importlib.util
 import math
@@ -108,10 +109,11 @@ MAX_EOS = 8  # eos ids a call may give (more: eager path)
 # ---------------------------------------------------------------------------------------------
 # Triton kernels (plain functions here; _build() jits them once Triton is imported).
 
-def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
-               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
+               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
     # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
     # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
+    # GATHER: row i of a is a[ids[i]] (the embedding lookup, rounded to y's dtype as `.to(dtype)`).
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -120,7 +122,11 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_
     w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)  # parameters: before the PDL wait
     b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
     _pdl_wait(PDL)
-    x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
+    if GATHER:
+        x = tl.load(a_ptr + tl.load(ids_ptr + row).to(tl.int64) * stride_a + cols, mask=m, other=0.0)
+        x = x.to(dt).to(tl.float32)
+    else:
+        x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
         x = (x * alpha).to(dt).to(tl.float32)
@@ -134,10 +140,11 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, N, stride_a, stride_r, stride_
 
 
 def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
-                           S, H, stride_qkv, stride_pb, stride_pc, stride_tab, denom,
+                           S, H, stride_qkv, stride_pb, stride_pc, stride_tab, stride_kb, stride_kh, denom,
                            D: tl.constexpr, BLOCK_H: tl.constexpr):
     # One token (all heads): q, k rotated with 2-D rotary (eager rounding points), q scaled by
-    # 1/(sqrt(d)*coeff) and rounded, v copied. Outputs [b, H, S, D] contiguous.
+    # 1/(sqrt(d)*coeff) and rounded, v copied. q [b, S, H, D] contiguous; k and v [b, H, >= S, D]
+    # with batch / head strides stride_kb / stride_kh (the KV cache itself), positions contiguous.
     row = tl.program_id(0).to(tl.int64)  # b * S + t
     b = row // S
     t = row % S
@@ -153,7 +160,7 @@ def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_p
     c = tl.load(cos_ptr + p * stride_tab + j).to(tl.float32)[None, :]
     s = tl.load(sin_ptr + p * stride_tab + j).to(tl.float32)[None, :]
     base = qkv_ptr + row * stride_qkv + hh[:, None] * (3 * D)
-    out = ((b * H + hh[:, None]) * S + t) * D + d[None, :]
+    out = ((b * S + t) * H + hh[:, None]) * D + d[None, :]  # q: [b, S, H, D]
     q = tl.load(base + d[None, :], mask=hm, other=0.0).to(tl.float32)
     qp = tl.load(base + partner[None, :], mask=hm, other=0.0).to(tl.float32)
     qp = tl.where(neg[None, :], -qp, qp)
@@ -163,9 +170,10 @@ def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_p
     kp = tl.load(base + D + partner[None, :], mask=hm, other=0.0).to(tl.float32)
     kp = tl.where(neg[None, :], -kp, kp)
     k = (k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)
-    tl.store(k_ptr + out, k.to(dt), mask=hm)
+    kv = b * stride_kb + hh[:, None] * stride_kh + t * D + d[None, :]
+    tl.store(k_ptr + kv, k.to(dt), mask=hm)
     v = tl.load(base + 2 * D + d[None, :], mask=hm, other=0.0)
-    tl.store(v_ptr + out, v, mask=hm)
+    tl.store(v_ptr + kv, v, mask=hm)
 
 
 def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
@@ -285,15 +293,58 @@ def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
     tl.store(out_ptr + b * stride_out + h * D + d, o.to(out_ptr.dtype.element_ty))
 
 
+_KEY_EMPTY = -(1 << 63)  # a greedy key below every value's (see _pick_kernel)
+
+
+def _pick_kernel(l_ptr, key_ptr, flag_ptr, V, stride_l, BLOCK: tl.constexpr, CHECK: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    # Greedy choice, part one (grid: rows x blocks of the vocabulary), what torch.argmax picks: the
+    # largest value, NaN above everything, -0.0 equal to +0.0, the first index among equals. Each
+    # value becomes an int64 key, ordered as the values are (fp32 bits, negative ones with the
+    # magnitude bits flipped) in the high half and 2^31 - 1 - index in the low half; the program's
+    # largest key goes to key[row] by atomic max (reset to _KEY_EMPTY by the bookkeeping kernel).
+    # CHECK: flag[0] = 1 if any value is NaN or infinite (InvalidScoreLogitsProcessor's condition).
+    _pdl_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < V
+    _pdl_wait(PDL)
+    x = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
+    bits = x.to(tl.int32, bitcast=True)
+    k32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    k32 = tl.where(x == 0.0, 0, k32)  # -0.0 like +0.0
+    k32 = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, k32)  # NaN
+    key = (k32.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+    key = tl.where(m, key, (tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32))
+    tl.atomic_max(key_ptr + row, tl.max(key, 0), sem="relaxed")
+    if CHECK:
+        bad = tl.max(((bits & 0x7F800000) == 0x7F800000).to(tl.int32), 0)  # exponent all ones: inf or NaN
+        if bad != 0:
+            tl.atomic_max(flag_ptr, bad, sem="relaxed")
+
+
 def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos_ptr, cur_ptr, alive_ptr,
-                     genlen_ptr, B, stride_ids, NEOS: tl.constexpr, BLOCK_B: tl.constexpr):
+                     genlen_ptr, key_ptr, flag_ptr, B, stride_ids, NEOS: tl.constexpr, BLOCK_B: tl.constexpr,
+                     KEYS: tl.constexpr = 0):
     # After choosing `nxt` for every row (one program): finished rows get pad; the token goes to
     # ids[:, cur + 1]; rows that produced an eos id finish; gen_len counts the step if any row was
     # still running; the next step's input token, position (block position + 1) and cache slot.
+    # KEYS 1: nxt comes from _pick_kernel's keys (which are reset here); 2: also token 5 for every
+    # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset.
     r = tl.arange(0, BLOCK_B)
     m = r < B
     unf = tl.load(unf_ptr + r, mask=m, other=0) != 0
-    nxt = tl.load(nxt_ptr + r, mask=m, other=0)
+    if KEYS:
+        key = tl.load(key_ptr + r, mask=m, other=0)
+        nxt = 0x7FFFFFFF - (key & 0xFFFFFFFF)
+        tl.store(key_ptr + r, (tl.full([BLOCK_B], -2147483648, tl.int32).to(tl.int64) << 32), mask=m)
+        if KEYS == 2:
+            one1 = tl.arange(0, 1)
+            flag = tl.max(tl.load(flag_ptr + one1), 0)
+            nxt = tl.where(flag != 0, 5, nxt)
+            tl.store(flag_ptr + one1, tl.zeros([1], tl.int32))
+    else:
+        nxt = tl.load(nxt_ptr + r, mask=m, other=0)
     any_before = tl.max(unf.to(tl.int64), 0)
     nxt = tl.where(unf, nxt, tl.load(padid_ptr))
     cur = tl.load(cur_ptr)
@@ -313,7 +364,8 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     tl.store(cur_ptr + one, tl.load(cur_ptr + one) + 1)
 
 
-_KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _bookkeep_kernel)
+_KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
+                 _bookkeep_kernel)
 
 
 def available() -> bool:
@@ -350,16 +402,27 @@ def _pow2(n: int) -> int:
 # Launch helpers (also used by the tests against torch references).
 
 def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
-               alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0) -> torch.Tensor:
+               alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0,
+               ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given.
+    ids (contiguous integer tensor): the rows are ``a[ids.flatten()].to(dtype)`` instead (a = the
+    embedding table; no residual), output [ids.numel(), N] in dtype (default a's).
     pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only)."""
     k = _build()
-    rows, n = a.shape
-    out = torch.empty_like(a) if out is None else out
+    n = a.shape[1]
+    if ids is not None:
+        assert residual is None and ids.is_contiguous()
+        rows = ids.numel()
+        if out is None:
+            out = torch.empty((rows, n), dtype=dtype or a.dtype, device=a.device)
+    else:
+        rows = a.shape[0]
+        out = torch.empty_like(a) if out is None else out
     r = residual if residual is not None else a
     block = _pow2(n)
-    k["ln_kernel"][(rows,)](a, r, weight, bias, out, n, a.stride(0), r.stride(0), out.stride(0),
-                            float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
+    k["ln_kernel"][(rows,)](a, r, weight, bias, out, ids if ids is not None else a, n, a.stride(0), r.stride(0),
+                            out.stride(0), float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
+                            GATHER=ids is not None,
                             num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4),
                             **_launch(pdl))
     return out
@@ -374,6 +437,7 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
 def _scale_for(layer_index: int, head_dim: int) -> Tuple[float, float]:
     """(sqrt(d) * coeff, coeff). The eager `q / python_float` is an IEEE fp32 division by the
     float-rounded scalar on CUDA; the kernels divide the same way (div_rn)."""
@@ -383,15 +447,22 @@ def _scale_for(layer_index: int, head_dim: int) -> Tuple[float, float]:
 
 
 def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, b: int, s: int, heads: int,
-                   head_dim: int, denom: float):
-    """qkv [b*s, 3*heads*head_dim] -> (q scaled, k, v), each [b, heads, s, head_dim] contiguous."""
+                   head_dim: int, denom: float, k_out=None, v_out=None):
+    """qkv [b*s, 3*heads*head_dim] -> (q scaled, k, v), each [b, heads, s, head_dim]: q a view of a
+    contiguous [b, s, heads, head_dim], k / v into k_out / v_out when given (views [b, heads, s, head_dim] whose positions are contiguous
+    rows of head_dim, with equal strides: the KV cache's first s slots), else fresh contiguous."""
     k = _build()
-    q_out = torch.empty((b, heads, s, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k_out = torch.empty_like(q_out)
-    v_out = torch.empty_like(q_out)
+    # q is stored [b, s, heads, head_dim] (returned as the transposed view): SDPA then writes its
+    # output in that layout too, and the output's transpose back to [b*s, hidden] is free
+    q_out = torch.empty((b, s, heads, head_dim), dtype=qkv.dtype, device=qkv.device).transpose(1, 2)
+    if k_out is None:
+        k_out = torch.empty((b, heads, s, head_dim), dtype=qkv.dtype, device=qkv.device)
+        v_out = torch.empty_like(k_out)
+    assert k_out.shape == v_out.shape == q_out.shape and k_out.stride() == v_out.stride()
+    assert k_out.stride(3) == 1 and k_out.stride(2) == head_dim
     k["prefill_rotary_kernel"][(b * s,)](
         qkv, cos_t, sin_t, position_ids, q_out, k_out, v_out, s, heads, qkv.stride(0),
-        position_ids.stride(0), position_ids.stride(1), cos_t.stride(0), denom,
+        position_ids.stride(0), position_ids.stride(1), cos_t.stride(0), k_out.stride(0), k_out.stride(1), denom,
         D=head_dim, BLOCK_H=_pow2(heads), num_warps=4)
     return q_out, k_out, v_out
 
@@ -703,6 +774,8 @@ class _Slot:
         self.pad_id = torch.zeros(1, dtype=torch.long, device=dev)
         self.inv_temperature = torch.ones(1, dtype=torch.float32, device=dev)
         self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.pick_key = torch.full((batch,), _KEY_EMPTY, dtype=torch.long, device=dev)  # greedy (_pick_kernel)
+        self.pick_flag = torch.zeros(1, dtype=torch.int32, device=dev)
         self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
         self.splits = attention_splits(batch, state.heads, length)
         self.scratch = attention_scratch(batch, state.heads, state.head_dim, self.splits, dev) \
@@ -836,50 +909,103 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     mask = _additive_mask(bool_mask, state.dtype)
     del bool_mask
     pos = position_ids.to(device=state.device, dtype=torch.long).contiguous()
-    x = F.embedding(input_ids, tr.word_embeddings.weight).view(b * s, -1).to(state.dtype)
     layers = tr.layers
     ln0 = layers[0].input_layernorm
-    x1 = layer_norm(x, ln0.weight, ln0.bias, ln0.eps)
-    del x
+    x1 = layer_norm(tr.word_embeddings.weight, ln0.weight, ln0.bias, ln0.eps, ids=input_ids.contiguous(),
+                    dtype=state.dtype)  # the embedding lookup fused in
     slot.cache.reset(0)
+    group = _group_dequant_ok(model, slot, b * s)
     for i, block in enumerate(layers):
         att = block.attention
+        lin = _prefill_linears(block, x1.dtype) if group else _linear
         denom, coeff = _scale_for(att.layer_index, hd)
-        qkv = att.query_key_value(x1)
-        q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom)
+        qkv = lin(att.query_key_value, x1)
+        q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom,
+                                 slot.cache.keys[i][:, :, :s], slot.cache.values[i][:, :, :s])
         del qkv
-        slot.cache.keys[i][:, :, :s].copy_(k)
-        slot.cache.values[i][:, :, :s].copy_(v)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=coeff)
         del q, k, v
         ctx = ctx.transpose(1, 2).reshape(b * s, heads * hd)
-        dense = att.dense(ctx)
+        dense = lin(att.dense, ctx)
         del ctx
         ln = block.post_attention_layernorm
         x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha)
         del dense, x1
-        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu")
-        m = block.mlp.dense_4h_to_h(h)
+        h = lin(block.mlp.dense_h_to_4h, x2, act="gelu")
+        m = lin(block.mlp.dense_4h_to_h, h)
         del h
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
         x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha)
         del x2, m
+        lin = None  # this layer's weight buffer goes before the next layer's is made
     slot.cache.advance(s)
     last = x1.view(b, s, -1)[:, -1]
     return F.linear(last, model.lm_head.weight.to(last.dtype))
 
 
+def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
+    """Whether a prompt of `rows` tokens may dequantize each layer's four linears at once
+    (cuda_kernels.dequantize_group: one launch and one buffer per layer, 5 ms less host time for
+    1024 tokens on an H100 host). Only for prompts that the linears would not slice anyway
+    (cuda_kernels.DEQUANT_CHUNK_MIN_M), and only when it costs no memory that matters: buffer + this
+    slot's KV cache stay within what a full-context generation of the same batch holds with one
+    weight's buffer (peak memory at the longest context unchanged), or the GPU has at least twice
+    the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
+    from .cuda_kernels import DEQUANT_CHUNK_MIN_M
+    if rows < 64 or rows >= DEQUANT_CHUNK_MIN_M:
+        return False
+    block = model.transformer.layers[0]
+    mods = (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)
+    if not all(type(m) is QuantizedLinear and m.use_kernels for m in mods) or kernel_backend("cuda") is None:
+        return False
+    per = 2 if mods[0].bits == 4 else 1
+    sizes = [m.weight.numel() * per * 2 for m in mods]  # fp16 / bf16 bytes
+    kv = slot.cache.kv
+    per_position = kv.numel() * kv.element_size() // slot.length
+    full = per_position * int(getattr(model.config, "max_sequence_length", 2048) or 2048)
+    if sum(sizes) + kv.numel() * kv.element_size() <= max(sizes) + full:
+        return True
+    free, _ = torch.cuda.mem_get_info(kv.device)
+    return free >= 2 * sum(sizes) + (1 << 30)
+
+
+def _prefill_linears(block, dtype):
+    """A `_linear` stand-in for one layer of a prompt: the block's four quantized weights are
+    dequantized by one kernel launch; each call is then F.linear on its weight (+ the GELU kernel),
+    what cuda_kernels.linear computes for a prompt, bit for bit. Falls back to `_linear` if the
+    grouped dequantization cannot run."""
+    from .cuda_kernels import dequantize_group
+    mods = (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)
+    bits = mods[0].bits
+    ws = None
+    if all(m.bits == bits for m in mods):
+        ws = dequantize_group([(m.weight, m.weight_scale) for m in mods], bits, dtype)
+    if ws is None:
+        return _linear
+    table = {id(m): w for m, w in zip(mods, ws)}
+
+    def lin(m, x, act: Optional[str] = None, pdl=0):
+        w = table.get(id(m))
+        if w is None or x.dim() != 2 or x.dtype != dtype:
+            return _linear(m, x, act=act, pdl=pdl)
+        y = F.linear(x, w, None if m.bias is None else m.bias.to(dtype))
+        if act == "gelu":
+            gelu_(y)
+        return y
+    return lin
+
+
 def _linear(m, x, act: Optional[str] = None, pdl=0):
-    """One of a block's linears inside the decode step. A QuantizedLinear that uses the kernels goes
-    straight to cuda_kernels.linear, which can fuse the GELU into its epilogue and launch with PDL;
-    anything else (FP16 CastLinear, torch-dequant linears) runs the module, then the GELU kernel."""
-    if act is not None or pdl:
-        if type(m) is QuantizedLinear and m.use_kernels:
-            kernel = kernel_backend("cuda")  # None under CHATGLM_KERNELS=torch
-            if kernel is not None:
-                y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
-                if y is not None:
-                    return y
+    """One of a block's linears (prefill or decode step). A QuantizedLinear that uses the kernels goes
+    straight to cuda_kernels.linear (no module call; it can fuse the GELU into its epilogue and launch
+    with PDL); anything else (FP16 CastLinear, torch-dequant linears) runs the module, then the GELU
+    kernel."""
+    if type(m) is QuantizedLinear and m.use_kernels:
+        kernel = kernel_backend("cuda")  # None under CHATGLM_KERNELS=torch
+        if kernel is not None:
+            y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
+            if y is not None:
+                return y
     y = m(x)
     if act == "gelu":
         gelu_(y, pdl=pdl)
@@ -902,9 +1028,8 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     alpha = _alpha(model)
     pdl_lin, pdl = _pdl_levels(state, slot)
     cs = step_cos_sin(state.tables[2], slot.pos)  # [b, 2, D]: this step's rotary, shared by all layers
-    x = F.embedding(slot.tok, tr.word_embeddings.weight).to(state.dtype)
     ln = layers[0].input_layernorm
-    x1 = layer_norm(x, ln.weight, ln.bias, ln.eps, pdl=pdl)
+    x1 = layer_norm(tr.word_embeddings.weight, ln.weight, ln.bias, ln.eps, pdl=pdl, ids=slot.tok, dtype=state.dtype)
     cache = slot.cache
     for i, block in enumerate(layers):
         att = block.attention
@@ -929,13 +1054,15 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
 def _choose(logits, slot: _Slot, plan_key, processors) -> torch.Tensor:
     """Next token per row: InvalidScore fix-up, then argmax or HF-equivalent sampling (no host sync)."""
     if plan_key[0] == "greedy":
-        # argmax of the fp16 logits equals that of their fp32 copy; InvalidScoreLogitsProcessor (the
-        # only processor allowed here) turns every row to "token 5" if any score is NaN/inf: the sum
-        # of all logits is non-finite exactly then.
-        best = logits.argmax(dim=-1)
-        if processors:
-            best = torch.where(torch.isfinite(logits.sum(dtype=torch.float32)), best, torch.full_like(best, 5))
-        return best
+        # argmax of the fp16 logits (that of their fp32 copy), in _pick_kernel; the bookkeeping kernel
+        # reads the result. InvalidScoreLogitsProcessor (the only processor allowed here) turns every
+        # row to "token 5" if any score is NaN/inf. Returns the bookkeeping kernel's KEYS mode.
+        k = _build()
+        b, V = logits.shape
+        block = 4096
+        k["pick_kernel"][(b, triton_cdiv(V, block))](logits, slot.pick_key, slot.pick_flag, V, logits.stride(0),
+                                                     BLOCK=block, CHECK=bool(processors), num_warps=4)
+        return 2 if processors else 1
     scores = logits.float()
     for proc in processors:
         scores = proc(slot.ids, scores)
@@ -961,12 +1088,15 @@ def warp(scores, plan_key, inv_temperature, top_p_cut):
     return scores
 
 
-def _bookkeep(slot: _Slot, nxt: torch.Tensor):
-    """Record the step's tokens (pad for finished rows), update eos state, advance one position."""
+def _bookkeep(slot: _Slot, nxt):
+    """Record the step's tokens (pad for finished rows), update eos state, advance one position.
+    nxt: the tokens [b], or _choose's KEYS mode (greedy: the tokens are in slot.pick_key)."""
     k = _build()
-    k["bookkeep_kernel"][(1,)](nxt, slot.unfinished, slot.eos, slot.pad_id, slot.ids, slot.tok, slot.pos, slot.cache.pos,
-                               slot.alive, slot.gen_len, slot.batch, slot.ids.stride(0), NEOS=MAX_EOS,
-                               BLOCK_B=_pow2(slot.batch), num_warps=1)
+    keys = nxt if isinstance(nxt, int) else 0
+    k["bookkeep_kernel"][(1,)](slot.pick_key if keys else nxt, slot.unfinished, slot.eos, slot.pad_id, slot.ids,
+                               slot.tok, slot.pos, slot.cache.pos, slot.alive, slot.gen_len, slot.pick_key,
+                               slot.pick_flag, slot.batch, slot.ids.stride(0), NEOS=MAX_EOS,
+                               BLOCK_B=_pow2(slot.batch), KEYS=keys, num_warps=1)
 
 
 def _bookkeep_torch(slot: _Slot, nxt: torch.Tensor):
@@ -1065,6 +1195,8 @@ class _Run:
             slot.inv_temperature.fill_((torch.tensor(1.0) / torch.tensor(plan.temperature, dtype=torch.float32)).item())
             slot.top_p_cut.fill_(1.0 - plan.top_p)
         slot.pad.copy_(pads.to(torch.int32))
+        slot.pick_key.fill_(_KEY_EMPTY)  # (the bookkeeping kernel resets them after every step)
+        slot.pick_flag.zero_()
         state.rotary_tables(model, slot.length + 2)
         steps = plan.limit - s - 1
         self.graph = _graph_for(model, state, slot, self.key, plan.processors) if steps > 0 and use_graph else None

@@ -329,87 +329,130 @@ def sweep_layernorm():
 GEMV_SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
 
 
-def _gemv_ok(cfg, N, K, bits=8):
-    """An isolated check of one GEMV config against a float64 reference (fresh random data)."""
-    g = torch.Generator(device="cuda").manual_seed(N + K)
-    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device="cuda", generator=g)
+def _linear_ok(kind, cfg, N, K, bits=8, M=1):
+    """Relative error of one kernel config against a float64 reference (fresh random data)."""
+    g = torch.Generator(device="cuda").manual_seed(N + K + M)
+    KQ = K if bits == 8 else K // 2
+    q = torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda", generator=g)
     scale = (torch.rand(N, device="cuda", generator=g) * 0.01 + 0.001).half()
     bias = torch.randn(N, device="cuda", generator=g).half()
-    x = torch.randn(1, K, device="cuda", generator=g).half()
-    ref = (x.double() @ (q.double() * scale.double()[:, None]).t()) + bias.double()
-    y = ck._run_gemv(x, q, scale, bias, bits, cfg)
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    return err
+    x = torch.randn(M, K, device="cuda", generator=g).half()
+    v = q.to(torch.int32)
+    w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
+    ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
+    run = {"gemv": ck._run_gemv, "plain": ck._run_qmm, "asm": ck._run_qmm_asm}[kind]
+    y = run(x, q, scale, bias, bits, cfg)
+    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def sweep_gemv(steps=128, budget_s=float(os.environ.get("SWEEP_GEMV_BUDGET_S", "400"))):
-    """Choose the INT8 batch-1 GEMV config of each layer shape by timing the whole CUDA-graph decode
-    step (PDL as in fast_decode.PDL_MODE), greedily: knobs for all shapes first, then tiles per shape.
-    Returns {shape name: cfg}; every candidate is also checked in isolation against float64."""
+def _sweep_candidates(bits: int, batch: int):
+    """(knobs tried on every shape at once, tiles for N > 4096, tiles for N <= 4096) of one sweep.
+    Batch 1 entries are GEMV configs; batch 16 entries are (kernel kind, config) pairs."""
+    if batch == 1:
+        knobs = [dict(XVEC=2), dict(CM=".cg"), dict(EV="")] if bits == 8 else [dict(XVEC=2), dict(XVEC=2, num_warps=8)]
+        big = [dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4),
+               dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+               dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=8),
+               dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=True, num_warps=8),
+               dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, num_warps=4, num_stages=3),
+               dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=8),
+               dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=False, num_warps=8, num_stages=4),
+               dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=True, num_warps=4)]
+        small = [dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+                 dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4),
+                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, num_warps=8),
+                 dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=8),
+                 dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=False, num_warps=4, num_stages=3),
+                 dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=2),
+                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=2),
+                 dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4)]
+        return knobs, big, small
+    kq = "BLOCK_KQ"
+    big = [("plain", {"BLOCK_N": 32, "BLOCK_M": 16, kq: 256, "num_warps": 4, "num_stages": 4}),
+           ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 128, "num_warps": 2, "num_stages": 4}),
+           ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 128, "num_warps": 4, "num_stages": 4, "SPLIT_K": 2}),
+           ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 256, "num_warps": 4, "num_stages": 3}),
+           ("plain", {"BLOCK_N": 32, "BLOCK_M": 16, kq: 128, "num_warps": 4, "num_stages": 5}),
+           ("plain", {"BLOCK_N": 128, "BLOCK_M": 16, kq: 128, "num_warps": 8, "num_stages": 4, "SPLIT_K": 2}),
+           ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=4)),
+           ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=2)),
+           ("asm", dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=2))]
+    small = [("plain", {"BLOCK_N": 32, "BLOCK_M": 16, kq: 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 4}),
+             ("plain", {"BLOCK_N": 32, "BLOCK_M": 16, kq: 256, "num_warps": 2, "num_stages": 3, "SPLIT_K": 4}),
+             ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 128, "num_warps": 2, "num_stages": 4, "SPLIT_K": 4}),
+             ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 128, "num_warps": 4, "num_stages": 4, "SPLIT_K": 4}),
+             ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 8}),
+             ("plain", {"BLOCK_N": 32, "BLOCK_M": 16, kq: 128, "num_warps": 4, "num_stages": 4, "SPLIT_K": 4}),
+             ("plain", {"BLOCK_N": 64, "BLOCK_M": 16, kq: 256, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}),
+             ("asm", dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4)),
+             ("asm", dict(BLOCK_N=32, BLOCK_M=16, BLOCK_KW=64, num_warps=4, num_stages=3, SPLIT_K=4))]
+    if bits == 4:  # an INT4 byte holds two columns: halve the byte tiles of the plain kernel
+        big = [(k, dict(c, BLOCK_KQ=c["BLOCK_KQ"] // 2) if k == "plain" else c) for k, c in big]
+        small = [(k, dict(c, BLOCK_KQ=c["BLOCK_KQ"] // 2) if k == "plain" else c) for k, c in small]
+    return [], big, small
+
+
+def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S", "400"))):
+    """Choose the linear-kernel config of each layer shape for (weights, batch) by timing the whole
+    CUDA-graph decode step (PDL as in fast_decode.PDL_MODE), greedily: knobs for all shapes first
+    (batch 1), then tiles per shape. Every candidate is also checked in isolation against float64.
+    Batch 1 fills cuda_kernels._GEMV_SHAPE_CFG, batch 2-16 _DECODE_SHAPE_CFG. Returns {shape: cfg}."""
     cap = ck._capability(torch.device("cuda"))
     t_start = time.time()
-    model = build(8)
-    shapes = {name: (N, K) for name, (N, K) in GEMV_SHAPES.items()}
-    base = {name: dict(ck._GEMV_SHAPE_CFG.get((cap, 8, N, K))
-                       or ck._GEMV_CFG[(8, N <= ck._SMALL_N, K >= ck._BIG_K)]) for name, (N, K) in shapes.items()}
-    cur = {name: dict(c) for name, c in base.items()}
+    model = build(bits)
+    shapes = dict(GEMV_SHAPES)
+    table = ck._GEMV_SHAPE_CFG if batch == 1 else ck._DECODE_SHAPE_CFG
+
+    def current(N, K):
+        if batch == 1:
+            got = ck._GEMV_SHAPE_CFG.get((cap, bits, N, K))
+            return dict(got or ck._GEMV_CFG[(bits, N <= ck._SMALL_N, K >= ck._BIG_K)])
+        kind, cfg = ck._DECODE_SHAPE_CFG.get((cap, bits, N, K)) or ck._DECODE_CFG[(bits, N <= ck._SMALL_N)]
+        return kind, dict(cfg)
+
+    base = {name: current(N, K) for name, (N, K) in shapes.items()}
+    cur = dict(base)
 
     def apply(cfgs):
         for name, (N, K) in shapes.items():
-            ck._GEMV_SHAPE_CFG[(cap, 8, N, K)] = dict(cfgs[name])
+            table[(cap, bits, N, K)] = cfgs[name]
 
     def measure(cfgs, tag):
         apply(cfgs)
         for name, (N, K) in shapes.items():
-            err = _gemv_ok(dict(cfgs[name]), N, K)
+            kind, cfg = ("gemv", cfgs[name]) if batch == 1 else cfgs[name]
+            err = _linear_ok(kind, dict(cfg), N, K, bits, batch)
             if not err < 2e-3:
                 raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
         release(model)
-        t, _ = graph_decode(model, 1, steps=steps)
+        t, _ = graph_decode(model, batch, steps=steps)
         ms = round(t * 1e3, 4)
-        log(event="sweep_gemv", tag=tag, ms=ms, cfgs={n: cfgs[n] for n in shapes})
+        log(event="sweep_linear", bits=bits, batch=batch, tag=tag, ms=ms, cfgs=cfgs)
         return ms
 
     best_ms = measure(cur, "start")
-    # knobs applied to every shape at once
-    for tag, extra in [("xvec", dict(XVEC=True)), ("cg", dict(CM=".cg")), ("no_evict_first", dict(EV="")),
-                       ("xvec_cg", dict(XVEC=True, CM=".cg"))]:
+    knobs, tiles_big, tiles_small = _sweep_candidates(bits, batch)
+    for extra in knobs:  # knobs applied to every shape at once (batch 1: GEMV dicts)
         cand = {n: dict(c, **extra) for n, c in cur.items()}
         try:
-            ms = measure(cand, tag)
+            ms = measure(cand, f"knob {extra}")
         except Exception as exc:
-            log(event="sweep_gemv_error", tag=tag, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            log(event="sweep_linear_error", tag=str(extra), error=f"{type(exc).__name__}: {str(exc)[:300]}")
             continue
         if ms < best_ms:
-            best_ms, win = ms, cand
-            cur = win
-    knobs = {k: v for k, v in cur["qkv"].items() if k in ("XVEC", "CM", "EV")}
-    tiles_big = [dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4),
-                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=8),
-                 dict(BLOCK_N=16, BLOCK_KW=128, PREFETCH=True, num_warps=8),
-                 dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=2),
-                 dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=False, num_warps=4, num_stages=3),
-                 dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=4),
-                 dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=True, num_warps=4)]
-    tiles_small = [dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4),
-                   dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4),
-                   dict(BLOCK_N=2, BLOCK_KW=256, PREFETCH=True, num_warps=2),
-                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=8),
-                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=False, num_warps=4, num_stages=3),
-                   dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=2),
-                   dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=2),
-                   dict(BLOCK_N=8, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4)]
+            best_ms, cur = ms, cand
+    kept = {k: v for k, v in cur["qkv"].items() if k in ("XVEC", "CM", "EV")} if batch == 1 else {}
     for name, (N, K) in shapes.items():
         for tile in (tiles_small if N <= ck._SMALL_N else tiles_big):
             if time.time() - t_start > budget_s:
-                log(event="sweep_gemv_budget", skipped=name, cfg=tile)
+                log(event="sweep_linear_budget", skipped=name, cfg=tile)
                 continue
             cand = dict(cur)
-            cand[name] = dict(tile, **knobs)
+            cand[name] = dict(tile, **kept) if batch == 1 else tile
             try:
                 ms = measure(cand, f"{name} tile")
             except Exception as exc:
-                log(event="sweep_gemv_error", tag=name, cfg=cand[name], error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                log(event="sweep_linear_error", tag=name, cfg=cand[name], error=f"{type(exc).__name__}: {str(exc)[:300]}")
                 continue
             if ms < best_ms:
                 best_ms, cur = ms, cand
@@ -417,7 +460,8 @@ def sweep_gemv(steps=128, budget_s=float(os.environ.get("SWEEP_GEMV_BUDGET_S", "
     pairs = []
     for _ in range(2):
         pairs.append((measure(base, "confirm start"), measure(cur, "confirm chosen")))
-    log(event="sweep_gemv_choice", cfgs=cur, start_ms=[a for a, _ in pairs], chosen_ms=[b for _, b in pairs])
+    log(event="sweep_linear_choice", bits=bits, batch=batch, cfgs=cur, start_ms=[a for a, _ in pairs],
+        chosen_ms=[b for _, b in pairs])
     apply(cur)
     release(model)
     del model
@@ -594,8 +638,9 @@ def main():
     ap.add_argument("--bits", default="8,4,16")
     ap.add_argument("--no-sweep", action="store_true",
                     help="keep fast_decode's attention / LayerNorm settings (chosen in the decode graph, with PDL)")
-    ap.add_argument("--sweep-gemv", action="store_true",
-                    help="only choose the INT8 batch-1 GEMV configs per layer shape in the decode graph (no table)")
+    ap.add_argument("--sweep-linear", default=None, metavar="BITS:BATCH[,...]",
+                    help="only choose the linear-kernel configs per layer shape in the decode graph for these "
+                         "(weights, batch) pairs, e.g. 8:1,4:1,8:16 (no table)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -607,8 +652,11 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
-    if args.sweep_gemv:
-        choice = sweep_gemv()
+    if args.sweep_linear:
+        choice = {}
+        for pair in args.sweep_linear.split(","):
+            bits, batch = (int(v) for v in pair.split(":"))
+            choice[pair] = sweep_linear(bits, batch)
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=choice, log=LOG), indent=1))
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("CHATGLM_SHARED", ROOT.parent / "shared"))
+SHARED = Path(os.environ.get("CHATGLM_SHARED", ROOT.parent / "shared")).resolve()  # absolute: tests symlink into it
 CONFORMANCE = SHARED / "conformance"
 CODE_FILES = [
     "configuration_chatglm.py",

@@ -371,20 +371,46 @@ def test_gemv_l2_prefetch_under_pdl(gpu, bits):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act", [None, "gelu"])
 @pytest.mark.parametrize("pdl", [0, 2])
-def test_gemv_vector_x_loads_are_bit_equal(gpu, act, pdl):
-    # XVEC (x as one 8-byte load per weight word) and the split-K GEMV against the plain GEMV.
+def test_gemv_vector_x_loads_are_bit_equal(gpu, bits, act, pdl):
+    # XVEC (x as one 8-byte load per INT8 weight word, one 16-byte load per INT4 word) and the
+    # split-K GEMV against the plain GEMV.
     if pdl and not ck.pdl_supported(gpu):
         pytest.skip("no PDL here")
     N, K = 300, 4096
-    q, scale, bias = make_weight(N, K, 8, seed=3)
+    q, scale, bias = make_weight(N, K, bits, seed=3)
     x = torch.randn(1, K, device=gpu, dtype=torch.float16)
     base = dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, num_warps=4, EV="evict_first")
     a = 1 if act else 0
-    want = ck._run_gemv(x, q, scale, bias, 8, base, act=a, pdl=pdl)
-    for xvec in (1, 2):
-        got = ck._run_gemv(x, q, scale, bias, 8, dict(base, XVEC=xvec), act=a, pdl=pdl)
+    want = ck._run_gemv(x, q, scale, bias, bits, base, act=a, pdl=pdl)
+    if not a:
+        check_close(want, x, q, scale, bias, bits)
+    for xvec in ((1, 2) if bits == 8 else (2,)):
+        got = ck._run_gemv(x, q, scale, bias, bits, dict(base, XVEC=xvec), act=a, pdl=pdl)
         assert torch.equal(got, want), xvec
-    got = ck._run_gemv(x, q, scale, bias, 8, dict(base, XVEC=2, SPLIT_K=2), act=a, pdl=pdl)
+    got = ck._run_gemv(x, q, scale, bias, bits, dict(base, XVEC=2, SPLIT_K=2), act=a, pdl=pdl)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_group_equals_one_weight_at_a_time(gpu, bits, dtype):
+    # One launch for up to four weights (ragged shapes, tiles not whole) == _dequantize of each, and
+    # == q * scale in float64 rounded once to the dtype.
+    shapes = [(300, 1000), (77, 4096), (128, 264), (4096, 16)]
+    weights = [make_weight(N, K, bits, seed=N + K)[:2] for N, K in shapes]
+    for n in (1, 2, 4):
+        got = ck.dequantize_group(weights[:n], bits, dtype)
+        assert got is not None and len(got) == n
+        for (q, scale), w in zip(weights[:n], got):
+            want = ck._dequantize(q, scale, bits, dtype)
+            assert w.shape == want.shape and w.dtype == dtype and torch.equal(w, want)
+            ref = (unpack_ref(q, bits) * scale.double()[:, None]).to(dtype)
+            assert torch.equal(w, ref)
+    # not for us: a non-contiguous weight, a float dtype we do not write
+    q, scale = weights[0]
+    assert ck.dequantize_group([(q[:, :q.shape[1] // 2], scale)], bits, dtype) is None
+    assert ck.dequantize_group(weights[:1], bits, torch.float32) is None

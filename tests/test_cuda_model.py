@@ -202,6 +202,11 @@ def test_kernels_match_torch(gpu, models, dtype):
     assert_rotary_close(q, q0, c, s, D ** 0.5 * coeff)
     assert_rotary_close(k, k0, c, s)
     assert torch.equal(v, v0)
+    # straight into a KV cache's first S slots (strided views): the same values there, nothing else written
+    kv = torch.full((2, B, H, 3 * S, D), 7.0, dtype=dtype, device=gpu)
+    q2, k2, v2 = fd.prefill_rotary(qkv, cos_t, sin_t, pos, B, S, H, D, denom, kv[0][:, :, :S], kv[1][:, :, :S])
+    assert torch.equal(q2, q) and torch.equal(kv[0][:, :, :S], k) and torch.equal(kv[1][:, :, :S], v)
+    assert bool((kv[:, :, :, S:] == 7.0).all())
     # decode attention (rotary, cache write, padded rows, sequence splits, tile configs) against glm_attention
     L, cur = 512, 300
     cs_table = torch.cat((cos_t, sin_t), dim=-1)
@@ -254,6 +259,8 @@ def test_bookkeeping_kernel_matches_torch(gpu, models):
         sl.cache.pos = torch.tensor([10], dtype=torch.int32, device=gpu)
         sl.alive = torch.ones(1, dtype=torch.bool, device=gpu)
         sl.gen_len = torch.tensor([2], device=gpu)
+        sl.pick_key = torch.full((b,), fd._KEY_EMPTY, dtype=torch.long, device=gpu)
+        sl.pick_flag = torch.zeros(1, dtype=torch.int32, device=gpu)
         return sl
 
     for b, nxt in ((1, [7]), (1, [5]), (4, [7, 5, 11, 9]), (3, [1, 2, 3])):
@@ -263,6 +270,65 @@ def test_bookkeeping_kernel_matches_torch(gpu, models):
         for f in ("unfinished", "ids", "tok", "pos", "alive", "gen_len"):
             assert torch.equal(getattr(a, f), getattr(r, f)), (b, nxt, f)
         assert torch.equal(a.cache.pos, r.cache.pos)
+    # greedy choice in kernels (_pick_kernel, then the bookkeeping kernel reading its keys) against
+    # torch.argmax (+ InvalidScoreLogitsProcessor's "token 5 if any score is NaN/inf"), repeated on the
+    # same buffers (the keys and the flag must be reset after each step)
+    V = 130528
+    g = torch.Generator(device=gpu).manual_seed(5)
+    for case in range(7):
+        b = (1, 4, 3, 4, 2, 1, 4)[case]
+        logits = torch.randn(b, V, device=gpu, generator=g).to(torch.float16)
+        if case == 1:  # ties (first index wins), some in different vocabulary blocks
+            logits[0, [17, 5000, 130000]] = 60.0
+            logits[1, [9000, 8999]] = 61.0
+            logits[2, -1] = 70.0  # last element of the ragged last block
+            logits[3] = -3.0  # all equal
+        if case == 2:  # signed zeros as the maximum: torch treats -0.0 == +0.0
+            logits[0] = -1.0
+            logits[0, [40, 41]] = torch.tensor([-0.0, 0.0], dtype=torch.float16, device=gpu)
+            logits[1] = -2.0
+            logits[1, 7000] = 0.0
+            logits[1, 3] = -0.0
+        if case == 3:  # +inf, -inf, NaN (argmax: NaN counts as the largest)
+            logits[0, 123] = float("inf")
+            logits[1, 77] = float("-inf")
+            logits[2, 99] = float("nan")
+            logits[2, 98] = float("inf")
+        if case == 4:  # whole row -inf
+            logits[1] = float("-inf")
+        for check in (False, True):
+            a, r = make(b), make(b)
+            for sl in (a, r):
+                sl.unfinished = torch.ones(b, dtype=torch.bool, device=gpu)
+            mode = fd._choose(logits, a, ("greedy",), [object()] if check else [])
+            assert mode == (2 if check else 1)
+            fd._bookkeep(a, mode)
+            want = logits.argmax(dim=-1)
+            if check and not bool(torch.isfinite(logits).all()):
+                want = torch.full_like(want, 5)
+            fd._bookkeep_torch(r, want)
+            for f in ("unfinished", "ids", "tok", "pos", "alive", "gen_len"):
+                assert torch.equal(getattr(a, f), getattr(r, f)), (case, check, f)
+            assert bool((a.pick_key == fd._KEY_EMPTY).all()) and int(a.pick_flag) == 0
+            # the same buffers again, other logits: nothing left over from the first step
+            logits2 = torch.randn(b, V, device=gpu, generator=g).to(torch.float16)
+            fd._bookkeep(a, fd._choose(logits2, a, ("greedy",), [object()] if check else []))
+            assert torch.equal(a.tok, logits2.argmax(dim=-1)), (case, check)
+
+
+def test_embedding_gathered_by_the_layernorm_kernel(gpu, models):
+    # LN of embedding rows picked by token id (decode step and prefill) == F.embedding then LN kernel
+    fd = fd_of(models["int8"])
+    g = torch.Generator(device=gpu).manual_seed(9)
+    for dtype, table_dtype in ((torch.float16, torch.float16), (torch.float16, torch.float32),
+                               (torch.bfloat16, torch.bfloat16)):
+        table = torch.randn(1000, 256, device=gpu, generator=g).to(table_dtype)
+        w = torch.randn(256, device=gpu, generator=g).to(dtype)
+        bias = torch.randn(256, device=gpu, generator=g).to(dtype)
+        for ids in (torch.tensor([3, 999, 0, 3], device=gpu), torch.randint(0, 1000, (2, 7), device=gpu, generator=g)):
+            got = fd.layer_norm(table, w, bias, 1e-5, ids=ids, dtype=dtype)
+            want = fd.layer_norm(torch.nn.functional.embedding(ids, table).view(-1, 256).to(dtype), w, bias, 1e-5)
+            assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_static_cache_duck_types_glmcache(gpu, models):
@@ -479,6 +545,34 @@ def test_switches_and_fallbacks(models, golden, monkeypatch):
     again = fast_greedy(model, ids, 6)
     assert torch.equal(again, base) and sum(len(sl.graphs) for sl in st.slots.values()) == n_graphs
     assert isinstance(out, torch.Tensor) and out.shape == base.shape
+
+
+@pytest.mark.parametrize("tag", ["int8", "int4"])
+def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, monkeypatch):
+    # A prompt's four linears per layer dequantized by one launch (fast_decode._prefill_linears) give
+    # the same logits and KV cache, bit for bit, as one linear at a time; the memory rule allows it
+    # for this prompt and slot, and refuses it for a prompt the linears would slice.
+    model = models[tag]
+    fd = fd_of(model)
+    st = fd._state(model)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    s = 200
+    ids = torch.randint(5, 20000, (2, s), generator=g)
+    ids[:, -2:] = torch.tensor([130001, 130004])  # [gMASK] <sop>
+    ids = ids.to(gpu)
+    mask = torch.ones_like(ids)
+    pos = mc_of(model).build_position_ids(ids, 130004, 130000, 130001, mask)
+    slot = st.slot(2, fd._bucket(s + 8))
+    assert fd._group_dequant_ok(model, slot, 2 * s)
+    assert not fd._group_dequant_ok(model, slot, 1280)
+    with torch.inference_mode():
+        grouped = fd.prefill(model, st, slot, ids, pos, mask).clone()
+        cache = slot.cache.kv[:, :, :, :, :s].clone()
+        monkeypatch.setattr(fd, "_group_dequant_ok", lambda *a: False)
+        single = fd.prefill(model, st, slot, ids, pos, mask)
+    assert torch.equal(grouped, single)
+    assert torch.equal(cache, slot.cache.kv[:, :, :, :, :s])
+    fd.release(model)
 
 
 def test_replaced_weights_are_picked_up(models, golden, gpu):
