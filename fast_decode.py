@@ -11,12 +11,17 @@ max_new_tokens / do_sample / temperature / top_k / top_p / eos / pad.
 Switch it off with ``model.config.use_cuda_graph = False`` or ``CHATGLM_CUDA_GRAPH=0``.
 
 How it runs
-* Prefill (one eager call): the model's own LayerNorm / linear modules, Triton kernels for the
-  fused residual + LayerNorm, GELU and the rotary embedding, and `F.scaled_dot_product_attention`
-  with an additive float mask (a bool mask would turn fully padded rows into NaN that leaks
-  through 0 * NaN). Keys/values go straight into the static cache.
-* Decode: one step — embedding, 28 blocks, final LayerNorm, LM head, InvalidScore fix-up,
-  greedy or temperature / top-k / top-p sampling, eos bookkeeping — captured once per
+* Prefill (one eager call): the model's weights, Triton kernels for the embedding lookup + first
+  LayerNorm, the fused residual + LayerNorm, GELU and the rotary embedding (which writes keys/values
+  straight into the static cache), and `F.scaled_dot_product_attention` with an additive float mask
+  (a bool mask would turn fully padded rows into NaN that leaks through 0 * NaN). Quantized
+  linears: each layer's four weights are dequantized by one launch and multiplied with cuBLAS when
+  memory allows (`_group_dequant_ok`), else one `cuda_kernels.linear` per weight — bit-equal.
+  It is host-bound (~200 launches from Python), so these fusions are about launches as much as
+  GPU time.
+* Decode: one step — embedding (inside the first LayerNorm kernel), 28 blocks, final LayerNorm, LM
+  head, InvalidScore fix-up, greedy (one argmax kernel) or temperature / top-k / top-p sampling, eos
+  bookkeeping — captured once per
   (batch, cache bucket, sampling mode) in a `torch.cuda.CUDAGraph` and replayed. Per block it
   launches 4 linear kernels (cuda_kernels.py; the GELU runs in dense_h_to_4h's epilogue), a fused
   rotary + cache write + attention kernel (split over the sequence, the splits merged in-kernel) and
