@@ -817,9 +817,9 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
         split_k = 1  # splits take whole, equal shares of the K tiles
     xv = x2
     xvec = int(cfg.pop("XVEC", 0))
-    if xvec and x2.stride(1) == 1 and x2.data_ptr() % (8 if bits == 8 else 16) == 0 and (
-            (bits == 8 and (xvec == 1 or x2.dtype == torch.float16)) or (bits == 4 and xvec == 2 and
-                                                                          x2.dtype == torch.float16)):
+    # XVEC 2 unpacks fp16 in PTX (INT8 and INT4); XVEC 1 unpacks with shifts (INT8 only, any dtype)
+    vec_ok = (xvec == 2 and x2.dtype == torch.float16) or (xvec == 1 and bits == 8)
+    if vec_ok and x2.stride(1) == 1 and x2.data_ptr() % (8 if bits == 8 else 16) == 0:
         cfg["XVEC"] = xvec
         xv = torch.as_strided(x2, (K,), (1,)).view(torch.int64)
     ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y

@@ -60,7 +60,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .cuda_kernels import gelu_ as _ck_gelu, jit_helpers, launch_options as _launch, pdl_supported
+from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit_helpers, \
+    launch_options as _launch, pdl_supported
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -301,19 +302,16 @@ def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
 _KEY_EMPTY = -(1 << 63)  # a greedy key below every value's (see _pick_kernel)
 
 
-def _pick_kernel(l_ptr, key_ptr, flag_ptr, V, stride_l, BLOCK: tl.constexpr, CHECK: tl.constexpr,
-                 PDL: tl.constexpr = False):
+def _pick_kernel(l_ptr, key_ptr, flag_ptr, V, stride_l, BLOCK: tl.constexpr, CHECK: tl.constexpr):
     # Greedy choice, part one (grid: rows x blocks of the vocabulary), what torch.argmax picks: the
     # largest value, NaN above everything, -0.0 equal to +0.0, the first index among equals. Each
     # value becomes an int64 key, ordered as the values are (fp32 bits, negative ones with the
     # magnitude bits flipped) in the high half and 2^31 - 1 - index in the low half; the program's
     # largest key goes to key[row] by atomic max (reset to _KEY_EMPTY by the bookkeeping kernel).
     # CHECK: flag[0] = 1 if any value is NaN or infinite (InvalidScoreLogitsProcessor's condition).
-    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < V
-    _pdl_wait(PDL)
     x = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
     bits = x.to(tl.int32, bitcast=True)
     k32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -948,6 +946,12 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     return F.linear(last, model.lm_head.weight.to(last.dtype))
 
 
+def _block_linears(block) -> tuple:
+    """A block's four linears in the order of their use."""
+    return (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h,
+            block.mlp.dense_4h_to_h)
+
+
 def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     """Whether a prompt of `rows` tokens may dequantize each layer's four linears at once
     (cuda_kernels.dequantize_group: one launch and one buffer per layer, 5 ms less host time for
@@ -956,11 +960,9 @@ def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     slot's KV cache stay within what a full-context generation of the same batch holds with one
     weight's buffer (peak memory at the longest context unchanged), or the GPU has at least twice
     the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
-    from .cuda_kernels import DEQUANT_CHUNK_MIN_M
     if rows < 64 or rows >= DEQUANT_CHUNK_MIN_M:
         return False
-    block = model.transformer.layers[0]
-    mods = (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)
+    mods = _block_linears(model.transformer.layers[0])
     if not all(type(m) is QuantizedLinear and m.use_kernels for m in mods) or kernel_backend("cuda") is None:
         return False
     per = 2 if mods[0].bits == 4 else 1
@@ -979,8 +981,7 @@ def _prefill_linears(block, dtype):
     dequantized by one kernel launch; each call is then F.linear on its weight (+ the GELU kernel),
     what cuda_kernels.linear computes for a prompt, bit for bit. Falls back to `_linear` if the
     grouped dequantization cannot run."""
-    from .cuda_kernels import dequantize_group
-    mods = (block.attention.query_key_value, block.attention.dense, block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h)
+    mods = _block_linears(block)
     bits = mods[0].bits
     ws = None
     if all(m.bits == bits for m in mods):
@@ -1056,8 +1057,9 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     _bookkeep(slot, nxt)
 
 
-def _choose(logits, slot: _Slot, plan_key, processors) -> torch.Tensor:
-    """Next token per row: InvalidScore fix-up, then argmax or HF-equivalent sampling (no host sync)."""
+def _choose(logits, slot: _Slot, plan_key, processors):
+    """Next token per row: InvalidScore fix-up, then argmax or HF-equivalent sampling (no host sync).
+    Returns the tokens [b] (sampling) or, greedy, the bookkeeping kernel's KEYS mode (an int)."""
     if plan_key[0] == "greedy":
         # argmax of the fp16 logits (that of their fp32 copy), in _pick_kernel; the bookkeeping kernel
         # reads the result. InvalidScoreLogitsProcessor (the only processor allowed here) turns every
