@@ -5,7 +5,8 @@ newer; tuned and tested on sm_90), so nothing ships as a binary and no CUDA tool
 at install time. `linear` picks one of three paths from the number of activation rows M
 (`_plan`; tile sizes measured on an H100, benchmarks/results/cuda_kernels.md):
 
-* M == 1 (greedy decode): `_gemv_kernel` on the CUDA cores. Every weight byte is read once with
+* M == 1 (greedy decode): `_gemv_kernel` on the CUDA cores (or, opt-in with CHATGLM_MMA_GEMV=1 on
+  sm_80+, the tensor-core GEMV of cuda_mma.py, compiled by NVRTC; slower on the H100, see there). Every weight byte is read once with
   16-byte loads (evict-first: the weights are streamed, x stays cached). Each 32-bit word of
   four int8 (or eight int4) values becomes exact fp32 values through byte-permute / LOP3
   tricks in inline PTX (the value lands under a float exponent; one subtraction removes the
@@ -55,6 +56,9 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
+
+from .cuda_mma import available as _mma_available, config_for as _mma_config, gemv as _mma_gemv, \
+    supports as _mma_supports
 
 __all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit_helpers"]
 
@@ -1012,6 +1016,34 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
 _ACTS = {None: 0, "gelu": 1}
 
 
+def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
+    """Batch 1 on sm_80+ when enabled (CHATGLM_MMA_GEMV=1): the tensor-core GEMV of cuda_mma.py
+    (NVRTC), or None (then the Triton GEMV runs: switched off, other GPUs, bf16, a fused GELU, shapes
+    it does not take, or after it failed once here)."""
+    N, K = q.shape[0], x2.shape[1]
+    dev = x2.device
+    if not (act_id == 0 and _mma_supports(bits, N, K, x2.dtype) and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0
+            and scale.dtype == torch.float16 and (bias is None or bias.dtype == torch.float16)
+            and _mma_available(dev)):
+        return None
+    key = ("mma_gemv", bits, x2.dtype, dev, act_id, pdl)
+    if key in _BROKEN:
+        return None
+    try:
+        idx = dev.index
+        if idx is None or idx == torch.cuda.current_device():
+            return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
+        with torch.cuda.device(dev):
+            return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
+    except Exception as exc:
+        if STRICT:
+            raise
+        _BROKEN.add(key)
+        warnings.warn(f"chatglm6b cuda_kernels: tensor-core GEMV failed ({type(exc).__name__}: {exc}); "
+                      f"using the Triton GEMV for this case from now on", RuntimeWarning)
+        return None
+
+
 def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False):
     """``x @ (q * scale)^T + bias`` in x's dtype, or None when these tensors are not for us
     (the caller then runs the torch path). See the module docstring for the layout.
@@ -1043,9 +1075,13 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     if max_x > _INT32_MAX or N * KQ > _INT32_MAX or M * N > _INT32_MAX or q.stride(0) * N > _INT32_MAX:
         return None  # kernels index with 32-bit offsets
     aligned = _words(q, bits, K) is not None
-    name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned, _capability(x.device))
     act_id = _ACTS[act]
     pdl = _pdl_level(pdl)
+    if M == 1 and aligned:
+        y = _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl)
+        if y is not None:
+            return y.view(*x.shape[:-1], N)
+    name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned, _capability(x.device))
     key = (name, bits, x.dtype, x.device, act_id, pdl)
     if key in _BROKEN:
         return None

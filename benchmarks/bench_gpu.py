@@ -38,6 +38,7 @@ if "chatglm6b" not in sys.modules:
 mc = importlib.import_module("chatglm6b.modeling_chatglm")
 fd = importlib.import_module("chatglm6b.fast_decode")
 ck = importlib.import_module("chatglm6b.cuda_kernels")
+mm = importlib.import_module("chatglm6b.cuda_mma")
 mk = importlib.import_module("chatglm6b.tools.make_checkpoint")
 GiB = 1024 ** 3
 LOG = []
@@ -470,6 +471,118 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
     return cur
 
 
+def _mma_ok(cfg, N, K, bits):
+    """Relative error of the tensor-core GEMV with cfg against a float64 reference (fresh data)."""
+    g = torch.Generator(device="cuda").manual_seed(N + K)
+    KQ = K if bits == 8 else K // 2
+    q = torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda", generator=g)
+    scale = (torch.rand(N, device="cuda", generator=g) * 0.01 + 0.001).half()
+    bias = torch.randn(N, device="cuda", generator=g).half()
+    x = torch.randn(1, K, device="cuda", generator=g).half()
+    v = q.to(torch.int32)
+    w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
+    ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
+    y = mm.gemv(x, q, scale, bias, bits, dict(cfg))
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1, WARPS=2, U=4),
+                  dict(MT=2, WARPS=4, U=4), dict(MT=1, WARPS=4, U=8), dict(MT=2, WARPS=8, U=2),
+                  dict(MT=1, WARPS=16, U=2), dict(MT=1, WARPS=8, U=8), dict(MT=2, WARPS=2, U=8),
+                  dict(MT=1, WARPS=16, U=4), dict(MT=1, WARPS=32, U=2), dict(MT=2, WARPS=16, U=2)]
+
+
+def gemv_microbench(bits, cfgs, copies=24, reps=20):
+    """Each layer shape alone: one graph of `copies` launches on distinct weights (more bytes than
+    L2 holds), Triton GEMV vs the tensor-core GEMV with cfgs[name]; µs per call and GB/s read."""
+    out = {}
+    for name, (N, K) in GEMV_SHAPES.items():
+        KQ = K if bits == 8 else K // 2
+        ws = [torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda") for _ in range(copies)]
+        scale = torch.rand(N, device="cuda").half() * 0.01
+        bias = torch.randn(N, device="cuda").half()
+        x = torch.randn(1, K, device="cuda").half()
+        res = {}
+        for tag, on in (("triton", False), ("mma", True)):
+            mm.ENABLED = on
+            mm._SHAPE_CFG[(ck._capability(torch.device("cuda")), bits, N, K)] = cfgs[name]
+
+            def fn():
+                for q in ws:
+                    ck.linear(x, q, scale, bias, bits)
+            fn()
+            t = _graph_time(fn, reps=reps) / copies
+            res[tag] = dict(us=round(t * 1e6, 2), gbs=round(N * KQ / t / 1e9, 1))
+        mm.ENABLED = True
+        out[name] = res
+        log(event="gemv_microbench", bits=bits, shape=name, **res)
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
+def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S", "300"))):
+    """Batch-1 tensor-core GEMV (cuda_mma.py) in the whole CUDA-graph decode step: the Triton GEMV
+    and each PDL mode for reference, then a (MT, WARPS, U) config per layer shape, greedily, each
+    checked against float64 first. Fills cuda_mma._SHAPE_CFG; returns (cfgs, best PDL mode)."""
+    cap = ck._capability(torch.device("cuda"))
+    t_start = time.time()
+    model = build(bits)
+    shapes = dict(GEMV_SHAPES)
+    key = (bits, "small")
+    mode0 = fd.PDL_MODE[key]
+
+    def measure(tag, on=True, mode=None, cfgs=None):
+        mm.ENABLED = on
+        fd.PDL_MODE[key] = mode or mode0
+        for name, (N, K) in shapes.items():
+            if cfgs is not None:
+                mm._SHAPE_CFG[(cap, bits, N, K)] = dict(cfgs[name])
+                err = _mma_ok(cfgs[name], N, K, bits)
+                if not err < 2e-3:
+                    raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
+        release(model)
+        t, _ = graph_decode(model, 1, steps=steps)
+        ms = round(t * 1e3, 4)
+        log(event="sweep_mma", bits=bits, tag=tag, ms=ms, on=on, pdl=fd.PDL_MODE[key], cfgs=cfgs)
+        return ms
+
+    cur = {name: mm.config_for(bits, N, K, cap) for name, (N, K) in shapes.items()}
+    triton = {m: measure(f"triton pdl={m}", on=False, mode=m) for m in ("off", "small", "all")}
+    modes = {m: measure(f"mma pdl={m}", mode=m, cfgs=cur) for m in ("off", "small", "all")}
+    mode = min(modes, key=modes.get)
+    best = modes[mode]
+    for name in shapes:
+        for cand in MMA_CANDIDATES:
+            if cand == cur[name]:
+                continue
+            if time.time() - t_start > budget_s:
+                log(event="sweep_mma_budget", skipped=name, cfg=cand)
+                continue
+            trial = dict(cur, **{name: cand})
+            try:
+                ms = measure(f"{name} {cand}", mode=mode, cfgs=trial)
+            except Exception as exc:
+                log(event="sweep_mma_error", tag=name, cfg=cand, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            if ms < best:
+                best, cur = ms, trial
+    tmode = min(triton, key=triton.get)
+    pairs = [(measure("confirm triton", on=False, mode=tmode), measure("confirm mma", mode=mode, cfgs=cur))
+             for _ in range(2)]
+    mm.ENABLED = True
+    fd.PDL_MODE[key] = mode
+    _, run = graph_decode(model, 1, steps=steps)
+    log(event="sweep_mma_choice", bits=bits, cfgs=cur, pdl=mode, triton_ms=[a for a, _ in pairs],
+        mma_ms=[b for _, b in pairs], breakdown=kernel_breakdown(model, run))
+    release(model)
+    del model, run
+    gc.collect()
+    torch.cuda.empty_cache()
+    gemv_microbench(bits, cur)
+    return cur, mode
+
+
 def memory_2048(model):
     """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
     out = {}
@@ -641,6 +754,9 @@ def main():
     ap.add_argument("--sweep-linear", default=None, metavar="BITS:BATCH[,...]",
                     help="only choose the linear-kernel configs per layer shape in the decode graph for these "
                          "(weights, batch) pairs, e.g. 8:1,4:1,8:16 (no table)")
+    ap.add_argument("--sweep-mma", default=None, metavar="BITS[,...]",
+                    help="only choose the tensor-core GEMV configs (cuda_mma.py) and PDL mode at batch 1 in the "
+                         "decode graph for these weights, e.g. 4,8; with a per-shape micro-benchmark (no table)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -652,6 +768,11 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
+    if args.sweep_mma:
+        choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=choice, log=LOG), indent=1))
+        return
     if args.sweep_linear:
         choice = {}
         for pair in args.sweep_linear.split(","):

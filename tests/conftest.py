@@ -25,6 +25,7 @@ CODE_FILES = [
     "tokenization_chatglm.py",
     "cpu_kernels.py",
     "cuda_kernels.py",
+    "cuda_mma.py",
     "fast_decode.py",
     "tokenizer_config.json",
     "ice_text.model",
