@@ -41,6 +41,7 @@ from .quantization import QuantizedLinear, quantize_model, quantize_weight
 # (not what those import in turn): name every module of the package here so none is left behind.
 from .dispatch import input_device
 from .cuda_kernels import available as _cuda_kernels_available  # noqa: F401  (used by quantization.py)
+from .cuda_mma import available as _cuda_mma_available  # noqa: F401  (used by cuda_kernels.py)
 from .fast_decode import fast_generate as _fast_generate, fast_stream_generate as _fast_stream_generate
 
 __all__ = [
