@@ -64,7 +64,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["available", "gemv", "config_for", "nvrtc_version"]
+__all__ = ["available", "supports", "gemv", "config_for", "compile_cubin", "nvrtc_version"]
 
 # Opt-in (CHATGLM_MMA_GEMV=1): on the H100 the Triton GEMV measured faster in the decode graph
 # (benchmarks/results/gpu.md), so cuda_kernels uses this kernel only when asked to.
@@ -73,10 +73,11 @@ ENABLED = os.environ.get("CHATGLM_MMA_GEMV", "0").strip().lower() in ("1", "true
 _LOCK = threading.Lock()
 _NVRTC = None  # ctypes.CDLL or False when it cannot be found
 _CUDA = None  # libcuda or False
-_KERNELS: Dict[tuple, "_Kernel"] = {}  # (source key, device index) -> kernel
-_FAILED: Dict[int, str] = {}  # device index -> why this path cannot run there
+_KERNELS: Dict[tuple, "_Kernel"] = {}  # (compile defines, device index) -> kernel
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}  # device index -> (major, minor)
 
-# Configurations, key (bits, N, K) on sm_90; others use the generic entry per bits.
+# Configurations, key ((major, minor) compute capability, bits, N, K); other GPUs and shapes use the
+# generic entry per bits.
 # MT: 16-row tiles per warp; WARPS: warps per block, splitting K; U: weight steps in flight per lane.
 _GENERIC = {4: dict(MT=1, WARPS=4, U=4), 8: dict(MT=1, WARPS=4, U=4)}
 _SHAPE_CFG: Dict[tuple, dict] = {  # chosen in the whole decode graph (bench_gpu.py --sweep-mma), H100
@@ -469,25 +470,19 @@ class _Kernel:
 # Host side.
 
 def _capability(device: torch.device) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cap
 
 
 def available(device: torch.device) -> bool:
     """This path can run on `device` (a CUDA device of capability 8.0+, NVRTC and the driver found)."""
-    if not ENABLED or device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx in _FAILED:
-        return False
-    if _capability(torch.device("cuda", idx)) < (8, 0):
+    if not ENABLED or device.type != "cuda" or _capability(device) < (8, 0):
         return False
     nvrtc, cuda = _libs()
     return bool(nvrtc) and bool(cuda)
-
-
-def mark_failed(device: torch.device, why: str):
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    _FAILED[idx] = why
 
 
 def config_for(bits: int, N: int, K: int, cap: Tuple[int, int]) -> dict:
