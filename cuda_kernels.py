@@ -57,8 +57,8 @@ from typing import Optional
 
 import torch
 
-from .cuda_mma import available as _mma_available, config_for as _mma_config, gemv as _mma_gemv, \
-    supports as _mma_supports
+from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
+    gemv as _mma_gemv, supports as _mma_supports
 
 __all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit_helpers"]
 
@@ -71,7 +71,6 @@ _PDL_IMPORTED = False
 _LOCK = threading.Lock()
 _KERNELS = None
 _AVAILABLE: Optional[bool] = None
-_CAPABILITY = {}  # device index -> (major, minor)
 _BROKEN = set()  # (path, bits, dtype, device) whose compile or launch failed: the torch path runs
 # Raise kernel errors instead of falling back to the torch path (tests and benchmarks set it).
 STRICT = os.environ.get("CHATGLM_CUDA_STRICT", "0") == "1"
@@ -766,14 +765,6 @@ def launch_options(pdl) -> dict:
     if level <= 0:
         return {}
     return dict(PDL=True, launch_pdl=True) if level >= 2 else dict(PDL=True)
-
-
-def _capability(device: torch.device) -> tuple:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY.get(idx)
-    if cap is None:
-        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
-    return cap
 
 
 def _device_ok(device: torch.device) -> bool:

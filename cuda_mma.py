@@ -64,7 +64,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["available", "supports", "gemv", "config_for", "compile_cubin", "nvrtc_version"]
+__all__ = ["available", "supports", "gemv", "config_for", "compile_cubin", "nvrtc_version", "capability"]
 
 # Opt-in (CHATGLM_MMA_GEMV=1): on the H100 the Triton GEMV measured faster in the decode graph
 # (benchmarks/results/gpu.md), so cuda_kernels uses this kernel only when asked to.
@@ -469,7 +469,8 @@ class _Kernel:
 # ------------------------------------------------------------------------------------------------
 # Host side.
 
-def _capability(device: torch.device) -> Tuple[int, int]:
+def capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, cached per device index (also cuda_kernels')."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     cap = _CAPABILITY.get(idx)
     if cap is None:
@@ -479,7 +480,7 @@ def _capability(device: torch.device) -> Tuple[int, int]:
 
 def available(device: torch.device) -> bool:
     """This path can run on `device` (a CUDA device of capability 8.0+, NVRTC and the driver found)."""
-    if not ENABLED or device.type != "cuda" or _capability(device) < (8, 0):
+    if not ENABLED or device.type != "cuda" or capability(device) < (8, 0):
         return False
     nvrtc, cuda = _libs()
     return bool(nvrtc) and bool(cuda)
@@ -498,7 +499,7 @@ def supports(bits: int, N: int, K: int, dtype: torch.dtype) -> bool:
 
 def _kernel(device: torch.device, bits: int, cfg: dict, has_bias: bool, pdl: int) -> _Kernel:
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    cap = _capability(torch.device("cuda", idx))
+    cap = capability(torch.device("cuda", idx))
     defines = dict(BITS=bits, MT=cfg["MT"], WARPS=cfg["WARPS"], U=cfg["U"], HAS_BIAS=int(has_bias),
                    PDL=min(int(pdl), 2) if cap >= (9, 0) else 0)
     key = (tuple(sorted(defines.items())), idx)
