@@ -6,8 +6,8 @@ at install time. `linear` picks one of three paths from the number of activation
 (`_plan`; tile sizes measured on an H100, benchmarks/results/cuda_kernels.md):
 
 * M == 1 (greedy decode): `_gemv_kernel` on the CUDA cores (or, opt-in with CHATGLM_MMA_GEMV=1 on
-  sm_80+, the tensor-core GEMV of cuda_mma.py, compiled by NVRTC; slower on the H100, see there). Every weight byte is read once with
-  16-byte loads (evict-first: the weights are streamed, x stays cached). Each 32-bit word of
+  sm_80+, the tensor-core GEMV of cuda_mma.py, compiled by NVRTC; slower on the H100, see there).
+  Every weight byte is read once with 16-byte loads (evict-first: the weights are streamed, x stays cached). Each 32-bit word of
   four int8 (or eight int4) values becomes exact fp32 values through byte-permute / LOP3
   tricks in inline PTX (the value lands under a float exponent; one subtraction removes the
   offset), which is cheaper than the int-to-float conversion unit, then one FMA per value. On the
@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
-    gemv as _mma_gemv, supports as _mma_supports
+    gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
 __all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit_helpers"]
 
@@ -100,7 +100,7 @@ _GEMV_CFG = {  # M == 1, _gemv_kernel; key (bits, N <= _SMALL_N, K >= _BIG_K)
 }
 # Per-shape M == 1 configs, key ((major, minor) compute capability, bits, N, K); they override
 # _GEMV_CFG on that architecture only (other GPUs keep the generic entries above). Chosen by timing
-# the whole CUDA-graph decode step with PDL (benchmarks/bench_gpu.py --sweep-gemv).
+# the whole CUDA-graph decode step with PDL (benchmarks/bench_gpu.py --sweep-linear 8:1 / 4:1).
 _GEMV_SHAPE_CFG = {
     ((9, 0), 8, 12288, 4096): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
     ((9, 0), 8, 4096, 4096): dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4),
@@ -1013,10 +1013,9 @@ def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
     it does not take, or after it failed once here)."""
     N, K = q.shape[0], x2.shape[1]
     dev = x2.device
-    if not (act_id == 0 and _mma_supports(bits, N, K, x2.dtype) and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0
-            and scale.dtype == torch.float16 and (bias is None or bias.dtype == torch.float16)
-            and _mma_available(dev)):
-        return None
+    if not (_mma_available(dev) and act_id == 0 and _mma_supports(bits, N, K, x2.dtype) and _mma_weight_ok(q)
+            and scale.dtype == torch.float16 and (bias is None or bias.dtype == torch.float16)):
+        return None  # (available() first: switched off, the default, it answers at once)
     key = ("mma_gemv", bits, x2.dtype, dev, act_id, pdl)
     if key in _BROKEN:
         return None

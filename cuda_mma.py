@@ -64,7 +64,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["available", "supports", "gemv", "config_for", "compile_cubin", "nvrtc_version", "capability"]
+from .cpu_kernels import cache_dir
+
+__all__ = ["available", "supports", "weight_ok", "gemv", "config_for", "compile_cubin", "nvrtc_version", "capability"]
 
 # Opt-in (CHATGLM_MMA_GEMV=1): on the H100 the Triton GEMV measured faster in the decode graph
 # (benchmarks/results/gpu.md), so cuda_kernels uses this kernel only when asked to.
@@ -305,11 +307,7 @@ mma_gemv(const u16* __restrict__ x, const unsigned char* __restrict__ w, const u
 # NVRTC and driver bindings (ctypes).
 
 def _find_nvrtc():
-    names = []
-    major = None
-    if torch.version.cuda:
-        major = torch.version.cuda.split(".")[0]
-        names.append(f"libnvrtc.so.{major}")
+    names = [f"libnvrtc.so.{torch.version.cuda.split('.')[0]}"] if torch.version.cuda else []
     names.append("libnvrtc.so")
     for base in sys.path:  # the nvidia-cuda-nvrtc wheel (what PyTorch's CUDA wheels install)
         for pattern in ("nvidia/cu*/lib/libnvrtc.so*", "nvidia/cuda_nvrtc/lib/libnvrtc.so*"):
@@ -497,6 +495,11 @@ def supports(bits: int, N: int, K: int, dtype: torch.dtype) -> bool:
     return dtype == torch.float16 and K % kstep == 0 and N >= 1 and K * 2 <= 96 << 10
 
 
+def weight_ok(q: torch.Tensor) -> bool:
+    """The weight's rows are contiguous and 16-byte aligned (each lane loads 16 bytes of a row)."""
+    return q.stride(1) == 1 and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0
+
+
 def _kernel(device: torch.device, bits: int, cfg: dict, has_bias: bool, pdl: int) -> _Kernel:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     cap = capability(torch.device("cuda", idx))
@@ -515,21 +518,15 @@ def _kernel(device: torch.device, bits: int, cfg: dict, has_bias: bool, pdl: int
     return k
 
 
-def _cache_dir() -> Optional[str]:
-    root = os.environ.get("CHATGLM_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "chatglm6b")
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError:
-        return None
-    return root
-
-
 def _cached_cubin(arch: str, defines: Dict[str, int]) -> bytes:
     """compile_cubin, with the result kept on disk keyed by source, options and NVRTC version."""
     tag = hashlib.sha256(repr((_SOURCE, arch, sorted(defines.items()), nvrtc_version())).encode()).hexdigest()[:24]
-    root = _cache_dir()
-    path = os.path.join(root, f"mma_gemv-{tag}.cubin") if root else None
+    root = cache_dir()  # where cpu_kernels keeps its compiled library ($CHATGLM_CACHE_DIR, ...)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = str(root / f"mma_gemv-{tag}.cubin")
+    except OSError:
+        path = None
     if path and os.path.exists(path):
         with open(path, "rb") as fh:
             return fh.read()
@@ -548,7 +545,7 @@ def _cached_cubin(arch: str, defines: Dict[str, int]) -> bytes:
 def gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
          cfg: dict, pdl: int = 0) -> torch.Tensor:
     """y [1, N] fp16 = x [1, K] @ (q * scale)^T + bias for one fp16 activation row.
-    The caller (cuda_kernels.linear) has checked devices, dtypes and `supports`. pdl as
+    The caller (cuda_kernels.linear) has checked devices, dtypes, `supports` and `weight_ok`. pdl as
     cuda_kernels.launch_options: 1 lets the next kernel launch early, 2 also launches this one so
     (it then waits for the previous kernel before reading x); ignored below sm_90."""
     N = q.shape[0]
@@ -556,7 +553,7 @@ def gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[t
     x = x.reshape(K)
     if x.stride(0) != 1 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation is 16-byte aligned
-    if q.stride(1) != 1 or q.stride(0) % 16 or q.data_ptr() % 16:
+    if not weight_ok(q):
         raise ValueError("mma_gemv: weight rows must be contiguous and 16-byte aligned")
     y = torch.empty((1, N), dtype=torch.float16, device=x.device)
     kern = _kernel(x.device, bits, cfg, bias is not None, pdl)

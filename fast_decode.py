@@ -453,8 +453,9 @@ def _scale_for(layer_index: int, head_dim: int) -> Tuple[float, float]:
 def prefill_rotary(qkv: torch.Tensor, cos_t, sin_t, position_ids: torch.Tensor, b: int, s: int, heads: int,
                    head_dim: int, denom: float, k_out=None, v_out=None):
     """qkv [b*s, 3*heads*head_dim] -> (q scaled, k, v), each [b, heads, s, head_dim]: q a view of a
-    contiguous [b, s, heads, head_dim], k / v into k_out / v_out when given (views [b, heads, s, head_dim] whose positions are contiguous
-    rows of head_dim, with equal strides: the KV cache's first s slots), else fresh contiguous."""
+    contiguous [b, s, heads, head_dim]; k / v into k_out / v_out when given (views [b, heads, s,
+    head_dim] whose positions are contiguous rows of head_dim, with equal strides: the KV cache's
+    first s slots), else fresh contiguous."""
     k = _build()
     # q is stored [b, s, heads, head_dim] (returned as the transposed view): SDPA then writes its
     # output in that layout too, and the output's transpose back to [b*s, hidden] is free

@@ -325,7 +325,7 @@ def sweep_layernorm():
     return best
 
 
-# INT8 batch-1 GEMV shapes of one layer: query_key_value, attention.dense, dense_h_to_4h (GELU),
+# The (N, K) shapes of one layer's linears: query_key_value, attention.dense, dense_h_to_4h (GELU),
 # dense_4h_to_h.
 GEMV_SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
 
@@ -341,7 +341,7 @@ def _linear_ok(kind, cfg, N, K, bits=8, M=1):
     v = q.to(torch.int32)
     w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
     ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
-    run = {"gemv": ck._run_gemv, "plain": ck._run_qmm, "asm": ck._run_qmm_asm}[kind]
+    run = {"gemv": ck._run_gemv, "plain": ck._run_qmm, "asm": ck._run_qmm_asm, "mma": mm.gemv}[kind]
     y = run(x, q, scale, bias, bits, cfg)
     return ((y.double() - ref).norm() / ref.norm()).item()
 
@@ -471,21 +471,6 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
     return cur
 
 
-def _mma_ok(cfg, N, K, bits):
-    """Relative error of the tensor-core GEMV with cfg against a float64 reference (fresh data)."""
-    g = torch.Generator(device="cuda").manual_seed(N + K)
-    KQ = K if bits == 8 else K // 2
-    q = torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda", generator=g)
-    scale = (torch.rand(N, device="cuda", generator=g) * 0.01 + 0.001).half()
-    bias = torch.randn(N, device="cuda", generator=g).half()
-    x = torch.randn(1, K, device="cuda", generator=g).half()
-    v = q.to(torch.int32)
-    w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
-    ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
-    y = mm.gemv(x, q, scale, bias, bits, dict(cfg))
-    return ((y.double() - ref).norm() / ref.norm()).item()
-
-
 MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1, WARPS=2, U=4),
                   dict(MT=2, WARPS=4, U=4), dict(MT=1, WARPS=4, U=8), dict(MT=2, WARPS=8, U=2),
                   dict(MT=1, WARPS=16, U=2), dict(MT=1, WARPS=8, U=8), dict(MT=2, WARPS=2, U=8),
@@ -495,7 +480,7 @@ MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1,
 def gemv_microbench(bits, cfgs, copies=24, reps=20):
     """Each layer shape alone: one graph of `copies` launches on distinct weights (more bytes than
     L2 holds), Triton GEMV vs the tensor-core GEMV with cfgs[name]; µs per call and GB/s read."""
-    out = {}
+    out, enabled = {}, mm.ENABLED
     for name, (N, K) in GEMV_SHAPES.items():
         KQ = K if bits == 8 else K // 2
         ws = [torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda") for _ in range(copies)]
@@ -513,7 +498,7 @@ def gemv_microbench(bits, cfgs, copies=24, reps=20):
             fn()
             t = _graph_time(fn, reps=reps) / copies
             res[tag] = dict(us=round(t * 1e6, 2), gbs=round(N * KQ / t / 1e9, 1))
-        mm.ENABLED = True
+        mm.ENABLED = enabled
         out[name] = res
         log(event="gemv_microbench", bits=bits, shape=name, **res)
         del ws
@@ -530,7 +515,7 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
     model = build(bits)
     shapes = dict(GEMV_SHAPES)
     key = (bits, "small")
-    mode0 = fd.PDL_MODE[key]
+    mode0, enabled = fd.PDL_MODE[key], mm.ENABLED
 
     def measure(tag, on=True, mode=None, cfgs=None):
         mm.ENABLED = on
@@ -538,7 +523,7 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
         for name, (N, K) in shapes.items():
             if cfgs is not None:
                 mm._SHAPE_CFG[(cap, bits, N, K)] = dict(cfgs[name])
-                err = _mma_ok(cfgs[name], N, K, bits)
+                err = _linear_ok("mma", dict(cfgs[name]), N, K, bits)
                 if not err < 2e-3:
                     raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
         release(model)
@@ -575,6 +560,7 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
     _, run = graph_decode(model, 1, steps=steps)
     log(event="sweep_mma_choice", bits=bits, cfgs=cur, pdl=mode, triton_ms=[a for a, _ in pairs],
         mma_ms=[b for _, b in pairs], breakdown=kernel_breakdown(model, run))
+    mm.ENABLED, fd.PDL_MODE[key] = enabled, mode0  # the choice is reported, not adopted
     release(model)
     del model, run
     gc.collect()
@@ -768,16 +754,11 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
-    if args.sweep_mma:
-        choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}
-        if args.json:
-            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=choice, log=LOG), indent=1))
-        return
-    if args.sweep_linear:
-        choice = {}
-        for pair in args.sweep_linear.split(","):
-            bits, batch = (int(v) for v in pair.split(":"))
-            choice[pair] = sweep_linear(bits, batch)
+    if args.sweep_mma or args.sweep_linear:
+        if args.sweep_mma:
+            choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}
+        else:
+            choice = {pair: sweep_linear(*(int(v) for v in pair.split(":"))) for pair in args.sweep_linear.split(",")}
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=choice, log=LOG), indent=1))
         return
