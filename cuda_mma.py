@@ -11,8 +11,8 @@ for the GPU that is present (sm_80 and newer), so nothing ships as a binary and 
 needed: NVRTC comes with PyTorch's CUDA wheels (nvidia-cuda-nvrtc), the driver API with the driver.
 
 What was measured (H100, benchmarks/results/gpu.md): in the whole INT4 decode graph it is slower,
-2.169 ms/token against the Triton GEMV's 2.072 (same call), and alone per layer shape 0.1-2 µs
-slower per call. The Triton GEMV was not issue-bound after all: the 112 GEMVs of a step take 1390 µs
+2.169 ms/token against the Triton GEMV's 2.072 (same call; 2.080 vs 2.069 on another host), and
+alone per layer shape 0.1-2 µs slower per call. The Triton GEMV was not issue-bound after all: the 112 GEMVs of a step take 1390 µs
 and the same bytes in 4 GEMVs 1031 µs (94 % of the copy bandwidth), so what separates it from the floor
 is a fixed cost per kernel (ramp-up and tail, 3.2 µs per launch). This kernel adds its own per-block
 fixed cost (x staged in shared memory, a block barrier, the cross-warp sum). It is kept, tested, as
