@@ -88,7 +88,6 @@ _INT32_MAX = 2**31 - 1
 # "small_n" entries serve N <= _SMALL_N (few row blocks: other tiles or a K split fill the GPU).
 _SMALL_N = 4096
 _BIG_K = 8192
-L2_NEXT_AT = 2  # where a GEMV prefetches the next linear's weight (1: program start, 2: after its loop)
 _GEMV_CFG = {  # M == 1, _gemv_kernel; key (bits, N <= _SMALL_N, K >= _BIG_K)
     (8, False, False): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4),
     (8, False, True): dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4),
@@ -179,19 +178,6 @@ def _l2_prefetch(ptr, nbytes):
         "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def _l2_prefetch_rows(pf_ptr, pf_rows, pf_stride, pf_bytes, prog, pf_per, RP: tl.constexpr):
-    # Rows [prog * pf_per, prog * pf_per + pf_per) of a row-major matrix at pf_ptr (a byte pointer,
-    # rows pf_stride bytes apart; clamped to its pf_rows rows): have their first pf_bytes bytes
-    # brought into L2 (sm_90 bulk prefetch: a hint, no registers, no wait). RP >= pf_per, a power
-    # of two. Rows held by several threads are asked for more than once (harmless).
-    r = tl.minimum(prog * pf_per + tl.minimum(tl.arange(0, RP), pf_per - 1), pf_rows - 1)
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n"
-        "mov.u32 $0, 0;",
-        "=r,l,r", [pf_ptr + r.to(tl.int64) * pf_stride, tl.zeros([RP], dtype=tl.int32) + pf_bytes],
-        dtype=tl.int32, is_pure=False, pack=1)
-
-
 def _f16x4_to_f32(xv):
     # An int64 holding four fp16 values (lowest half first) -> their fp32 bit patterns (int32).
     return tl.inline_asm_elementwise(
@@ -277,8 +263,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr,
                  ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
                  L2_BYTES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, CM: tl.constexpr = "",
-                 XVEC: tl.constexpr = 0, pf_ptr=None, pf_rows=1, pf_stride=0, pf_bytes=16, pf_per=1,
-                 PF_RP: tl.constexpr = 0, PF_AT: tl.constexpr = 2):
+                 XVEC: tl.constexpr = 0):
     # y[n] = act(s[n] * sum_k x[k] q[n, k] + b[n]) for one activation row.
     # L2_BYTES > 0 (with PDL): before waiting for the previous kernel, have the first L2_BYTES of
     # each of this program's weight rows brought into L2, so that DRAM streams weights while the
@@ -291,14 +276,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     # otherwise): INT8 (x 8-byte aligned) takes the four activations of a word as one 8-byte load
     # instead of four 2-byte loads; INT4 (XVEC 2, fp16 x, 16-byte aligned) takes the eight of a word
     # as one 16-byte load instead of eight.
-    # PF_RP > 0 (sm_90+): the first pf_bytes of pf_per rows of the NEXT linear's weight (pf_*, see
-    # _l2_prefetch_rows) per program are prefetched into L2, at the program's start (PF_AT 1) or
-    # after its main loop (PF_AT 2: DRAM takes them while this kernel's last programs finish and
-    # the small kernels between the two linears run).
     _pdl_start(PDL)
-    if PF_RP > 0 and PF_AT == 1:
-        _l2_prefetch_rows(pf_ptr, pf_rows, pf_stride, pf_bytes, tl.program_id(0) + tl.program_id(1) * tl.num_programs(0),
-                          pf_per, PF_RP)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
     rw = tl.arange(0, BLOCK_KW)
@@ -456,9 +434,6 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  tl.broadcast_to(x7.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
                  acc],
                 dtype=tl.int32, is_pure=True, pack=1)
-    if PF_RP > 0 and PF_AT == 2:
-        _l2_prefetch_rows(pf_ptr, pf_rows, pf_stride, pf_bytes, tl.program_id(0) + tl.program_id(1) * tl.num_programs(0),
-                          pf_per, PF_RP)
     out = tl.sum(acc.to(tl.float32, bitcast=True), axis=1)  # [BLOCK_N]
     if SPLIT_K > 1:
         tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
@@ -688,7 +663,7 @@ def _dequant4_kernel(q0, q1, q2, q3, s0, s1, s2, s3, w0, w1, w2, w3, N0, N1, N2,
 
 _KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _dequant4_kernel,
                  _gelu_kernel)
-_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_l2_prefetch", "_l2_prefetch_rows", "_f16x4_to_f32", "_gelu_f32", "_activate", "_tile_index", "_tile_store",
+_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_l2_prefetch", "_f16x4_to_f32", "_gelu_f32", "_activate", "_tile_index", "_tile_store",
                  "_dequant_tile")
 
 
@@ -759,8 +734,7 @@ def _build():
 def jit_helpers() -> SimpleNamespace:
     """The jitted helpers (PDL start / wait, the eager-rounded GELU) for kernels of other modules."""
     _build()
-    return SimpleNamespace(pdl_start=_pdl_start, pdl_wait=_pdl_wait, gelu_f32=_gelu_f32, l2_prefetch=_l2_prefetch,
-                           l2_prefetch_rows=_l2_prefetch_rows, use_libdevice=_USE_LIBDEVICE)
+    return SimpleNamespace(pdl_start=_pdl_start, pdl_wait=_pdl_wait, gelu_f32=_gelu_f32, use_libdevice=_USE_LIBDEVICE)
 
 
 def pdl_supported(device) -> bool:
@@ -819,24 +793,7 @@ def _epilogue_options(act: int, pdl: bool) -> dict:
     return opts
 
 
-def l2_next_args(l2, programs: int) -> dict:
-    """Kernel arguments that spread an L2 prefetch of the next linear's weight over `programs`
-    programs (see _l2_prefetch_rows). l2: None, or (weight [rows, bytes] int8 on the GPU, fraction
-    of each row to prefetch). Empty (no prefetch) for None, before sm_90 or for a misaligned weight."""
-    if l2 is None:
-        return {}
-    w, frac = l2
-    if w.dim() != 2 or w.stride(1) != 1 or w.element_size() != 1 or w.stride(0) % 16 or w.data_ptr() % 16:
-        return {}
-    if frac <= 0 or _capability(w.device) < (9, 0):
-        return {}
-    rows = w.shape[0]
-    per = _cdiv(rows, max(1, programs))
-    return dict(pf_ptr=w, pf_rows=rows, pf_stride=w.stride(0), pf_per=per, PF_RP=1 << max(0, per - 1).bit_length(),
-                pf_bytes=max(16, int(w.shape[1] * min(1.0, frac)) // 16 * 16))
-
-
-def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False, l2=None):
+def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
     k = _build()
     cfg = dict(cfg)
     M, K = x2.shape
@@ -845,9 +802,9 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False, l2=No
     KW = words.shape[1]
     y = torch.empty((1, N), dtype=x2.dtype, device=x2.device)
     block_n, block_kw = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_KW")
-    own_l2 = cfg.pop("L2_FRACTION", 0.0)  # (this weight's own prefetch; `l2` is the next linear's)
-    if own_l2 and launch_options(pdl).get("launch_pdl") and words.stride(0) * 4 % 16 == 0:
-        cfg["L2_BYTES"] = max(16, int(KW * 4 * min(1.0, own_l2)) // 16 * 16)
+    l2 = cfg.pop("L2_FRACTION", 0.0)
+    if l2 and launch_options(pdl).get("launch_pdl") and words.stride(0) * 4 % 16 == 0:
+        cfg["L2_BYTES"] = max(16, int(KW * 4 * min(1.0, l2)) // 16 * 16)
     cfg.setdefault("PREFETCH", False)
     cfg.setdefault("EV", "")
     split_k = cfg.pop("SPLIT_K", 1)
@@ -862,9 +819,6 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False, l2=No
         xv = torch.as_strided(x2, (K,), (1,)).view(torch.int64)
     ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
     kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
-    pf = l2_next_args(l2, _cdiv(N, block_n) * split_k)
-    if pf:
-        cfg.update(pf, PF_AT=L2_NEXT_AT)
     kernel[(_cdiv(N, block_n), split_k)](
         x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0,
@@ -1080,7 +1034,7 @@ def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
         return None
 
 
-def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False, l2=None):
+def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False):
     """``x @ (q * scale)^T + bias`` in x's dtype, or None when these tensors are not for us
     (the caller then runs the torch path). See the module docstring for the layout.
 
@@ -1088,9 +1042,7 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     output is rounded to x's dtype first, as the eager `gelu_tanh(linear(x))` does). pdl (the
     caller must have checked `pdl_supported`): 1 lets the next kernel launch early (programmatic
     dependent launch), 2 or True also launches these kernels so (they may start before the
-    previous kernel ends, and wait for it before reading activations); see `launch_options`.
-    l2 (decode step, batch 1): (next linear's int8 weight, fraction) — the Triton GEMV has the
-    first `fraction` of each of that weight's rows prefetched into L2 (`l2_next_args`)."""
+    previous kernel ends, and wait for it before reading activations); see `launch_options`."""
     if not (x.is_cuda and q.is_cuda and scale.is_cuda and (bias is None or bias.is_cuda)):
         return None
     if x.dtype not in (torch.float16, torch.bfloat16) or q.dtype != torch.int8 or bits not in (4, 8):
@@ -1123,14 +1075,13 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     key = (name, bits, x.dtype, x.device, act_id, pdl)
     if key in _BROKEN:
         return None
-    extra = {"l2": l2} if l2 is not None and run is _run_gemv else {}
     try:
         idx = x.device.index
         if idx is None or idx == torch.cuda.current_device():
-            y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl, **extra)
+            y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
         else:
             with torch.cuda.device(x.device):  # Triton launches on the current device; x is on another GPU
-                y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl, **extra)
+                y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
     except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
         if STRICT:
             raise

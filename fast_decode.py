@@ -60,9 +60,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit_helpers, l2_next_args, \
+from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit_helpers, \
     launch_options as _launch, pdl_supported
-from .cuda_mma import capability as _capability
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -77,7 +76,6 @@ __all__ = [
 
 tl = None  # triton.language, bound by _build()
 _pdl_start = _pdl_wait = None  # cuda_kernels' jitted PDL helpers, bound by _build()
-_l2_prefetch = _l2_prefetch_rows = None  # and its L2 prefetch helpers
 _KERNELS = None
 _BUILD_LOCK = threading.Lock()
 
@@ -113,27 +111,17 @@ _MAX_SPLITS = 16
 PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
             (8, "large"): "small", (4, "large"): "small", (16, "large"): "small"}
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
-# L2 prefetch of the next linear's weight in the decode step (sm_90+, quantized weights), by (weight
-# bits, batch class): "gemv" — the fraction of each of its rows a batch-1 GEMV has prefetched (after
-# its own loop, cuda_kernels.L2_NEXT_AT); "small" — the same from the LayerNorm / attention kernels
-# before their PDL wait; "kv" — attention prefetches its cached keys / values before that wait.
-L2_NEXT = {}
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels (plain functions here; _build() jits them once Triton is imported).
 
 def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
-               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
-               pf_ptr=None, pf_rows=1, pf_stride=0, pf_bytes=16, pf_per=1, PF_RP: tl.constexpr = 0):
+               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
     # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
     # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
     # GATHER: row i of a is a[ids[i]] (the embedding lookup, rounded to y's dtype as `.to(dtype)`).
-    # PF_RP > 0: before the PDL wait, the next linear's weight rows are prefetched into L2
-    # (cuda_kernels._l2_prefetch_rows; rows split over the programs).
     _pdl_start(PDL)
-    if PF_RP > 0:
-        _l2_prefetch_rows(pf_ptr, pf_rows, pf_stride, pf_bytes, tl.program_id(0), pf_per, PF_RP)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -200,35 +188,17 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
                         H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
                         denom, coeff,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr,
-                        PDL: tl.constexpr = False, KV_PF: tl.constexpr = False,
-                        pf_ptr=None, pf_rows=1, pf_stride=0, pf_bytes=16, pf_per=1, PF_RP: tl.constexpr = 0):
+                        PDL: tl.constexpr = False):
     # One (row, head, split): rotary on the new q/k (cos/sin of this step's positions in cs_ptr,
     # [b, 2 channels, cos half | sin half]), the new k/v written at cache slot `cur` (split 0), then
     # softmax(q k^T) v over this split's share of the row's context [pad, cur) plus the new token
     # (last split), online softmax in fp32. With SPLITS > 1 the partials (max, sum, acc) are merged
     # by the last split to finish (INLINE: atomic ticket per (row, head)) or by _attn_combine_kernel.
-    # Before the PDL wait (neither depends on the previous kernel): KV_PF has this split's cached
-    # keys / values (written by earlier steps; `cur` and `pad` too) prefetched into L2; PF_RP > 0
-    # the next linear's weight rows (cuda_kernels._l2_prefetch_rows).
     _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    if PF_RP > 0:
-        _l2_prefetch_rows(pf_ptr, pf_rows, pf_stride, pf_bytes, bh * SPLITS + split, pf_per, PF_RP)
-    if KV_PF:
-        cur0 = tl.load(cur_ptr)
-        pad0 = tl.load(pad_ptr + b)
-        chunk0 = (cur0 - pad0 + SPLITS - 1) // SPLITS
-        lo0 = pad0 + split * chunk0
-        hi0 = tl.minimum(lo0 + chunk0, cur0)
-        if hi0 > lo0:
-            one = tl.zeros([1], dtype=tl.int32)
-            off = (b * stride_cb + h * stride_ch + lo0.to(tl.int64) * stride_cs) * 2 + one  # bytes (fp16 / bf16)
-            nb = one + ((hi0 - lo0) * stride_cs * 2 + 15) // 16 * 16
-            _l2_prefetch(kc_ptr.to(tl.pointer_type(tl.int8)) + off, nb)
-            _l2_prefetch(vc_ptr.to(tl.pointer_type(tl.int8)) + off, nb)
     dt = out_ptr.dtype.element_ty
     d = tl.arange(0, D)
     j = d % (D // 2)
@@ -409,7 +379,7 @@ def available() -> bool:
 
 
 def _build():
-    global tl, _KERNELS, _pdl_start, _pdl_wait, _l2_prefetch, _l2_prefetch_rows
+    global tl, _KERNELS, _pdl_start, _pdl_wait
     if _KERNELS is not None:
         return _KERNELS
     with _BUILD_LOCK:
@@ -419,7 +389,6 @@ def _build():
             tl = language
             helpers = jit_helpers()
             _pdl_start, _pdl_wait = helpers.pdl_start, helpers.pdl_wait
-            _l2_prefetch, _l2_prefetch_rows = helpers.l2_prefetch, helpers.l2_prefetch_rows
             jitted = {}
             for fn in _KERNEL_FUNCS:
                 fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
@@ -438,12 +407,11 @@ def _pow2(n: int) -> int:
 
 def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
                alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0,
-               ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None, l2=None) -> torch.Tensor:
+               ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given.
     ids (contiguous integer tensor): the rows are ``a[ids.flatten()].to(dtype)`` instead (a = the
     embedding table; no residual), output [ids.numel(), N] in dtype (default a's).
-    pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only).
-    l2: (next linear's weight, fraction) to prefetch into L2 before the PDL wait (l2_next_args)."""
+    pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only)."""
     k = _build()
     n = a.shape[1]
     if ids is not None:
@@ -460,7 +428,7 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
                             out.stride(0), float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
                             GATHER=ids is not None,
                             num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4),
-                            **_launch(pdl), **l2_next_args(l2, rows))
+                            **_launch(pdl))
     return out
 
 
@@ -511,13 +479,12 @@ def step_cos_sin(cs_table, pos) -> torch.Tensor:
 
 
 def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, splits, scratch=None, cfg=None,
-                     pdl=0, kv_pf=False, l2=None):
+                     pdl=0):
     """One decode step of attention for every row and head (see _decode_attn_kernel).
 
     qkv [b, 3*H*D]; k_cache/v_cache [b, H, S, D]; cs [b, 2, D] from step_cos_sin; cur [1] int32 (slot
     of the new token); pad [b] int32 (left-pad slots per row); out [b, H*D]; scratch: (max, sum,
-    acc, ticket counters) for splits > 1, from attention_scratch. kv_pf: prefetch the cached keys /
-    values into L2 before the PDL wait (sm_90+); l2: as layer_norm's."""
+    acc, ticket counters) for splits > 1, from attention_scratch."""
     k = _build()
     b, heads, length, head_dim = k_cache.shape
     cfg = dict(_attn_cfg(b) if cfg is None else cfg)
@@ -532,9 +499,7 @@ def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, spl
     k["decode_attn_kernel"][(b * heads, splits)](
         qkv, k_cache, v_cache, cs, cur, pad, out, pm, pl, pacc, cnt,
         heads, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0),
-        denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg, **_launch(pdl),
-        **l2_next_args(l2, b * heads * splits), KV_PF=bool(kv_pf) and k_cache.element_size() == 2
-        and k_cache.stride(3) == 1 and _capability(k_cache.device) >= (9, 0))
+        denom, coeff, D=head_dim, BLOCK_S=block_s, SPLITS=splits, INLINE=inline, **cfg, **_launch(pdl))
     if splits > 1 and not inline:
         k["attn_combine_kernel"][(b * heads,)](pm, pl, pacc, out, heads, out.stride(0), D=head_dim, SPLITS=splits,
                                                num_warps=4, **_launch(pdl))
@@ -1038,7 +1003,7 @@ def _prefill_linears(block, dtype):
     return lin
 
 
-def _linear(m, x, act: Optional[str] = None, pdl=0, l2=None):
+def _linear(m, x, act: Optional[str] = None, pdl=0):
     """One of a block's linears (prefill or decode step). A QuantizedLinear that uses the kernels goes
     straight to cuda_kernels.linear (no module call; it can fuse the GELU into its epilogue and launch
     with PDL); anything else (FP16 CastLinear, torch-dequant linears) runs the module, then the GELU
@@ -1046,8 +1011,7 @@ def _linear(m, x, act: Optional[str] = None, pdl=0, l2=None):
     if type(m) is QuantizedLinear and m.use_kernels:
         kernel = kernel_backend("cuda")  # None under CHATGLM_KERNELS=torch
         if kernel is not None:
-            y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl,
-                       **({"l2": l2} if l2 is not None else {}))
+            y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
             if y is not None:
                 return y
     y = m(x)
@@ -1072,34 +1036,22 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     alpha = _alpha(model)
     pdl_lin, pdl = _pdl_levels(state, slot)
     cs = step_cos_sin(state.tables[2], slot.pos)  # [b, 2, D]: this step's rotary, shared by all layers
-    pf = L2_NEXT.get((state.weight_kind, "small" if slot.batch <= 2 else "large"), {}) if state.pdl else {}
-    lin_pf, small_pf = pf.get("gemv", 0.0), pf.get("small", 0.0)
-    order = [lin for block in layers for lin in _block_linears(block)]  # qkv, dense, h_to_4h, 4h_to_h
-
-    def nxt(j, frac):  # (weight of the linear after order[j], frac) for the L2 prefetch, or None
-        if not frac or j + 1 >= len(order) or type(order[j + 1]) is not QuantizedLinear:
-            return None
-        return order[j + 1].weight, frac
-
     ln = layers[0].input_layernorm
-    x1 = layer_norm(tr.word_embeddings.weight, ln.weight, ln.bias, ln.eps, pdl=pdl, ids=slot.tok, dtype=state.dtype,
-                    l2=nxt(-1, small_pf))
+    x1 = layer_norm(tr.word_embeddings.weight, ln.weight, ln.bias, ln.eps, pdl=pdl, ids=slot.tok, dtype=state.dtype)
     cache = slot.cache
     for i, block in enumerate(layers):
         att = block.attention
-        j = 4 * i
         denom, coeff = _scale_for(att.layer_index, state.head_dim)
-        qkv = _linear(att.query_key_value, x1, pdl=pdl_lin, l2=nxt(j, lin_pf))
+        qkv = _linear(att.query_key_value, x1, pdl=pdl_lin)
         ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, denom,
-                               coeff, slot.splits, slot.scratch, pdl=pdl, kv_pf=pf.get("kv", False),
-                               l2=nxt(j, small_pf))
-        dense = _linear(att.dense, ctx, pdl=pdl_lin, l2=nxt(j + 1, lin_pf))
+                               coeff, slot.splits, slot.scratch, pdl=pdl)
+        dense = _linear(att.dense, ctx, pdl=pdl_lin)
         ln = block.post_attention_layernorm
-        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl, l2=nxt(j + 1, small_pf))
-        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin, l2=nxt(j + 2, lin_pf))  # GELU: epilogue
-        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin, l2=nxt(j + 3, lin_pf))
+        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl)
+        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin)  # GELU in the linear's epilogue
+        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin)
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
-        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl, l2=nxt(j + 3, small_pf))
+        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl)
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
     if state.debug_logits:
         slot.logits.copy_(logits)

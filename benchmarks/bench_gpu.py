@@ -569,51 +569,6 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
     return cur, mode
 
 
-L2_CANDIDATES = [  # (fast_decode.L2_NEXT entry, cuda_kernels.L2_NEXT_AT)
-    ({"gemv": 0.125}, 2), ({"gemv": 0.25}, 2), ({"gemv": 0.5}, 2), ({"gemv": 1.0}, 2), ({"gemv": 0.25}, 1),
-    ({"small": 0.25}, 2), ({"small": 0.5}, 2), ({"small": 1.0}, 2), ({"kv": True}, 2),
-    ({"gemv": 0.25, "small": 0.5}, 2), ({"gemv": 0.25, "small": 0.5, "kv": True}, 2),
-]
-
-
-def sweep_l2(bits=4, steps=128):
-    """Batch-1 L2 prefetch settings (fast_decode.L2_NEXT, cuda_kernels.L2_NEXT_AT) in the whole
-    CUDA-graph decode step, each beside none; the best is then confirmed against none, alternating,
-    three times, at short and long contexts. Reports; adopts nothing."""
-    model = build(bits)
-    key = (bits, "small")
-    old, old_at = dict(fd.L2_NEXT), ck.L2_NEXT_AT
-
-    def measure(tag, setting, at, prompt_len=32):
-        fd.L2_NEXT[key] = dict(setting)
-        ck.L2_NEXT_AT = at
-        release(model)
-        t, _ = graph_decode(model, 1, prompt_len=prompt_len, steps=steps)
-        ms = round(t * 1e3, 4)
-        log(event="sweep_l2", bits=bits, tag=tag, setting=setting, at=at, context=prompt_len, ms=ms)
-        return ms
-
-    try:
-        base = measure("none", {}, 2)
-        res = [(measure(f"{s} at={at}", s, at), s, at) for s, at in L2_CANDIDATES]
-        ms, best, at = min(res, key=lambda r: r[0])
-        pairs = {}
-        for ctx in (32, 1500):
-            pairs[ctx] = [(measure("confirm none", {}, 2, ctx), measure(f"confirm {best} at={at}", best, at, ctx))
-                          for _ in range(3)]
-        log(event="sweep_l2_choice", bits=bits, base_ms=base, best=best, at=at, best_ms=ms,
-            confirm={str(c): p for c, p in pairs.items()})
-    finally:
-        fd.L2_NEXT.clear()
-        fd.L2_NEXT.update(old)
-        ck.L2_NEXT_AT = old_at
-        release(model)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-    return dict(base_ms=base, best=best, at=at, best_ms=ms, confirm=pairs)
-
-
 def memory_2048(model):
     """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
     out = {}
@@ -788,9 +743,6 @@ def main():
     ap.add_argument("--sweep-mma", default=None, metavar="BITS[,...]",
                     help="only choose the tensor-core GEMV configs (cuda_mma.py) and PDL mode at batch 1 in the "
                          "decode graph for these weights, e.g. 4,8; with a per-shape micro-benchmark (no table)")
-    ap.add_argument("--sweep-l2", default=None, metavar="BITS[,...]",
-                    help="only time the batch-1 L2 prefetch settings (fast_decode.L2_NEXT) in the decode graph for "
-                         "these weights, e.g. 4,8, each beside none (no table)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -802,10 +754,8 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
-    if args.sweep_mma or args.sweep_linear or args.sweep_l2:
-        if args.sweep_l2:
-            choice = {b: sweep_l2(int(b)) for b in args.sweep_l2.split(",")}
-        elif args.sweep_mma:
+    if args.sweep_mma or args.sweep_linear:
+        if args.sweep_mma:
             choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}
         else:
             choice = {pair: sweep_linear(*(int(v) for v in pair.split(":"))) for pair in args.sweep_linear.split(",")}
