@@ -1,0 +1,233 @@
+"""Every Triton kernel of the GPU path compiles to machine code for each GPU generation we claim,
+on this CPU-only machine.
+
+CI has no GPU, and the device machine is an H100 only: without this, a kernel that does not build
+for an A100 / RTX 30xx / RTX 40xx / T4 (or a Python-side argument error that only shows at launch)
+would go unnoticed. Triton compiles for a target given by its driver; here a stub driver names the
+target (sm_75, sm_80, sm_86, sm_89, sm_90) and its shared-memory size, Triton runs its whole
+pipeline down to ptxas (cubin), checks the kernel's shared memory against that GPU's limit, and the
+stub's launcher does nothing. The launchers are the package's own (``cuda_kernels._run_*``,
+``fast_decode.layer_norm`` …) with the configurations the package picks for that capability
+(``cuda_kernels._plan``), on the full-size ChatGLM-6B shapes, so the test covers what a user's GPU
+would compile. It does not run a kernel: the values are checked on the device (``pytest -m cuda``).
+"""
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chatglm6b import cuda_kernels as ck
+from chatglm6b import fast_decode as fd
+
+# (compute capability, max dynamic shared memory per block in bytes, a GPU of that kind)
+TARGETS = [((7, 5), 65536, "T4"), ((8, 0), 166912, "A100"), ((8, 6), 101376, "RTX 3090 / A10"),
+           ((8, 9), 101376, "L4 / RTX 4090"), ((9, 0), 232448, "H100 / H200")]
+HIDDEN, HEADS, HEAD_DIM, INNER, VOCAB = 4096, 32, 128, 16384, 130528
+SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "dense": (HIDDEN, HIDDEN), "h_to_4h": (INNER, HIDDEN), "4h_to_h": (HIDDEN, INNER)}
+
+
+def _triton():
+    try:
+        return importlib.import_module("triton")
+    except ImportError:
+        pytest.fail("these tests compile the GPU kernels with Triton: pip install triton (.ci/run installs it)")
+
+
+class _NoLaunch:
+    """What Triton's launcher would be: the kernel is built and checked, then not run."""
+
+    def __init__(self, src, metadata):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+
+
+class _StubDriver:
+    """A Triton driver for a GPU that is not there: device i is the capability i // 10, i % 10."""
+
+    def __init__(self, GPUTarget):
+        self.GPUTarget = GPUTarget
+        self.device = 90
+        self.shared = {}
+        self.loaded = []
+        self.utils = SimpleNamespace(get_device_properties=self._props, load_binary=self._load)
+        self.launcher_cls = _NoLaunch
+
+    def _props(self, device):
+        return {"max_shared_mem": self.shared[device], "multiprocessor_count": 108, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+
+    def _load(self, name, kernel, shared, device):
+        assert kernel[:4] == b"\x7fELF", f"{name}: no cubin"  # ptxas produced an ELF image
+        self.loaded.append((device, name, shared))
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.GPUTarget("cuda", self.device, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+@pytest.fixture(scope="module")
+def stub():
+    triton = _triton()
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    drv = _StubDriver(GPUTarget)
+    old, old_driver = ck._capability, driver._active  # (no default driver to reset to without a GPU)
+    driver.set_active(drv)
+    try:
+        yield drv
+    finally:
+        driver._active = old_driver
+        ck._capability = old
+
+
+def _use(stub, cap):
+    shared = {c: s for c, s, _ in TARGETS}[cap]
+    stub.device = cap[0] * 10 + cap[1]
+    stub.shared[stub.device] = shared
+    ck._capability = lambda device=None: cap
+    return cap
+
+
+@pytest.fixture(params=TARGETS, ids=[f"sm_{c[0]}{c[1]}" for c, _, _ in TARGETS])
+def target(request, stub):
+    return _use(stub, request.param[0])
+
+
+# bf16 on sm_86 / sm_89 builds as on sm_80 (those differ in shared memory, which fp16 covers)
+LINEAR_CASES = [(c, bits, dt) for c, _, _ in TARGETS for bits in (8, 4) for dt in (torch.float16, torch.bfloat16)
+                if dt == torch.float16 or c not in ((8, 6), (8, 9))]
+
+
+def _loaded_since(stub, n0):
+    return [name for dev, name, _ in stub.loaded[n0:] if dev == stub.device]
+
+
+def _weights(bits, N, K, dtype):
+    q = torch.randint(-128, 128, (N, K * bits // 8), dtype=torch.int8)
+    return q, torch.rand(N, dtype=torch.float16) + 0.5, torch.randn(N, dtype=dtype)
+
+
+@pytest.mark.parametrize("cap,bits,dtype", LINEAR_CASES,
+                         ids=[f"sm_{c[0]}{c[1]}-int{b}-{str(d)[6:]}" for c, b, d in LINEAR_CASES])
+def test_linear_kernels_compile(stub, cap, bits, dtype):
+    """Each path cuda_kernels.linear can take on this GPU (batch-1 GEMV, 2..16-row decode kernels
+    with and without K split, 17..64-row tiles, dequantize + cuBLAS for prompts), for each layer
+    shape, with and without the fused GELU, and with programmatic dependent launch on sm_90."""
+    target = _use(stub, cap)
+    n0 = len(stub.loaded)
+    pdl_levels = (0, 1, 2) if target >= (9, 0) else (0,)
+    seen = set()
+    for name, (N, K) in SHAPES.items():
+        q, scale, bias = _weights(bits, N, K, dtype)
+        for M in (1, 16, 64):
+            x = torch.randn(M, K, dtype=dtype)
+            aligned = ck._words(q, bits, K) is not None
+            assert aligned
+            path, run, cfg = ck._plan(M, N, K, bits, dtype, aligned, target)
+            for act in (0, 1):
+                for pdl in pdl_levels if M <= 16 else (0,):
+                    y = run(x, q, scale, bias, bits, cfg, act=act, pdl=pdl)
+                    assert y.shape == (M, N) and y.dtype == dtype
+                    seen.add(path)
+        # a prompt: dequantize the weight (then torch's matmul), one weight and four at once
+        w = ck._dequantize(q, scale, bits, dtype)
+        assert w.shape == (N, K)
+    assert {"gemv", "qmm"} <= seen, seen
+    names = set(_loaded_since(stub, n0))
+    assert {f"_{path}_kernel" for path in seen} | {"_dequant_kernel"} <= names, names
+
+
+def test_prefill_and_decode_kernels_compile(stub, target):
+    """fast_decode's kernels: LayerNorm (residual, embedding gather), GELU, prefill rotary into the
+    KV cache, decode attention (one split, splits merged in-kernel and by the combine kernel), the
+    greedy pick and the bookkeeping step; fp16 and bf16; PDL on sm_90."""
+    n0 = len(stub.loaded)
+    pdl = 2 if target >= (9, 0) else 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows in (1, 16, 1024):
+            a = torch.randn(rows, HIDDEN, dtype=dtype)
+            w, b = torch.randn(HIDDEN, dtype=dtype), torch.randn(HIDDEN, dtype=dtype)
+            assert fd.layer_norm(a, w, b, 1e-5).shape == a.shape
+            assert fd.layer_norm(a, w, b, 1e-5, residual=a, alpha=7.48, pdl=pdl if rows <= 16 else 0).shape == a.shape
+        table = torch.randn(1000, HIDDEN, dtype=torch.float16)
+        ids = torch.randint(0, 1000, (2,))
+        assert fd.layer_norm(table, w, b, 1e-5, ids=ids, dtype=dtype, pdl=pdl).dtype == dtype
+        ck.gelu_(torch.randn(4, INNER, dtype=dtype), pdl=pdl)
+        # prefill: rotary of q/k, k/v written into the cache's first slots
+        bsz, s = 2, 64
+        qkv = torch.randn(bsz * s, 3 * HIDDEN, dtype=dtype)
+        cos_t = torch.randn(2048, HEAD_DIM // 2, dtype=torch.float32)
+        pos = torch.randint(0, 64, (bsz, 2, s))
+        cache = torch.zeros(bsz, HEADS, 256, HEAD_DIM, dtype=dtype)
+        q_out, k_out, _ = fd.prefill_rotary(qkv, cos_t, cos_t.clone(), pos, bsz, s, HEADS, HEAD_DIM, 11.3,
+                                            k_out=cache[:, :, :s], v_out=cache.clone()[:, :, :s])
+        assert q_out.shape == (bsz, HEADS, s, HEAD_DIM)
+        # decode attention at batch 1 (in-kernel merge) and batch 16 (combine kernel)
+        for batch in (1, 16):
+            cfg = fd._attn_cfg(batch)
+            length = 2048
+            kc = torch.zeros(batch, HEADS, length, HEAD_DIM, dtype=dtype)
+            cs = torch.randn(batch, 2, HEAD_DIM, dtype=torch.float32)
+            cur = torch.tensor([1500], dtype=torch.int32)
+            pad = torch.zeros(batch, dtype=torch.int32)
+            out = torch.empty(batch, HIDDEN, dtype=dtype)
+            qkv1 = torch.randn(batch, 3 * HIDDEN, dtype=dtype)
+            for splits in (1, 4):  # (the combine kernel runs for splits > 1 without the in-kernel merge)
+                scratch = fd.attention_scratch(batch, HEADS, HEAD_DIM, splits, "cpu")
+                fd.decode_attention(qkv1, kc, kc.clone(), cs, cur, pad, out, 11.3, 1.0, splits, scratch, cfg=cfg,
+                                    pdl=pdl if batch <= 2 else 0)
+            assert cfg["INLINE"] == (batch <= 2)
+    # greedy pick and bookkeeping (one slot of 2 rows)
+    logits = torch.randn(2, VOCAB, dtype=torch.float16)
+    slot = SimpleNamespace(pick_key=torch.zeros(2, dtype=torch.long), pick_flag=torch.zeros(1, dtype=torch.int32),
+                           unfinished=torch.ones(2, dtype=torch.bool), eos=torch.full((fd.MAX_EOS,), -1),
+                           pad_id=torch.zeros(1, dtype=torch.long), ids=torch.zeros(2, 65, dtype=torch.long),
+                           tok=torch.zeros(2, dtype=torch.long), pos=torch.zeros(2, 2, dtype=torch.long),
+                           cache=SimpleNamespace(pos=torch.zeros(1, dtype=torch.int32)),
+                           alive=torch.ones(1, dtype=torch.bool), gen_len=torch.zeros(1, dtype=torch.long), batch=2)
+    for processors in ([], [object()]):
+        mode = fd._choose(logits, slot, ("greedy",), processors)
+        fd._bookkeep(slot, mode)
+    fd._bookkeep(slot, torch.zeros(2, dtype=torch.long))  # sampled tokens
+    names = set(_loaded_since(stub, n0))
+    want = {"_ln_kernel", "_gelu_kernel", "_prefill_rotary_kernel", "_decode_attn_kernel", "_attn_combine_kernel",
+            "_pick_kernel", "_bookkeep_kernel"}
+    assert want <= names, want - names
+
+
+def test_pdl_instructions_only_where_asked(stub):
+    """On sm_90 a kernel launched with PDL carries the grid-dependency instructions (it waits for
+    the previous kernel and lets the next one start); without PDL, and on other GPUs, it has none."""
+    found = {}
+    for cap in ((9, 0), (8, 0)):
+        _use(stub, cap)
+        x = torch.randn(1, HIDDEN, dtype=torch.float16)
+        w, b = torch.randn(HIDDEN, dtype=torch.float16), torch.randn(HIDDEN, dtype=torch.float16)
+        for pdl in ((0, 2) if cap >= (9, 0) else (0,)):
+            fd.layer_norm(x, w, b, 1e-5, residual=x, alpha=3.0, pdl=pdl)
+    kern = fd._build()["ln_kernel"]
+    for dev, cache in kern.device_caches.items():
+        for compiled in cache[0].values():
+            ptx = compiled.asm["ptx"]
+            pdl = bool(compiled.src.constants.get((kern.arg_names.index("PDL"),), False))  # the constexpr
+            found.setdefault(dev, []).append(("griddepcontrol" in ptx, pdl))
+    assert (True, True) in found[90] and (False, False) in found[90], found[90]
+    assert all(not has for has, _ in found[80]), found[80]
