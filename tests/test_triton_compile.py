@@ -231,3 +231,65 @@ def test_pdl_instructions_only_where_asked(stub):
             found.setdefault(dev, []).append(("griddepcontrol" in ptx, pdl))
     assert (True, True) in found[90] and (False, False) in found[90], found[90]
     assert all(not has for has, _ in found[80]), found[80]
+
+
+@pytest.mark.cuda
+def test_stub_builds_what_the_gpu_builds():
+    """On a real GPU (the device machine): the kernels built through the stub driver for this GPU's
+    capability are byte for byte the cubins Triton builds through the real driver — so what the
+    CPU-only tests above compile is what such a GPU runs. Fresh compiles on both sides (no cache)."""
+    triton = _triton()
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs an NVIDIA GPU (run it on the device machine with -m cuda)")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    cap = tuple(torch.cuda.get_device_capability())
+    props = torch.cuda.get_device_properties(0)
+
+    def launch(device):
+        f16 = torch.float16
+        x = torch.randn(1, HIDDEN, dtype=f16, device=device)
+        w, b = torch.randn(HIDDEN, dtype=f16, device=device), torch.randn(HIDDEN, dtype=f16, device=device)
+        fd.layer_norm(x, w, b, 1e-5, residual=x, alpha=3.0)
+        for bits in (8, 4):
+            for M in (1, 16):
+                N, K = SHAPES["h_to_4h"]
+                q, scale, bias = (t.to(device) for t in _weights(bits, N, K, f16))
+                path, run, cfg = ck._plan(M, N, K, bits, f16, True, cap)
+                run(torch.randn(M, K, dtype=f16, device=device), q, scale, bias, bits, cfg, act=1)
+
+    def cubins(dev):
+        out = {}
+        kernels = list(vars(ck._build()).values()) + list(fd._build().values())
+        for kern in (k for k in kernels if hasattr(k, "device_caches")):  # (the namespace holds triton too)
+            cache = kern.device_caches.get(dev)
+            for compiled in (cache[0].values() if cache else ()):
+                out.setdefault(compiled.name, set()).add(compiled.asm["cubin"])
+        return out
+
+    old_always = triton.knobs.compilation.always_compile
+    triton.knobs.compilation.always_compile = True
+    try:
+        launch("cuda")
+        torch.cuda.synchronize()
+        real = cubins(torch.cuda.current_device())
+        drv = _StubDriver(GPUTarget)
+        old_cap, old_driver = ck._capability, driver._active
+        driver.set_active(drv)
+        try:
+            drv.device = 1000 + cap[0] * 10 + cap[1]  # a device index the real GPU does not use
+            drv.shared[drv.device] = props.shared_memory_per_block_optin
+            drv.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, cap[0] * 10 + cap[1], warp)
+            ck._capability = lambda device=None: cap
+            launch("cpu")
+            stubbed = cubins(drv.device)
+        finally:
+            driver._active = old_driver
+            ck._capability = old_cap
+    finally:
+        triton.knobs.compilation.always_compile = old_always
+    # (the real side may hold more: kernels other tests ran in this process)
+    assert {"_ln_kernel", "_gemv_kernel"} <= set(stubbed) <= set(real), (sorted(real), sorted(stubbed))
+    for name in stubbed:
+        assert stubbed[name] <= real[name], f"{name}: a stub-built cubin differs from the GPU's"
