@@ -1,5 +1,5 @@
-"""Every Triton kernel of the GPU path compiles to machine code for each GPU generation we claim,
-on this CPU-only machine.
+"""Every GPU kernel compiles to machine code for each GPU generation we claim, on this CPU-only
+machine: the Triton kernels (stub driver, below) and the opt-in CUDA C GEMV (NVRTC, at the end).
 
 CI has no GPU, and the device machine is an H100 only: without this, a kernel that does not build
 for an A100 / RTX 30xx / RTX 40xx / T4 (or a Python-side argument error that only shows at launch)
@@ -293,3 +293,37 @@ def test_stub_builds_what_the_gpu_builds():
     assert {"_ln_kernel", "_gemv_kernel"} <= set(stubbed) <= set(real), (sorted(real), sorted(stubbed))
     for name in stubbed:
         assert stubbed[name] <= real[name], f"{name}: a stub-built cubin differs from the GPU's"
+
+
+# ----------------------------------------------------------------------------------------------
+# the opt-in tensor-core GEMV (cuda_mma.py, CUDA C compiled by NVRTC at load; sm_80+)
+
+MMA_ARCHS = [(8, 0), (8, 6), (8, 9), (9, 0)]
+
+
+@pytest.mark.parametrize("cap", MMA_ARCHS, ids=[f"sm_{a}{b}" for a, b in MMA_ARCHS])
+def test_mma_gemv_builds(cap):
+    """NVRTC (the nvidia-cuda-nvrtc wheel; no GPU needed to compile) builds the tensor-core GEMV for
+    every configuration cuda_mma picks on this capability — per layer shape, INT8 and INT4, with and
+    without bias, and each PDL level on sm_90."""
+    from chatglm6b import cuda_mma as mm
+
+    if mm.nvrtc_version() is None:
+        pytest.fail("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (.ci/run installs it)")
+    arch = f"sm_{cap[0]}{cap[1]}"
+    built = set()
+    for bits in (8, 4):
+        for name, (N, K) in SHAPES.items():
+            assert mm.supports(bits, N, K, torch.float16), (bits, name)
+            cfg = mm.config_for(bits, N, K, cap)
+            for has_bias in (0, 1):
+                for pdl in ((0, 1, 2) if cap >= (9, 0) else (0,)):
+                    defines = dict(BITS=bits, MT=cfg["MT"], WARPS=cfg["WARPS"], U=cfg["U"], HAS_BIAS=has_bias,
+                                   PDL=pdl)
+                    key = tuple(sorted(defines.items()))
+                    if key in built:
+                        continue
+                    cubin = mm.compile_cubin(mm._SOURCE, arch, defines)
+                    assert cubin[:4] == b"\x7fELF", (arch, defines)
+                    built.add(key)
+    assert len(built) >= 4
