@@ -1299,12 +1299,13 @@ def _compile(cmd: list, flags: list, target: Path) -> None:
 STALE_DAYS = 30
 
 
-def _prune(keep: Path) -> None:
-    """After a build, delete cached libraries of other sources/compilers/flags that were built more
-    than STALE_DAYS ago (each package upgrade leaves one behind). A process still using one keeps
-    its mapping (unlinking a loaded library is safe on POSIX); another that needs it rebuilds it."""
+def prune_stale(keep: Path, pattern: str) -> None:
+    """After a build, delete the files of keep's folder matching `pattern` (other sources, compilers,
+    flags or kernel configurations) last written more than STALE_DAYS ago (each package upgrade
+    leaves some behind). A process still using a library keeps its mapping (unlinking a loaded
+    library is safe on POSIX); one that needs a deleted file builds it again."""
     cutoff = time.time() - STALE_DAYS * 86400
-    for old in keep.parent.glob("cpu_kernels-*.so"):
+    for old in keep.parent.glob(pattern):
         try:
             if old != keep and old.stat().st_mtime < cutoff:
                 old.unlink()
@@ -1382,7 +1383,7 @@ class _Kernels:
             try:
                 _compile(cmd, flags, path)
                 self.lib, self.path, self.compiled = _bind(ctypes.CDLL(str(path))), path, True
-                _prune(path)
+                prune_stale(path, "cpu_kernels-*.so")
                 break
             except (_BuildError, OSError) as exc:
                 errors.append(str(exc))

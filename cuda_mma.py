@@ -60,11 +60,12 @@ import hashlib
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .cpu_kernels import cache_dir
+from .cpu_kernels import cache_dir, prune_stale
 
 __all__ = ["available", "supports", "weight_ok", "gemv", "config_for", "compile_cubin", "nvrtc_version", "capability"]
 
@@ -529,7 +530,12 @@ def _cached_cubin(arch: str, defines: Dict[str, int]) -> bytes:
         path = None
     if path and os.path.exists(path):
         with open(path, "rb") as fh:
-            return fh.read()
+            cubin = fh.read()
+        try:
+            os.utime(path)  # in use: its age counts from now (prune_stale keeps it)
+        except OSError:
+            pass
+        return cubin
     cubin = compile_cubin(_SOURCE, arch, defines)
     if path:
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -538,7 +544,8 @@ def _cached_cubin(arch: str, defines: Dict[str, int]) -> bytes:
                 fh.write(cubin)
             os.replace(tmp, path)
         except OSError:
-            pass
+            return cubin
+        prune_stale(Path(path), "mma_gemv-*.cubin")
     return cubin
 
 

@@ -327,3 +327,36 @@ def test_mma_gemv_builds(cap):
                     assert cubin[:4] == b"\x7fELF", (arch, defines)
                     built.add(key)
     assert len(built) >= 4
+
+
+def test_mma_cubin_cache_is_reused_and_pruned(tmp_path, monkeypatch):
+    """The NVRTC cubins are cached under $CHATGLM_CACHE_DIR: a second request reads the file (no
+    compile) and refreshes its age; a new build deletes cubins last used more than 30 days ago and
+    leaves recent ones and other files alone."""
+    import os
+    import time
+
+    from chatglm6b import cuda_mma as mm
+
+    if mm.nvrtc_version() is None:
+        pytest.fail("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (.ci/run installs it)")
+    monkeypatch.setenv("CHATGLM_CACHE_DIR", str(tmp_path))
+    month = time.time() - 31 * 86400
+    old, recent, other = (tmp_path / "mma_gemv-000000000000000000dead.cubin",
+                          tmp_path / "mma_gemv-000000000000000000beef.cubin", tmp_path / "cpu_kernels-0000dead.so")
+    for f in (old, recent, other):
+        f.write_bytes(b"x")
+    os.utime(old, (month, month))
+    os.utime(other, (month, month))
+    defines = dict(BITS=4, MT=1, WARPS=4, U=2, HAS_BIAS=1, PDL=0)
+    cubin = mm._cached_cubin("sm_80", defines)
+    assert cubin[:4] == b"\x7fELF"
+    assert not old.exists() and recent.exists() and other.exists()
+    made = [p for p in tmp_path.glob("mma_gemv-*.cubin") if p != recent]
+    assert len(made) == 1 and made[0].read_bytes() == cubin
+    os.utime(made[0], (month, month))
+    calls = []
+    monkeypatch.setattr(mm, "compile_cubin", lambda *a: calls.append(a))
+    assert mm._cached_cubin("sm_80", defines) == cubin and not calls  # read back, not compiled
+    assert made[0].stat().st_mtime > time.time() - 60  # in use again: no longer stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([made[0].name, recent.name, other.name])
