@@ -1548,7 +1548,7 @@ def fp16_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
 
 _LARGE_PAGE = 2 << 20
 _MADV_DONTNEED, _MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 4, 14, 23
-_LARGE_PAGE_MIN_BYTES = _LARGE_PAGE  # smaller tensors stay where they are (tests lower it)
+LARGE_PAGE_MIN_BYTES = _LARGE_PAGE  # smaller tensors stay where they are (tests lower it)
 LARGE_PAGES_ENV = "CHATGLM_LARGE_PAGES"
 
 
@@ -1616,7 +1616,7 @@ def to_large_pages(t: torch.Tensor, fill=None) -> torch.Tensor:
     contiguous.
     """
     nbytes = t.numel() * t.element_size()
-    if (t.device.type != "cpu" or not t.is_contiguous() or nbytes < _LARGE_PAGE_MIN_BYTES
+    if (t.device.type != "cpu" or not t.is_contiguous() or nbytes < LARGE_PAGE_MIN_BYTES
             or not large_pages_enabled()):
         return t
     buf = torch.empty(nbytes + _LARGE_PAGE, dtype=torch.uint8)

@@ -319,7 +319,7 @@ class _Placement:
         if self.mode == "off":
             return tensor
         if self.mode == "background" and mapped is not None and mapped.offset(tensor) is not None \
-                and tensor.numel() * tensor.element_size() >= cpu_kernels._LARGE_PAGE_MIN_BYTES:
+                and tensor.numel() * tensor.element_size() >= cpu_kernels.LARGE_PAGE_MIN_BYTES:
             self.queue.append((key, tensor, mapped))
             return tensor
         placed = to_large_pages(tensor, mapped.filler(tensor) if mapped is not None else None)

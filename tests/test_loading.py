@@ -230,7 +230,7 @@ def test_cpu_weights_in_large_pages_equal_what_was_written(written, name, monkey
     (or off Linux) the weights stay where they were loaded, and must still equal the file."""
     from chatglm6b import cpu_kernels, loading
 
-    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(cpu_kernels, "LARGE_PAGE_MIN_BYTES", 1)
     read = []
     original = loading.MappedFile._read
     monkeypatch.setattr(loading.MappedFile, "_read", lambda self, a, n, o: (read.append(n), original(self, a, n, o)))
@@ -261,7 +261,7 @@ def small_large_pages(monkeypatch):
     """Every CPU tensor counts as large (the real threshold, 2 MB, exceeds the tiny checkpoints')."""
     from chatglm6b import cpu_kernels
 
-    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(cpu_kernels, "LARGE_PAGE_MIN_BYTES", 1)
     # the copying and swapping run even where THP is set to "never" (madvise still succeeds there)
     monkeypatch.setattr(cpu_kernels, "_thp_available", lambda: True)
     return cpu_kernels
@@ -321,7 +321,7 @@ def test_sync_mode_moves_while_loading(written, small_large_pages, monkeypatch):
 def test_large_pages_can_be_switched_off(written, monkeypatch):
     from chatglm6b import cpu_kernels
 
-    monkeypatch.setattr(cpu_kernels, "_LARGE_PAGE_MIN_BYTES", 1)
+    monkeypatch.setattr(cpu_kernels, "LARGE_PAGE_MIN_BYTES", 1)
     monkeypatch.setenv("CHATGLM_LARGE_PAGES", "0")
     assert not cpu_kernels.large_pages_enabled()
     t = torch.arange(5000, dtype=torch.int32)
