@@ -47,6 +47,7 @@ import (and `available()` answer False) on machines without Triton or a GPU.
 """
 from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -767,6 +768,15 @@ def launch_options(pdl) -> dict:
     return dict(PDL=True, launch_pdl=True) if level >= 2 else dict(PDL=True)
 
 
+def _on(device: torch.device):
+    """Context that makes `device` current for Triton's launches (which go to the current device):
+    nothing to do when it already is (entering torch.cuda.device costs ~6 µs of host time)."""
+    idx = device.index
+    if idx is None or idx == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _device_ok(device: torch.device) -> bool:
     return _capability(device) >= (7, 5)  # Triton's tensor-core floor
 
@@ -928,7 +938,7 @@ def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
     ss = [sc for (_, sc), _ in items]
     ws = [w for _, w in items]
     try:
-        with torch.cuda.device(dev):
+        with _on(dev):
             k.dequant4_kernel[(max(1, sum(tiles)),)](
                 *qs, *ss, *ws, *[q.shape[0] for q in qs], *[q.shape[1] for q in qs], *bounds,
                 BITS=bits, BLOCK_N=bn, BLOCK_KQ=bk, num_warps=warps)
@@ -1020,10 +1030,7 @@ def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
     if key in _BROKEN:
         return None
     try:
-        idx = dev.index
-        if idx is None or idx == torch.cuda.current_device():
-            return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
-        with torch.cuda.device(dev):
+        with _on(dev):
             return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
     except Exception as exc:
         if STRICT:
@@ -1076,12 +1083,8 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     if key in _BROKEN:
         return None
     try:
-        idx = x.device.index
-        if idx is None or idx == torch.cuda.current_device():
+        with _on(x.device):  # (x may be on another GPU than the current one)
             y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
-        else:
-            with torch.cuda.device(x.device):  # Triton launches on the current device; x is on another GPU
-                y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
     except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
         if STRICT:
             raise
