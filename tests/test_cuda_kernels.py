@@ -146,7 +146,7 @@ def test_no_plain_import_of_optional_packages():
         names = set(re.findall(r"^\s*import\s+(\S+)\s*$", text, flags=re.M))
         names |= set(re.findall(r"^\s*from\s+(\S+)\s+import", text, flags=re.M))
         names = {n.split(".")[0] for n in names if not n.startswith(".")}
-    assert names <= {"__future__", "importlib", "os", "threading", "warnings", "types", "typing", "torch"}, names
+    assert "torch" in names and names - {"torch"} <= set(sys.stdlib_module_names), names  # triton: never
 
 
 @pytest.mark.parametrize("bits", [8, 4])
