@@ -922,7 +922,24 @@ def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
             return None
     if not _device_ok(dev) or ("dequant4", bits, dtype, dev) in _BROKEN:
         return None
+    try:
+        with _on(dev):
+            return _run_dequant_group(weights, bits, dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise  # (the buffer: not the kernel's fault)
+    except Exception as exc:
+        if STRICT:
+            raise
+        _BROKEN.add(("dequant4", bits, dtype, dev))
+        warnings.warn(f"chatglm6b cuda_kernels: dequant4 kernel failed ({type(exc).__name__}: {exc}); "
+                      f"dequantizing one weight per launch from now on", RuntimeWarning)
+        return None
+
+
+def _run_dequant_group(weights, bits: int, dtype: torch.dtype) -> list:
+    """The launch of dequantize_group (its checks done): one buffer, one _dequant4_kernel launch."""
     k = _build()
+    dev = weights[0][0].device
     per = 2 if bits == 4 else 1
     sizes = [q.shape[0] * q.shape[1] * per for q, _ in weights]
     buf = torch.empty(sum(sizes), dtype=dtype, device=dev)
@@ -937,18 +954,9 @@ def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
     qs = [q for (q, _), _ in items]
     ss = [sc for (_, sc), _ in items]
     ws = [w for _, w in items]
-    try:
-        with _on(dev):
-            k.dequant4_kernel[(max(1, sum(tiles)),)](
-                *qs, *ss, *ws, *[q.shape[0] for q in qs], *[q.shape[1] for q in qs], *bounds,
-                BITS=bits, BLOCK_N=bn, BLOCK_KQ=bk, num_warps=warps)
-    except Exception as exc:
-        if STRICT:
-            raise
-        _BROKEN.add(("dequant4", bits, dtype, dev))
-        warnings.warn(f"chatglm6b cuda_kernels: dequant4 kernel failed ({type(exc).__name__}: {exc}); "
-                      f"dequantizing one weight per launch from now on", RuntimeWarning)
-        return None
+    k.dequant4_kernel[(max(1, sum(tiles)),)](
+        *qs, *ss, *ws, *[q.shape[0] for q in qs], *[q.shape[1] for q in qs], *bounds,
+        BITS=bits, BLOCK_N=bn, BLOCK_KQ=bk, num_warps=warps)
     return outs
 
 
