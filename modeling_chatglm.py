@@ -200,10 +200,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return t.mul_(u)
 
 
-def glm_attention(q, k, v, mask: Optional[torch.Tensor], layer_index: int) -> torch.Tensor:
+def glm_attention(q, k, v, mask: Optional[torch.Tensor], layer_index: int, return_probs: bool = False):
     """Scaled dot-product attention with the released per-layer scaling (SPEC §4.4).
 
     q ``[b, h, sq, d]``, k/v ``[b, h, sk, d]``, mask bool ``[b, 1, sq, sk]`` (True = masked).
+    Returns the context ``[b, h, sq, d]``, and with return_probs also the attention weights
+    ``[b, h, sq, sk]`` (softmax output in v's dtype, as the original's output_attentions).
     """
     coeff = float(layer_index + 1)
     q = q / (math.sqrt(q.shape[-1]) * coeff)
@@ -211,7 +213,8 @@ def glm_attention(q, k, v, mask: Optional[torch.Tensor], layer_index: int) -> to
     if mask is not None:
         scores = scores.masked_fill(mask, -10000.0)
     probs = torch.softmax(scores.float() * coeff, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    ctx = torch.matmul(probs, v)
+    return (ctx, probs) if return_probs else ctx
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = make_linear(config, config.hidden_size, 3 * config.hidden_size, dtype, device)
         self.dense = make_linear(config, config.hidden_size, config.hidden_size, dtype, device)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache]):
+    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache], output_attentions: bool = False):
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
         qkv = qkv.transpose(1, 2)  # [b, heads, s, 3*head_dim]: rows interleaved per head
@@ -355,9 +358,10 @@ class SelfAttention(nn.Module):
         v = qkv[..., 2 * d:]
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        ctx = glm_attention(q, k, v, mask, self.layer_index)  # [b, heads, s, head_dim]
-        ctx = ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
-        return self.dense(ctx)
+        ctx = glm_attention(q, k, v, mask, self.layer_index, return_probs=output_attentions)  # [b, heads, s, d]
+        ctx, probs = ctx if output_attentions else (ctx, None)
+        out = self.dense(ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return (out, probs) if output_attentions else out
 
 
 class GLMMLP(nn.Module):
@@ -380,11 +384,15 @@ class GLMBlock(nn.Module):
         self.mlp = GLMMLP(config, dtype=dtype, device=device)
         self.alpha = math.sqrt(2 * ALPHA_LAYERS)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache] = None):
+    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache] = None, output_attentions: bool = False):
+        """The block's output, and with output_attentions also its attention weights [b, h, s, keys]."""
         x1 = self.input_layernorm(x)
-        h = x1 * self.alpha + self.attention(x1, cos, sin, mask, cache)
+        att = self.attention(x1, cos, sin, mask, cache, output_attentions)
+        att, probs = att if output_attentions else (att, None)
+        h = x1 * self.alpha + att
         x2 = self.post_attention_layernorm(h)
-        return x2 * self.alpha + self.mlp(x2)
+        out = x2 * self.alpha + self.mlp(x2)
+        return (out, probs) if output_attentions else out
 
 
 class PrefixEncoder(nn.Module):
@@ -421,6 +429,7 @@ if _CACHE_KW == "cache":
         logits: Optional[torch.Tensor] = None
         cache: Optional[GLMCache] = None
         hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+        attentions: Optional[Tuple[torch.Tensor, ...]] = None
         last_hidden_state: Optional[torch.Tensor] = None
 else:
     @dataclass
@@ -429,6 +438,7 @@ else:
         logits: Optional[torch.Tensor] = None
         past_key_values: Optional[GLMCache] = None
         hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+        attentions: Optional[Tuple[torch.Tensor, ...]] = None
         last_hidden_state: Optional[torch.Tensor] = None
 
 
@@ -546,6 +556,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         inputs_embeds: Optional[torch.Tensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         **kwargs,
     ):
         cfg = self.config
@@ -575,10 +586,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, self._rotary_inv_freq, dtype)
 
         all_hidden = () if output_hidden_states else None
+        all_attn = () if output_attentions else None
         for block in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden,)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if output_attentions:  # (the blocks then run without gradient checkpointing)
+                hidden, probs = block(hidden, cos, sin, mask, cache, output_attentions=True)
+                all_attn += (probs,)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = torch.utils.checkpoint.checkpoint(_rerunnable(block, cache), hidden, cos, sin, mask,
                                                            use_reentrant=False)
             else:
@@ -587,7 +602,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if output_hidden_states:
             all_hidden += (hidden,)
         return _output(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
-                       hidden_states=all_hidden)
+                       hidden_states=all_hidden, attentions=all_attn)
 
     def _masks_and_positions(self, input_ids, attention_mask, position_ids, b, s, past_len, device):
         """Our bool ``[b, 1, s, past+s]`` mask (True = masked) and ``[b, 2, s]`` positions.
@@ -742,12 +757,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         unknown = set(kwargs) - {"output_attentions", "return_legacy_cache", "cache_position", "num_items_in_batch"}
         if unknown:
             raise TypeError(f"ChatGLM forward() got unexpected arguments {sorted(unknown)}")
-        if kwargs.get("output_attentions"):
-            raise NotImplementedError("output_attentions is not supported by this implementation")
         out = self.transformer(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
             past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(kwargs.get("output_attentions")),
         )
         new_cache = _cache_of(out)
         hidden = out.last_hidden_state
@@ -761,8 +775,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
         if return_dict is False:
-            return tuple(x for x in (loss, logits, new_cache, out.hidden_states) if x is not None)
-        return _output(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=out.hidden_states)
+            return tuple(x for x in (loss, logits, new_cache, out.hidden_states, out.attentions) if x is not None)
+        return _output(loss=loss, logits=logits, past_key_values=new_cache, hidden_states=out.hidden_states,
+                       attentions=out.attentions)
 
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -787,7 +802,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         else:
             cache = None
             check_prompt_length(input_ids.shape[1], self.config)
-        return {
+        inputs = {
             "input_ids": input_ids,
             _CACHE_KW: cache,
             "position_ids": position_ids,
@@ -795,6 +810,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             "use_cache": True if use_cache is None else use_cache,
             "logits_to_keep": 1,
         }
+        for key in ("output_attentions", "output_hidden_states"):  # (5.x passes them here, 4.x to forward)
+            if kwargs.get(key):
+                inputs[key] = True
+        return inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, *args, **kwargs):
         model_kwargs[_CACHE_KW] = _cache_of(outputs)

@@ -302,3 +302,79 @@ def test_concurrent_generate_equals_serial(model, golden):
             threaded = list(pool.map(lambda p: model.generate(p, max_new_tokens=8, do_sample=False)[0].tolist(),
                                      prompts))
         assert threaded == serial
+
+
+def test_output_attentions_follow_the_mask_and_change_nothing(model, golden):
+    """output_attentions (as the original returns them): per layer [b, heads, queries, keys]
+    softmax weights. The logits are bit-identical to a forward without them; every row sums to 1;
+    the weights are zero exactly where SPEC §5 masks (prefix rows do not see `<sop>` onward, later
+    rows are causal) and sum to 1 over what the row may see; a cached step's weights are the last
+    row of the full forward's."""
+    _, g = golden
+    s = g["int8.prompt0.argmax"].shape[1]
+    ids = torch.tensor(_greedy(g, 0, 3))[None]  # prompt (ends [gMASK] <sop>) + 3 generated tokens
+    ctx = s - 1  # index of <sop>
+    n = ids.shape[1]
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+        out = model(input_ids=ids, output_attentions=True)
+    assert torch.equal(out.logits, ref.logits)
+    cfg = model.config
+    assert len(out.attentions) == cfg.num_layers
+    for att in out.attentions:
+        assert att.shape == (1, cfg.num_attention_heads, n, n)
+        assert torch.allclose(att.sum(-1), torch.ones(()), atol=1e-5)
+        for i in range(n):
+            visible = list(range(ctx)) if i < ctx else list(range(i + 1))
+            hidden = [j for j in range(n) if j not in visible]
+            assert torch.all(att[0, :, i, hidden] == 0), i
+            assert torch.allclose(att[0, :, i, visible].sum(-1), torch.ones(()), atol=1e-5)
+    # the same weights from the cache, one token at a time
+    with torch.no_grad():
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        pos = model.transformer._masks_and_positions(ids, None, None, 1, n, 0, ids.device)[1]
+        step = model(input_ids=ids[:, -1:], position_ids=pos[..., -1:], past_key_values=_cache(first),
+                     output_attentions=True)
+    for full, one in zip(out.attentions, step.attentions):
+        assert one.shape == (1, cfg.num_attention_heads, 1, n)
+        assert torch.allclose(one[0, :, 0], full[0, :, -1], atol=1e-5)
+
+
+def _cache(output):
+    return output.get("cache", output.get("past_key_values")) if isinstance(output, dict) else output[2]
+
+
+def test_generate_returns_attentions(model, golden):
+    """generate(output_attentions=True, return_dict_in_generate=True): the golden greedy tokens, and
+    per step one weight tensor per layer over the keys seen so far."""
+    _, g = golden
+    ids = _prompt(g, 1)
+    s = ids.shape[1]
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, output_attentions=True,
+                         return_dict_in_generate=True)
+    assert out.sequences[0].tolist() == _greedy(g, 1, 3)
+    assert len(out.attentions) == 3
+    heads, layers = model.config.num_attention_heads, model.config.num_layers
+    for t, step in enumerate(out.attentions):
+        assert len(step) == layers
+        q = s if t == 0 else 1
+        assert all(a.shape == (1, heads, q, s + t) for a in step), [a.shape for a in step]
+        assert all(torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5) for a in step)
+
+
+def test_generate_returns_hidden_states(model, golden):
+    """generate(output_hidden_states=True, return_dict_in_generate=True): per step the embedding
+    output and every block's output (layers + 1 tensors), the last one the final-LayerNorm state."""
+    _, g = golden
+    ids = _prompt(g, 1)
+    s = ids.shape[1]
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, output_hidden_states=True,
+                         return_dict_in_generate=True)
+    assert out.sequences[0].tolist() == _greedy(g, 1, 2)
+    assert len(out.hidden_states) == 2
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert len(out.hidden_states[0]) == model.config.num_layers + 1
+    for got, want in zip(out.hidden_states[0], ref):
+        assert got.shape == (1, s, model.config.hidden_size) and torch.allclose(got, want, atol=1e-5)
+    assert all(h.shape[1] == 1 for h in out.hidden_states[1])
