@@ -341,18 +341,22 @@ def test_output_attentions_follow_the_mask_and_change_nothing(model, golden):
 
 
 def _cache(output):
-    return output.get("cache", output.get("past_key_values")) if isinstance(output, dict) else output[2]
+    return output.get("cache", output.get("past_key_values"))  # (the field's name on 5.x / 4.x)
+
+
+def _generate_golden(model, g, new, **flag):
+    """Greedy generate of golden prompt 1 with return_dict_in_generate and `flag`; checks the golden
+    tokens; returns (output, prompt length)."""
+    ids = _prompt(g, 1)
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True, **flag)
+    assert out.sequences[0].tolist() == _greedy(g, 1, new)
+    return out, ids.shape[1]
 
 
 def test_generate_returns_attentions(model, golden):
     """generate(output_attentions=True, return_dict_in_generate=True): the golden greedy tokens, and
     per step one weight tensor per layer over the keys seen so far."""
-    _, g = golden
-    ids = _prompt(g, 1)
-    s = ids.shape[1]
-    out = model.generate(ids, max_new_tokens=3, do_sample=False, output_attentions=True,
-                         return_dict_in_generate=True)
-    assert out.sequences[0].tolist() == _greedy(g, 1, 3)
+    out, s = _generate_golden(model, golden[1], 3, output_attentions=True)
     assert len(out.attentions) == 3
     heads, layers = model.config.num_attention_heads, model.config.num_layers
     for t, step in enumerate(out.attentions):
@@ -365,15 +369,10 @@ def test_generate_returns_attentions(model, golden):
 def test_generate_returns_hidden_states(model, golden):
     """generate(output_hidden_states=True, return_dict_in_generate=True): per step the embedding
     output and every block's output (layers + 1 tensors), the last one the final-LayerNorm state."""
-    _, g = golden
-    ids = _prompt(g, 1)
-    s = ids.shape[1]
-    out = model.generate(ids, max_new_tokens=2, do_sample=False, output_hidden_states=True,
-                         return_dict_in_generate=True)
-    assert out.sequences[0].tolist() == _greedy(g, 1, 2)
+    out, s = _generate_golden(model, golden[1], 2, output_hidden_states=True)
     assert len(out.hidden_states) == 2
     with torch.no_grad():
-        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        ref = model(input_ids=out.sequences[:, :s], output_hidden_states=True).hidden_states
     assert len(out.hidden_states[0]) == model.config.num_layers + 1
     for got, want in zip(out.hidden_states[0], ref):
         assert got.shape == (1, s, model.config.hidden_size) and torch.allclose(got, want, atol=1e-5)
