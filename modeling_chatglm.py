@@ -348,7 +348,8 @@ class SelfAttention(nn.Module):
         self.query_key_value = make_linear(config, config.hidden_size, 3 * config.hidden_size, dtype, device)
         self.dense = make_linear(config, config.hidden_size, config.hidden_size, dtype, device)
 
-    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache], output_attentions: bool = False):
+    def forward(self, x, cos, sin, mask, cache: Optional[GLMCache]):
+        """(output [b, s, hidden], attention weights [b, heads, s, keys])."""
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
         qkv = qkv.transpose(1, 2)  # [b, heads, s, 3*head_dim]: rows interleaved per head
@@ -358,10 +359,8 @@ class SelfAttention(nn.Module):
         v = qkv[..., 2 * d:]
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        ctx = glm_attention(q, k, v, mask, self.layer_index, return_probs=output_attentions)  # [b, heads, s, d]
-        ctx, probs = ctx if output_attentions else (ctx, None)
-        out = self.dense(ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-        return (out, probs) if output_attentions else out
+        ctx, probs = glm_attention(q, k, v, mask, self.layer_index, return_probs=True)  # ctx [b, heads, s, d]
+        return self.dense(ctx.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)), probs
 
 
 class GLMMLP(nn.Module):
@@ -387,8 +386,9 @@ class GLMBlock(nn.Module):
     def forward(self, x, cos, sin, mask, cache: Optional[GLMCache] = None, output_attentions: bool = False):
         """The block's output, and with output_attentions also its attention weights [b, h, s, keys]."""
         x1 = self.input_layernorm(x)
-        att = self.attention(x1, cos, sin, mask, cache, output_attentions)
-        att, probs = att if output_attentions else (att, None)
+        att, probs = self.attention(x1, cos, sin, mask, cache)
+        if not output_attentions:
+            probs = None  # freed before the MLP: [b, heads, s, keys] is ~0.5 GB at a 2048-token prefill
         h = x1 * self.alpha + att
         x2 = self.post_attention_layernorm(h)
         out = x2 * self.alpha + self.mlp(x2)
