@@ -768,7 +768,7 @@ def launch_options(pdl) -> dict:
     return dict(PDL=True, launch_pdl=True) if level >= 2 else dict(PDL=True)
 
 
-def _on(device: torch.device):
+def on_device(device: torch.device):
     """Context that makes `device` current for Triton's launches (which go to the current device):
     nothing to do when it already is (entering torch.cuda.device costs ~6 µs of host time)."""
     idx = device.index
@@ -923,7 +923,7 @@ def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
     if not _device_ok(dev) or ("dequant4", bits, dtype, dev) in _BROKEN:
         return None
     try:
-        with _on(dev):
+        with on_device(dev):
             return _run_dequant_group(weights, bits, dtype)
     except torch.cuda.OutOfMemoryError:
         raise  # (the buffer: not the kernel's fault)
@@ -1038,7 +1038,7 @@ def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
     if key in _BROKEN:
         return None
     try:
-        with _on(dev):
+        with on_device(dev):
             return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
     except Exception as exc:
         if STRICT:
@@ -1091,7 +1091,7 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     if key in _BROKEN:
         return None
     try:
-        with _on(x.device):  # (x may be on another GPU than the current one)
+        with on_device(x.device):  # (x may be on another GPU than the current one)
             y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
     except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
         if STRICT:

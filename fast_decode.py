@@ -61,7 +61,7 @@ import torch
 from torch.nn import functional as F
 
 from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit_helpers, \
-    launch_options as _launch, pdl_supported
+    launch_options as _launch, on_device, pdl_supported
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -1235,10 +1235,6 @@ class _Run:
         return self.plan.limit - self.s - self.produced
 
 
-def _with_device(state):
-    return torch.cuda.device(state.device)
-
-
 def _eligible(model, input_ids) -> bool:
     """The model can take the fast path (_model_reason) and input_ids is a 2-D tensor on its device;
     else False, with the reason in last_decision."""
@@ -1310,7 +1306,7 @@ def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple[
         _set_decision(model, "eager", "fast path busy (another generation on this model)")
         return None
     try:
-        with torch.inference_mode(), _with_device(state):
+        with torch.inference_mode(), on_device(state.device):
             prep = _prepare(model, input_ids, mask, position_ids)
             if isinstance(prep, str):
                 reason = prep
@@ -1336,7 +1332,7 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
         return None
     state, run = started
     try:
-        with torch.inference_mode(), _with_device(state):
+        with torch.inference_mode(), on_device(state.device):
             slot = run.slot
             stream = torch.cuda.current_stream(state.device)
             flags = torch.zeros(2, dtype=torch.bool, pin_memory=True)
@@ -1439,10 +1435,10 @@ def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
         return ids, flag, ev
 
     try:
-        with torch.inference_mode(), _with_device(state):
+        with torch.inference_mode(), on_device(state.device):
             current = snapshot()
         while True:
-            with torch.inference_mode(), _with_device(state):
+            with torch.inference_mode(), on_device(state.device):
                 nxt = None
                 if run.remaining > 0:  # queue the next step while the host handles this one
                     run.step()
