@@ -90,10 +90,13 @@ MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) c
 # contexts 33-160 / 1501-1628): 128-position tiles, 8 splits, atomic-ticket merge 2.892 / 3.232;
 # merged by a second kernel 2.920 / 3.267; 2 splits 2.858 / 3.897; 64-position tiles with the ticket
 # 2.885 / 3.301. b=16, context 100: one split, 128-position tiles, 3 stages (4045 tokens/s; 64: 4022,
-# 8 warps: 3915, 8 splits: 3781).
+# 8 warps: 3915, 8 splits: 3781). "large" re-swept with batch 4 added (bench_gpu.py --sweep-attention,
+# 2026-12-05): TARGET 128 -> 256 splits a batch of 3-7 rows in two (b=16 still one split), in-kernel
+# merge, 1 stage: µs per layer at b=4, context 1800: 97.0 -> 63.1 (context 120: 9.4 -> 10.4); whole INT8
+# decode step at b=4, contexts 1501-1628: 6.08 -> 5.28 ms (33-160: 3.92-3.95 both; b=16 unchanged).
 ATTN_CFG = {  # by batch: "small" (b <= 2) and "large"
     "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
-    "large": dict(BLOCK_S=128, num_warps=4, num_stages=3, INLINE=False, TARGET=128),
+    "large": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
 }
 # residual + LayerNorm over 4096: 2.15 / 2.21 / 2.55 / 2.73 µs with 16 / 8 / 4 / 2 warps (H100)
 LN_WARPS = {"small": 16, "large": 16}

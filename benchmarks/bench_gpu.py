@@ -192,18 +192,41 @@ def eager_decode(model, batch, prompt_len=32, new_tokens=16):
     return (tn - t1) / (new_tokens - 1)
 
 
-def prefill_time(model, path, length=1024):
+def _graph_prefill(model, length: int):
+    """A no-argument callable running the graph path's prefill of a random `length`-token prompt."""
     ids = prompt(1, length, seed=2)
+    st = fd._state(model)
+    mask = torch.ones_like(ids)
+    pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
+    slot = st.slot(1, fd._bucket(length + 1))
+    st.rotary_tables(model, slot.length + 2)
+    return lambda: fd.prefill(model, st, slot, ids, pos, mask)
+
+
+def prefill_time(model, path, length=1024):
     if path == "graph":
-        st = fd._state(model)
-        mask = torch.ones_like(ids)
-        pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
-        slot = st.slot(1, fd._bucket(length + 1))
-        st.rotary_tables(model, slot.length + 2)
+        run = _graph_prefill(model, length)
         with torch.inference_mode():
-            return time_gpu(lambda: fd.prefill(model, st, slot, ids, pos, mask), reps=5)
+            return time_gpu(run, reps=5)
+    ids = prompt(1, length, seed=2)
     with torch.inference_mode():
         return time_gpu(lambda: model(input_ids=ids, logits_to_keep=1), reps=3)
+
+
+def prefill_host_ms(model, length=1024, reps=7):
+    """Median host milliseconds to issue the graph path's prefill (from the call until it returns,
+    no synchronisation): well below the event time = the GPU is the limit; close to it = the host is
+    (Python and launch overhead; the figure then moves with the machine's CPU)."""
+    run = _graph_prefill(model, length)
+    out = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            run()
+            out.append(time.perf_counter() - t0)
+    sync()
+    return statistics.median(out) * 1e3
 
 
 def kernel_breakdown(model, run, steps=20):
@@ -251,7 +274,8 @@ def sweep_attention():
     """Decode-attention tile / split / merge options, 28 launches (one per layer, own caches) per graph."""
     H, D, L = 32, 128, 28
     dt = torch.float16
-    cases = [("b1-ctx120", 1, 2048, 120), ("b1-ctx1800", 1, 2048, 1800), ("b16-ctx100", 16, 256, 100)]
+    cases = [("b1-ctx120", 1, 2048, 120), ("b1-ctx1800", 1, 2048, 1800), ("b16-ctx100", 16, 256, 100),
+             ("b4-ctx120", 4, 2048, 120), ("b4-ctx1800", 4, 2048, 1800), ("b16-ctx1800", 16, 2048, 1800)]
     tiles = [dict(BLOCK_S=bs, num_warps=w, num_stages=st) for bs in (32, 64, 128) for w in (4, 8) for st in (1, 3)]
     denom, coeff = fd._scale_for(13, D)
     rows = []
@@ -277,15 +301,22 @@ def sweep_attention():
         run()
         return _graph_time(run) / L * 1e6, splits
 
+    def pick(scored):
+        # each case's time relative to its own best candidate, summed: a long context's larger
+        # microseconds do not outvote the short one (the decode step at both matters)
+        lows = [min(us[i] for us, _ in scored) for i in range(len(scored[0][0]))]
+        return min(scored, key=lambda c: sum(u / low for u, low in zip(c[0], lows)))[1]
+
     best = {}
-    for cls, names in (("small", ["b1-ctx120", "b1-ctx1800"]), ("large", ["b16-ctx100"])):
+    for cls, names in (("small", ["b1-ctx120", "b1-ctx1800"]),
+                       ("large", ["b16-ctx100", "b16-ctx1800", "b4-ctx120", "b4-ctx1800"])):
         scored = []
         for tile in tiles:
             cfg = dict(tile, INLINE=True)
             us = [measure(n, cfg, 256)[0] for n in names]
             rows.append(dict(cls=cls, **cfg, target=256, us=[round(u, 2) for u in us]))
-            scored.append((sum(us), tile))
-        tile = min(scored, key=lambda x: x[0])[1]
+            scored.append((us, tile))
+        tile = pick(scored)
         scored = []
         for target in (64, 128, 256, 512, 1024):
             for inline in (True, False):
@@ -293,13 +324,33 @@ def sweep_attention():
                 res = [measure(n, cfg, target) for n in names]
                 rows.append(dict(cls=cls, **cfg, target=target, splits=[r[1] for r in res],
                                  us=[round(r[0], 2) for r in res]))
-                scored.append((sum(r[0] for r in res), dict(cfg, TARGET=target)))
-        best[cls] = min(scored, key=lambda x: x[0])[1]
+                scored.append(([r[0] for r in res], dict(cfg, TARGET=target)))
+        best[cls] = pick(scored)
     for r in rows:
         log(event="sweep_attention", **r)
     del data
     torch.cuda.empty_cache()
     return best
+
+
+def confirm_attention(best, bits=8):
+    """Whole decode graph (INT8) with fast_decode.ATTN_CFG as it is vs the sweep's choice, alternating
+    twice, at batch 1 / 4 / 16 and contexts 33-160 / 1501-1628: ms per step."""
+    model = build(bits)
+    current = {k: dict(v) for k, v in fd.ATTN_CFG.items()}
+    out = []
+    for rep in range(2):
+        for tag, cfgs in (("current", current), ("sweep", best)):
+            fd.ATTN_CFG.update({k: dict(v) for k, v in cfgs.items()})
+            for batch in (1, 4, 16):
+                for plen in (32, 1500):
+                    fd.release(model)  # slots keep the split count they were made with
+                    ms = graph_decode(model, batch, prompt_len=plen)[0] * 1e3
+                    out.append(dict(tag=tag, rep=rep, batch=batch, context=f"{plen + 1}-{plen + 128}", ms=round(ms, 3)))
+                    log(event="confirm_attention", **out[-1])
+    fd.ATTN_CFG.update(current)
+    release(model)
+    return out
 
 
 def sweep_layernorm():
@@ -653,7 +704,8 @@ def bench_variant(bits, results, bw):
     r["graph_e2e_tok_s"] = round(256 / dt, 1)
     log(event="graph_e2e", bits=bits, tok_s=r["graph_e2e_tok_s"], path=path)
     r["graph_prefill_ms"] = round(prefill_time(model, "graph") * 1e3, 2)
-    log(event="prefill", bits=bits, variant="graph", ms=r["graph_prefill_ms"])
+    r["graph_prefill_host_ms"] = round(prefill_host_ms(model), 2)
+    log(event="prefill", bits=bits, variant="graph", ms=r["graph_prefill_ms"], host_ms=r["graph_prefill_host_ms"])
     release(model)
     # eager paths (no graph)
     variants = ["eager", "torch"] if bits != 16 else ["eager"]
@@ -708,6 +760,8 @@ def table(results, bw, env):
         f"| prefill 1024 tokens, ms | ≤ 30 | **{g(i8, 'graph_prefill_ms')}** | **{g(i4, 'graph_prefill_ms')}** | "
         f"{g(f16, 'graph_prefill_ms')} | {g(i8, 'eager_prefill_ms')} | {g(i8, 'torch_prefill_ms')} | "
         f"{g(i4, 'torch_prefill_ms')} | {g(f16, 'eager_prefill_ms')} |",
+        f"| host time to issue that prefill (no sync), ms | | {g(i8, 'graph_prefill_host_ms')} | "
+        f"{g(i4, 'graph_prefill_host_ms')} | {g(f16, 'graph_prefill_host_ms')} | | | | |",
         f"| batch-16 decode, tokens/s (context 33–160) | ≥ 4000 | **{g(i8, 'graph_b16_tok_s', '{:.0f}')}** | "
         f"**{g(i4, 'graph_b16_tok_s', '{:.0f}')}** | {g(f16, 'graph_b16_tok_s', '{:.0f}')} | "
         f"{g(i8, 'eager_b16_tok_s', '{:.0f}')} | {g(i8, 'torch_b16_tok_s', '{:.0f}')} | "
@@ -740,6 +794,9 @@ def main():
     ap.add_argument("--sweep-linear", default=None, metavar="BITS:BATCH[,...]",
                     help="only choose the linear-kernel configs per layer shape in the decode graph for these "
                          "(weights, batch) pairs, e.g. 8:1,4:1,8:16 (no table)")
+    ap.add_argument("--sweep-attention", action="store_true",
+                    help="only sweep the decode-attention settings and time the choice against the current "
+                         "ones in the INT8 decode graph (no table)")
     ap.add_argument("--sweep-mma", default=None, metavar="BITS[,...]",
                     help="only choose the tensor-core GEMV configs (cuda_mma.py) and PDL mode at batch 1 in the "
                          "decode graph for these weights, e.g. 4,8; with a per-shape micro-benchmark (no table)")
@@ -754,6 +811,14 @@ def main():
     bw = dict(copy_gbs=copy_gbs, read_gbs=read_gbs)
     log(event="bandwidth", **bw)
     results = {}
+    if args.sweep_attention:
+        best = sweep_attention()
+        log(event="sweep_choice", attention=best)
+        confirm = confirm_attention(best)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=best, confirm=confirm, log=LOG),
+                                                  indent=1))
+        return
     if args.sweep_mma or args.sweep_linear:
         if args.sweep_mma:
             choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}

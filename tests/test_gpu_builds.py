@@ -185,9 +185,9 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         q_out, k_out, _ = fd.prefill_rotary(qkv, cos_t, cos_t.clone(), pos, bsz, s, HEADS, HEAD_DIM, 11.3,
                                             k_out=cache[:, :, :s], v_out=cache.clone()[:, :, :s])
         assert q_out.shape == (bsz, HEADS, s, HEAD_DIM)
-        # decode attention at batch 1 (in-kernel merge) and batch 16 (combine kernel)
-        for batch in (1, 16):
-            cfg = fd._attn_cfg(batch)
+        # decode attention at batch 1 and 16, splits merged in the kernel and by the combine kernel
+        for batch, inline in ((1, True), (16, False), (16, True)):
+            cfg = dict(fd._attn_cfg(batch), INLINE=inline)
             length = 2048
             kc = torch.zeros(batch, HEADS, length, HEAD_DIM, dtype=dtype)
             cs = torch.randn(batch, 2, HEAD_DIM, dtype=torch.float32)
@@ -199,7 +199,6 @@ def test_prefill_and_decode_kernels_compile(stub, target):
                 scratch = fd.attention_scratch(batch, HEADS, HEAD_DIM, splits, "cpu")
                 fd.decode_attention(qkv1, kc, kc.clone(), cs, cur, pad, out, 11.3, 1.0, splits, scratch, cfg=cfg,
                                     pdl=pdl if batch <= 2 else 0)
-            assert cfg["INLINE"] == (batch <= 2)
     # greedy pick and bookkeeping (one slot of 2 rows)
     logits = torch.randn(2, VOCAB, dtype=torch.float16)
     slot = SimpleNamespace(pick_key=torch.zeros(2, dtype=torch.long), pick_flag=torch.zeros(1, dtype=torch.int32),
