@@ -502,10 +502,24 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     if _TF_MAJOR < 5 and not hasattr(PreTrainedModel, "_set_gradient_checkpointing"):
         # transformers 4.27 – 4.34 call _set_gradient_checkpointing(module, value=...) for every module;
-        # newer versions flag modules that have a `gradient_checkpointing` attribute themselves.
+        # newer versions flag modules that have a `gradient_checkpointing` attribute themselves and hand
+        # them the checkpoint function (the user's kwargs, e.g. use_reentrant, bound in).
         def _set_gradient_checkpointing(self, module=None, value=False):
             if isinstance(module, ChatGLMModel):
                 module.gradient_checkpointing = value
+    elif "every_n_layers" in inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters:
+        # transformers >= 5.25: activation_checkpointing_enable(every_n_layers=N) checkpoints every N-th
+        # layer of its own layer class only; ChatGLMModel checkpoints its blocks itself, so it keeps N.
+        def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                        every_n_layers: int = 1, **kwargs):
+            if int(every_n_layers) < 1:
+                raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+            if gradient_checkpointing_func is not None:
+                kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+            super()._set_gradient_checkpointing(enable=enable, every_n_layers=every_n_layers, **kwargs)
+            for module in self.modules():
+                if isinstance(module, ChatGLMModel):
+                    module.checkpoint_every_n_layers = int(every_n_layers) if enable else 1
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -514,6 +528,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def __init__(self, config: ChatGLMConfig, dtype=None, device=None):
         super().__init__(config)
         self.gradient_checkpointing = False
+        self.checkpoint_every_n_layers = 1  # (transformers >= 5.25: activation_checkpointing_enable(every_n_layers))
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList([GLMBlock(config, i, dtype=dtype, device=device)
                                      for i in range(config.num_layers)])
@@ -587,15 +602,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
-        for block in self.layers:
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:  # (the blocks then run without gradient checkpointing)
                 hidden, probs = block(hidden, cos, sin, mask, cache, output_attentions=True)
                 all_attn += (probs,)
-            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = torch.utils.checkpoint.checkpoint(_rerunnable(block, cache), hidden, cos, sin, mask,
-                                                           use_reentrant=False)
+            elif checkpointing and i % self.checkpoint_every_n_layers == 0:
+                run, past = _rerunnable(block, cache)
+                hidden = self._checkpoint_function()(run, hidden, cos, sin, mask, *past)
             else:
                 hidden = block(hidden, cos, sin, mask, cache)
         hidden = self.final_layernorm(hidden)
@@ -603,6 +619,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             all_hidden += (hidden,)
         return _output(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
                        hidden_states=all_hidden, attentions=all_attn)
+
+    def _checkpoint_function(self):
+        """The function transformers (>= 4.35) set with gradient_checkpointing_enable(), which carries the
+        user's checkpoint kwargs (use_reentrant, offload on 5.25+); non-reentrant torch checkpointing on
+        older versions."""
+        fn = getattr(self, "_gradient_checkpointing_func", None)
+        if fn is None:
+            return lambda *args: torch.utils.checkpoint.checkpoint(*args, use_reentrant=False)
+        return fn
 
     def _masks_and_positions(self, input_ids, attention_mask, position_ids, b, s, past_len, device):
         """Our bool ``[b, 1, s, past+s]`` mask (True = masked) and ``[b, 2, s]`` positions.
@@ -651,21 +676,23 @@ class _StreamerFeed(LogitsProcessor):
 
 
 def _rerunnable(block: "GLMBlock", cache: Optional[GLMCache]):
-    """``block`` as a function that gradient checkpointing may run twice (backward recomputes it).
+    """``(function, past)``: ``block`` as a function of ``(hidden, cos, sin, mask, *past)`` that gradient
+    checkpointing may run twice (backward recomputes it).
 
     The block appends its keys/values to ``cache``; the recomputation must start from the same past
-    (nothing, or the P-tuning prefix) as the first run, not from the keys that run appended.
+    (nothing, or the P-tuning prefix) as the first run, not from the keys that run appended. The past
+    goes in as arguments, not through the closure, so that reentrant checkpointing (which tracks only
+    its tensor arguments) still carries gradients back to a P-tuning prefix.
     """
     if cache is None:
-        return lambda hidden, cos, sin, mask: block(hidden, cos, sin, mask, None)
+        return (lambda hidden, cos, sin, mask: block(hidden, cos, sin, mask, None)), ()
     layer = block.attention.layer_index
-    past = (cache.keys[layer], cache.values[layer])
 
-    def run(hidden, cos, sin, mask):
-        cache.keys[layer], cache.values[layer] = past
+    def run(hidden, cos, sin, mask, past_keys, past_values):
+        cache.keys[layer], cache.values[layer] = past_keys, past_values
         return block(hidden, cos, sin, mask, cache)
 
-    return run
+    return run, (cache.keys[layer], cache.values[layer])
 
 
 class InvalidScoreLogitsProcessor(LogitsProcessor):

@@ -3,10 +3,13 @@
 Oracles: the golden losses of the original code, the cross-entropy definition, a central finite
 difference for one gradient, and equivalences (checkpointing changes memory, not gradients).
 """
+import functools
+import inspect
 import json
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from conftest import CONFORMANCE, model_folder
@@ -146,27 +149,90 @@ class _CountAttentionCalls:
             del m.forward
 
 
-@pytest.mark.parametrize("use_cache", [None, False])
-def test_gradient_checkpointing_gives_the_same_gradients(fp16_model, golden, use_cache):
+def _checkpointing_on(model, reentrant=None, every_n_layers=1):
+    """Switch checkpointing on through the running transformers' public API: activation_checkpointing_enable
+    (5.25+; the gradient_checkpointing_* names are deprecated there), gradient_checkpointing_enable with
+    kwargs (4.35+). 4.27-4.34 have no kwargs: the checkpoint function / layer stride that newer versions
+    hand the model are set on it directly, so the model's side is exercised on every version."""
+    kwargs = {} if reentrant is None else {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
+                                              every_n_layers=every_n_layers)
+        return
+    if "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable()
+        if kwargs:
+            model.transformer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                               **kwargs)
+    if every_n_layers != 1:
+        model.transformer.checkpoint_every_n_layers = every_n_layers
+
+
+def _checkpointing_off(model):
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+        model.transformer.checkpoint_every_n_layers = 1
+        if "gradient_checkpointing_kwargs" not in inspect.signature(model.gradient_checkpointing_enable).parameters:
+            model.transformer.__dict__.pop("_gradient_checkpointing_func", None)
+    assert not model.transformer.gradient_checkpointing and model.transformer.checkpoint_every_n_layers == 1
+
+
+def _is_checkpointing(model) -> bool:
+    return getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("use_cache, reentrant, every", [(None, None, 1), (False, None, 1), (None, True, 1),
+                                                         (None, None, 2), (False, True, 3)])
+def test_gradient_checkpointing_gives_the_same_gradients(fp16_model, golden, use_cache, reentrant, every):
+    """Checkpointing changes memory, not gradients: bit-equal loss and gradients, with the checkpoint
+    function transformers hands the model (reentrant or not) and with every N-th block checkpointed."""
     _, g = golden
     model = fp16_model.train()
     seq = _seq(g, "fp16", 3)
     loss_plain, plain = _backward(model, seq, use_cache=use_cache)
-    model.gradient_checkpointing_enable()
+    _checkpointing_on(model, reentrant, every)
     try:
-        assert model.is_gradient_checkpointing
+        assert _is_checkpointing(model)
         with _CountAttentionCalls(model) as counter:
             loss_ckpt, ckpt = _backward(model, seq, use_cache=use_cache)
-        assert counter.calls == 2 * len(model.transformer.layers)  # every block ran again in backward
+        layers = len(model.transformer.layers)
+        # every block ran once forward; the checkpointed ones (0, N, 2N, ...) again in backward
+        assert counter.calls == layers + len(range(0, layers, every))
     finally:
-        model.gradient_checkpointing_disable()
+        _checkpointing_off(model)
         model.zero_grad(set_to_none=True)
         model.eval()
-    assert not model.transformer.gradient_checkpointing
     assert torch.equal(loss_plain, loss_ckpt)
     assert sorted(plain) == sorted(ckpt)
     for name in plain:
         assert torch.equal(plain[name], ckpt[name]), name
+
+
+def test_checkpointing_uses_the_function_transformers_hands_over(fp16_model, golden):
+    """The user's checkpoint kwargs reach torch (here: a spy standing in for the function
+    gradient_checkpointing_enable(gradient_checkpointing_kwargs=...) installs), once per block."""
+    _, g = golden
+    model = fp16_model.train()
+    calls = []
+
+    def spy(function, *args):
+        calls.append(len(args))
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    model.transformer.gradient_checkpointing = True
+    model.transformer._gradient_checkpointing_func = spy
+    try:
+        _backward(model, _seq(g, "fp16", 0), use_cache=False)
+    finally:
+        model.transformer.gradient_checkpointing = False
+        del model.transformer._gradient_checkpointing_func
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert calls == [4] * len(model.transformer.layers)  # hidden, cos, sin, mask (no cache, no prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +256,17 @@ def test_ptuning_trains_only_the_prefix_encoder(tmp_path_factory, golden, tag):
     # transformers 5.x: its gradient_checkpointing_enable() also makes the embedding output require
     # grad, so the first block's INT8 matmuls take the autograd torch path instead of the CPU kernel;
     # the two agree to fp32 rounding (grads are ~1e-2, stored in fp16 with spacing ~1e-5 there).
-    model.gradient_checkpointing_enable()
-    _, ckpt = _backward(model, seq, seed=5)
-    model.gradient_checkpointing_disable()
-    assert sorted(ckpt) == sorted(grads)
-    for name in grads:
-        torch.testing.assert_close(ckpt[name], grads[name], atol=5e-5, rtol=1e-3, msg=name)
+    # Reentrant checkpointing tracks only the tensors passed to it: the prefix's keys/values must be
+    # among them (not captured by the block's closure), or the prefix encoder would get no gradient.
+    for reentrant in (None, True):
+        _checkpointing_on(model, reentrant)
+        try:
+            _, ckpt = _backward(model, seq, seed=5)
+        finally:
+            _checkpointing_off(model)
+        assert sorted(ckpt) == sorted(grads), reentrant
+        for name in grads:
+            torch.testing.assert_close(ckpt[name], grads[name], atol=5e-5, rtol=1e-3, msg=f"{name} {reentrant}")
 
 
 # ---------------------------------------------------------------------------------------------
