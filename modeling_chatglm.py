@@ -10,6 +10,7 @@ On CPU the model keeps fp16 weights in storage and computes in fp32, so nobody n
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -603,6 +604,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         all_hidden = () if output_hidden_states else None
         all_attn = () if output_attentions else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing:
+            checkpoint, reentrant = self._checkpoint_function()
+            if reentrant and not hidden.requires_grad:
+                # Reentrant checkpointing gives the parameters inside a block gradients only when one of the
+                # block's tensor inputs requires grad; with frozen embeddings (LoRA) none would, and those
+                # parameters would silently get none. (transformers 5.x does the same on the embedding output.)
+                hidden = hidden.detach().requires_grad_()
         for i, block in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden += (hidden,)
@@ -611,7 +619,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 all_attn += (probs,)
             elif checkpointing and i % self.checkpoint_every_n_layers == 0:
                 run, past = _rerunnable(block, cache)
-                hidden = self._checkpoint_function()(run, hidden, cos, sin, mask, *past)
+                hidden = checkpoint(run, hidden, cos, sin, mask, *past)
             else:
                 hidden = block(hidden, cos, sin, mask, cache)
         hidden = self.final_layernorm(hidden)
@@ -621,13 +629,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                        hidden_states=all_hidden, attentions=all_attn)
 
     def _checkpoint_function(self):
-        """The function transformers (>= 4.35) set with gradient_checkpointing_enable(), which carries the
-        user's checkpoint kwargs (use_reentrant, offload on 5.25+); non-reentrant torch checkpointing on
-        older versions."""
+        """(function, reentrant): the function transformers (>= 4.35) set with gradient_checkpointing_enable(),
+        which carries the user's checkpoint kwargs (use_reentrant, offload on 5.25+), and whether it may be
+        reentrant; non-reentrant torch checkpointing on older versions."""
         fn = getattr(self, "_gradient_checkpointing_func", None)
         if fn is None:
-            return lambda *args: torch.utils.checkpoint.checkpoint(*args, use_reentrant=False)
-        return fn
+            return (lambda *args: torch.utils.checkpoint.checkpoint(*args, use_reentrant=False)), False
+        keywords = fn.keywords if isinstance(fn, functools.partial) else {}
+        return fn, bool(keywords.get("use_reentrant", True))
 
     def _masks_and_positions(self, input_ids, attention_mask, position_ids, b, s, past_len, device):
         """Our bool ``[b, 1, s, past+s]`` mask (True = masked) and ``[b, 2, s]`` positions.

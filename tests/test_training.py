@@ -185,15 +185,20 @@ def _is_checkpointing(model) -> bool:
     return getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
 
 
-@pytest.mark.parametrize("use_cache, reentrant, every", [(None, None, 1), (False, None, 1), (None, True, 1),
-                                                         (None, None, 2), (False, True, 3)])
-def test_gradient_checkpointing_gives_the_same_gradients(fp16_model, golden, use_cache, reentrant, every):
+@pytest.mark.parametrize("use_cache, reentrant, every, frozen", [
+    (None, None, 1, False), (False, None, 1, False), (None, True, 1, False), (None, None, 2, False),
+    (False, True, 3, False), (False, True, 1, True), (False, False, 1, True)])
+def test_gradient_checkpointing_gives_the_same_gradients(fp16_model, golden, use_cache, reentrant, every, frozen):
     """Checkpointing changes memory, not gradients: bit-equal loss and gradients, with the checkpoint
-    function transformers hands the model (reentrant or not) and with every N-th block checkpointed."""
+    function transformers hands the model (reentrant or not), with every N-th block checkpointed, and with
+    frozen embeddings (as under LoRA: no block input requires grad, which reentrant checkpointing needs)."""
     _, g = golden
     model = fp16_model.train()
     seq = _seq(g, "fp16", 3)
+    emb = model.transformer.word_embeddings.weight
+    emb.requires_grad_(not frozen)
     loss_plain, plain = _backward(model, seq, use_cache=use_cache)
+    assert ("transformer.word_embeddings.weight" in plain) != frozen and len(plain) > 100
     _checkpointing_on(model, reentrant, every)
     try:
         assert _is_checkpointing(model)
@@ -206,6 +211,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(fp16_model, golden, use
         _checkpointing_off(model)
         model.zero_grad(set_to_none=True)
         model.eval()
+        emb.requires_grad_(True)
     assert torch.equal(loss_plain, loss_ckpt)
     assert sorted(plain) == sorted(ckpt)
     for name in plain:
