@@ -8,6 +8,7 @@ weights meeting a quantized config are quantized layer by layer, nothing is sile
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib
 import json
@@ -586,6 +587,19 @@ class _LargePages(threading.Thread):
     def halt(self):
         """Stop before the next chunk or weight (the weight being swapped, if any, completes)."""
         self._halt.set()
+
+
+@atexit.register
+def _halt_all_at_exit() -> None:
+    """Stop the background moves before the interpreter finalizes: a daemon thread caught inside a
+    torch call then is torn down through C++ frames, which aborts the process ("terminate called
+    without an active exception", exit status 134) after a script that ended while weights were
+    still moving. Each stops before its next 4 MB chunk."""
+    jobs = [job for job in list(_MIGRATIONS.values()) if job.is_alive()]
+    for job in jobs:
+        job.halt()
+    for job in jobs:
+        job.join(timeout=30)
 
 
 def start_large_pages(model, items, files) -> None:
