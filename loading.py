@@ -252,8 +252,12 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     config.validate_chatglm()
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
-    if attn_implementation not in (None, "eager", "sdpa"):
-        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported (use eager or sdpa)")
+    if attn_implementation not in (None, "eager"):
+        # (transformers 5.x refuses these for this model class itself; 4.x leaves it to us)
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot be chosen for ChatGLM-6B: its attention "
+                         "is computed by this package (the original's math on the CPU and in eager mode; on CUDA a "
+                         "prompt already goes through torch's scaled_dot_product_attention). Leave it unset or pass "
+                         "'eager'.")
 
     target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     dmap = _normalize_device_map(device_map)

@@ -567,6 +567,18 @@ def test_unknown_from_pretrained_argument(written):
         _load(written["int8-bin"][0], load_in_3bit=True)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2", "flex_attention"])
+def test_attention_implementation_cannot_be_chosen(tmp_path, impl):
+    """The same answer on every transformers version (5.x refuses these for the class itself; 4.x
+    accepted "sdpa" and then ignored it): a ValueError; "eager" (what runs) loads."""
+    folder = model_folder(tmp_path, "int8")
+    with pytest.raises(ValueError, match=r"attn|attention"):
+        _auto(folder, attn_implementation=impl)
+    with pytest.raises(ValueError, match=r"attn|attention"):
+        _load(folder, attn_implementation=impl)
+    assert _auto(folder, attn_implementation="eager") is not None
+
+
 @pytest.mark.parametrize("bad", [torch.int8, "float8"])
 def test_unsupported_torch_dtype(written, bad):
     with pytest.raises(ValueError, match=r"torch_dtype must be torch\.float16, torch\.bfloat16, torch\.float32 or 'auto'"):
