@@ -32,7 +32,16 @@ from .quantization import QuantizedLinear, kernel_backend, quantize_weight
 HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
               "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
 IGNORED_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "empty_init", "code_revision", "offload_state_dict",
-                  "use_flash_attention_2", "mirror", "from_tf", "from_flax", "load_in_8bit", "load_in_4bit")
+                  "mirror")
+# switches that ask for something this loader does not do: fine when false, refused when set
+REFUSED_IF_SET = {
+    "load_in_8bit": "bitsandbytes is not used: load an INT8 checkpoint, or an FP16 one with quantization_bit=8 "
+                    "(per-row int8 weights, the ChatGLM-6B-INT8 layout)",
+    "load_in_4bit": "bitsandbytes is not used: load an INT4 checkpoint, or an FP16 one with quantization_bit=4",
+    "use_flash_attention_2": "the attention is this package's own (see attn_implementation)",
+    "from_tf": "only PyTorch checkpoints (.bin / .safetensors) can be loaded",
+    "from_flax": "only PyTorch checkpoints (.bin / .safetensors) can be loaded",
+}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 EMBED, HEAD = "transformer.word_embeddings.weight", "lm_head.weight"
@@ -233,6 +242,9 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
                     output_loading_info=False, attn_implementation=None, **kwargs):
     path = str(pretrained_model_name_or_path)
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+    for k, why in REFUSED_IF_SET.items():
+        if kwargs.pop(k, False):
+            raise ValueError(f"from_pretrained({k}=True) is not supported: {why}")
     for k in list(kwargs):
         if k in IGNORED_KWARGS or k.startswith("_") or k in ("adapter_kwargs", "adapter_name", "key_mapping",
                                                             "tp_plan", "gguf_file", "variant",

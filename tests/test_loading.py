@@ -567,6 +567,18 @@ def test_unknown_from_pretrained_argument(written):
         _load(written["int8-bin"][0], load_in_3bit=True)
 
 
+@pytest.mark.parametrize("flag, says", [("load_in_8bit", "quantization_bit=8"), ("load_in_4bit", "quantization_bit=4"),
+                                        ("use_flash_attention_2", "attn_implementation"), ("from_tf", "PyTorch"),
+                                        ("from_flax", "PyTorch")])
+def test_switches_it_cannot_honour_are_refused_when_set(written, flag, says):
+    """Asked for (True): a ValueError saying what to do instead, not a model loaded some other way
+    (load_in_8bit on an FP16 checkpoint used to load 12 GB of fp16 weights). False: fine."""
+    folder = written["int8-bin"][0]
+    with pytest.raises(ValueError, match=rf"{flag}=True.*{says}"):
+        _load(folder, **{flag: True})
+    assert _load(folder, **{flag: False}) is not None
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_attention_implementation_cannot_be_chosen(tmp_path, impl):
     """The same answer on every transformers version (5.x refuses these for the class itself; 4.x
