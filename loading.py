@@ -33,6 +33,15 @@ HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "loca
               "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
 IGNORED_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "empty_init", "code_revision", "offload_state_dict",
                   "mirror")
+# arguments naming something this loader does not do: fine when None (or empty), refused when given
+REFUSED_IF_GIVEN = {
+    "state_dict": "load the folder instead",
+    "variant": "ChatGLM-6B checkpoints have no variants; point at the folder of the files you want",
+    "gguf_file": "GGUF files cannot be loaded; use the PyTorch checkpoint",
+    "tp_plan": "tensor parallelism is not implemented; device_map spreads whole blocks over devices",
+    "key_mapping": "the checkpoint keys are fixed (SPEC); rename the keys of the file instead",
+    "adapter_name": "load the base model, then the adapter with peft (PeftModel.from_pretrained)",
+}
 # switches that ask for something this loader does not do: fine when false, refused when set
 REFUSED_IF_SET = {
     "load_in_8bit": "bitsandbytes is not used: load an INT8 checkpoint, or an FP16 one with quantization_bit=8 "
@@ -245,12 +254,16 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     for k, why in REFUSED_IF_SET.items():
         if kwargs.pop(k, False):
             raise ValueError(f"from_pretrained({k}=True) is not supported: {why}")
+    for k, why in REFUSED_IF_GIVEN.items():
+        if kwargs.pop(k, None) not in (None, {}, ""):
+            raise ValueError(f"from_pretrained({k}=...) is not supported: {why}")
+    adapter = (kwargs.pop("adapter_kwargs", None) or {}).get("_adapter_model_path")
+    if adapter:  # AutoModel found an adapter (adapter_config.json) there and loads its base model through us
+        raise ValueError(f"{adapter} holds a peft adapter: load the base model, then the adapter with "
+                         "peft (PeftModel.from_pretrained(model, adapter_path))")
+    generation_config = kwargs.pop("generation_config", None)
     for k in list(kwargs):
-        if k in IGNORED_KWARGS or k.startswith("_") or k in ("adapter_kwargs", "adapter_name", "key_mapping",
-                                                            "tp_plan", "gguf_file", "variant",
-                                                            "generation_config", "state_dict"):
-            if k == "state_dict" and kwargs[k] is not None:
-                raise TypeError("from_pretrained(state_dict=...) is not supported; load the folder instead")
+        if k in IGNORED_KWARGS or k.startswith("_"):  # (transformers' internal "_..." flags)
             kwargs.pop(k)
     if config is None:
         config, kwargs = ChatGLMConfig.from_pretrained(path, return_unused_kwargs=True, **hub_kwargs, **kwargs)
@@ -288,7 +301,7 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
         loaded = _load_tensors(model, config, files, expected, dmap, bits, target_dtype, placement)
         _finish(model, config, loaded, expected, dmap)
         model.tie_weights()
-        _attach_generation_config(model, path, hub_kwargs)
+        _attach_generation_config(model, path, hub_kwargs, generation_config)
         if isinstance(model.config, ChatGLMConfig):
             model.config._name_or_path = path
         model.eval()
@@ -520,8 +533,13 @@ def _finish(model, config, loaded, expected, dmap):
         raise CheckpointError(f"internal error: not loaded: {still_meta[:5]}")
 
 
-def _attach_generation_config(model, path, hub_kwargs):
+def _attach_generation_config(model, path, hub_kwargs, given=None):
     from transformers import GenerationConfig
+    if given is not None:  # from_pretrained(generation_config=...)
+        if not isinstance(given, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(given).__name__}")
+        model.generation_config = given
+        return
     try:
         model.generation_config = GenerationConfig.from_pretrained(path, **{k: v for k, v in hub_kwargs.items()
                                                                            if v is not None})

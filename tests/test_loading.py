@@ -579,6 +579,49 @@ def test_switches_it_cannot_honour_are_refused_when_set(written, flag, says):
     assert _load(folder, **{flag: False}) is not None
 
 
+@pytest.mark.parametrize("name, value, says", [
+    ("variant", "fp16", "no variants"), ("gguf_file", "model.gguf", "GGUF"), ("tp_plan", "auto", "tensor parallel"),
+    ("key_mapping", {"a": "b"}, "keys"), ("state_dict", {}, None), ("adapter_name", "lora", "peft")])
+def test_arguments_it_cannot_honour_are_refused_when_given(written, name, value, says):
+    folder = written["int8-bin"][0]
+    if value == {}:  # an empty state_dict is still a state_dict given
+        value = {"x": torch.zeros(1)}
+    with pytest.raises(ValueError, match=rf"{name}=\.\.\..*{says or ''}"):
+        _load(folder, **{name: value})
+    assert _load(folder, **{name: None}) is not None
+
+
+def test_auto_model_on_an_adapter_folder_is_refused(tmp_path):
+    """AutoModel on a folder holding only a peft adapter (transformers >= 4.35 with peft: it loads the
+    base model named there through us and expects us to attach the adapter): refused with what to do,
+    not a base model without its adapter. transformers 4.27 has no such path (no config.json there)."""
+    import transformers
+
+    base = model_folder(tmp_path, "int8")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "base_model_name_or_path": str(base), "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4,
+        "lora_alpha": 8, "target_modules": ["query_key_value"]}))
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        with pytest.raises(ValueError, match=r"holds a peft adapter.*PeftModel\.from_pretrained"):
+            _auto(adapter)
+    else:
+        with pytest.raises((OSError, ValueError)):
+            _auto(adapter)
+
+
+def test_generation_config_argument_is_applied(written):
+    from transformers import GenerationConfig
+
+    folder = written["int8-bin"][0]
+    given = GenerationConfig(max_length=77, top_p=0.5, do_sample=True)
+    model = _load(folder, generation_config=given)
+    assert model.generation_config.max_length == 77 and model.generation_config.top_p == 0.5
+    with pytest.raises(TypeError, match="GenerationConfig"):
+        _load(folder, generation_config={"max_length": 77})
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "flash_attention_2", "flex_attention"])
 def test_attention_implementation_cannot_be_chosen(tmp_path, impl):
     """The same answer on every transformers version (5.x refuses these for the class itself; 4.x
