@@ -52,6 +52,12 @@ class ChatGLMConfig(PretrainedConfig):
         self.prefix_projection = prefix_projection
         kwargs.setdefault("tie_word_embeddings", True)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        # The official config.json maps AutoModel and AutoModelForSeq2SeqLM only; tools that load causal
+        # LMs (AutoModelForCausalLM: lm-eval, TRL, ...) then fail with "Unrecognized configuration class".
+        # The model generates left to right from its prompt, so that class gets the same target.
+        auto_map = getattr(self, "auto_map", None)
+        if isinstance(auto_map, dict) and "AutoModel" in auto_map and "AutoModelForCausalLM" not in auto_map:
+            self.auto_map = dict(auto_map, AutoModelForCausalLM=auto_map["AutoModel"])
         self.validate_chatglm()
 
     # Named so it never collides with PretrainedConfig.validate (transformers 5.x).

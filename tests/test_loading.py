@@ -611,6 +611,21 @@ def test_auto_model_on_an_adapter_folder_is_refused(tmp_path):
             _auto(adapter)
 
 
+def test_auto_model_for_causal_lm_with_the_official_config(tmp_path):
+    """AutoModelForCausalLM (what lm-eval / TRL load) works next to the official config.json, whose
+    auto_map names AutoModel and AutoModelForSeq2SeqLM only: the same class, the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_folder(tmp_path, "int8")
+    assert "AutoModelForCausalLM" not in json.loads((folder / "config.json").read_text())["auto_map"]
+    causal = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True)
+    plain = _auto(folder)
+    assert type(causal).__name__ == type(plain).__name__ == "ChatGLMForConditionalGeneration"
+    ids = torch.tensor([[5, 6, 7, 130001, 130004]])
+    with torch.no_grad():
+        assert torch.equal(causal(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 def test_generation_config_argument_is_applied(written):
     from transformers import GenerationConfig
 
