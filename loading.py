@@ -33,23 +33,21 @@ HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "loca
               "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
 IGNORED_KWARGS = ("trust_remote_code", "low_cpu_mem_usage", "empty_init", "code_revision", "offload_state_dict",
                   "mirror")
-# arguments naming something this loader does not do: fine when None (or empty), refused when given
-REFUSED_IF_GIVEN = {
-    "state_dict": "load the folder instead",
-    "variant": "ChatGLM-6B checkpoints have no variants; point at the folder of the files you want",
-    "gguf_file": "GGUF files cannot be loaded; use the PyTorch checkpoint",
-    "tp_plan": "tensor parallelism is not implemented; device_map spreads whole blocks over devices",
-    "key_mapping": "the checkpoint keys are fixed (SPEC); rename the keys of the file instead",
-    "adapter_name": "load the base model, then the adapter with peft (PeftModel.from_pretrained)",
-}
-# switches that ask for something this loader does not do: fine when false, refused when set
-REFUSED_IF_SET = {
+# arguments asking for something this loader does not do: fine when None / False / empty, refused
+# when given (a switch set to True, a value passed)
+REFUSED_KWARGS = {
     "load_in_8bit": "bitsandbytes is not used: load an INT8 checkpoint, or an FP16 one with quantization_bit=8 "
                     "(per-row int8 weights, the ChatGLM-6B-INT8 layout)",
     "load_in_4bit": "bitsandbytes is not used: load an INT4 checkpoint, or an FP16 one with quantization_bit=4",
     "use_flash_attention_2": "the attention is this package's own (see attn_implementation)",
     "from_tf": "only PyTorch checkpoints (.bin / .safetensors) can be loaded",
     "from_flax": "only PyTorch checkpoints (.bin / .safetensors) can be loaded",
+    "state_dict": "load the folder instead",
+    "variant": "ChatGLM-6B checkpoints have no variants; point at the folder of the files you want",
+    "gguf_file": "GGUF files cannot be loaded; use the PyTorch checkpoint",
+    "tp_plan": "tensor parallelism is not implemented; device_map spreads whole blocks over devices",
+    "key_mapping": "the checkpoint keys are fixed (SPEC); rename the keys of the file instead",
+    "adapter_name": "load the base model, then the adapter with peft (PeftModel.from_pretrained)",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -251,12 +249,16 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
                     output_loading_info=False, attn_implementation=None, **kwargs):
     path = str(pretrained_model_name_or_path)
     hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
-    for k, why in REFUSED_IF_SET.items():
-        if kwargs.pop(k, False):
-            raise ValueError(f"from_pretrained({k}=True) is not supported: {why}")
-    for k, why in REFUSED_IF_GIVEN.items():
-        if kwargs.pop(k, None) not in (None, {}, ""):
-            raise ValueError(f"from_pretrained({k}=...) is not supported: {why}")
+    for k, why in REFUSED_KWARGS.items():
+        value = kwargs.pop(k, None)
+        if value not in (None, False, {}, ""):
+            raise ValueError(f"from_pretrained({k}={'True' if value is True else '...'}) is not supported: {why}")
+    if attn_implementation not in (None, "eager"):
+        # (transformers 5.x refuses these for this model class itself; 4.x leaves it to us)
+        raise ValueError(f"attn_implementation={attn_implementation!r} cannot be chosen for ChatGLM-6B: its attention "
+                         "is computed by this package (the original's math on the CPU and in eager mode; on CUDA a "
+                         "prompt already goes through torch's scaled_dot_product_attention). Leave it unset or pass "
+                         "'eager'.")
     adapter = (kwargs.pop("adapter_kwargs", None) or {}).get("_adapter_model_path")
     if adapter:  # AutoModel found an adapter (adapter_config.json) there and loads its base model through us
         raise ValueError(f"{adapter} holds a peft adapter: load the base model, then the adapter with "
@@ -277,12 +279,6 @@ def load_pretrained(cls, pretrained_model_name_or_path, config=None, torch_dtype
     config.validate_chatglm()
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
-    if attn_implementation not in (None, "eager"):
-        # (transformers 5.x refuses these for this model class itself; 4.x leaves it to us)
-        raise ValueError(f"attn_implementation={attn_implementation!r} cannot be chosen for ChatGLM-6B: its attention "
-                         "is computed by this package (the original's math on the CPU and in eager mode; on CUDA a "
-                         "prompt already goes through torch's scaled_dot_product_attention). Leave it unset or pass "
-                         "'eager'.")
 
     target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config)
     dmap = _normalize_device_map(device_map)

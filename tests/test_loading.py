@@ -335,14 +335,14 @@ def test_a_script_may_end_while_weights_are_moving(tmp_path):
             "state['job'] = sys.modules[pkg + '.loading']._MIGRATIONS.get(m)\n"
             "print('moving' if state['job'] is not None and state['job'].is_alive() else 'done', flush=True)\n")
     env = dict(os.environ, CHATGLM_LARGE_PAGES="1")
+    thp = cpu_kernels._thp_available()
     for _ in range(3):  # (the move may finish before the child marks it busy: then again)
         out = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0 and "terminate called" not in out.stderr, (out.returncode, out.stderr[-2000:])
-        lines = out.stdout.split()
-        if "moving" in lines or not cpu_kernels._thp_available():
+        if "moving" in out.stdout.split() or not thp:
             break
-    if not cpu_kernels._thp_available():  # no transparent huge pages here: no background move at all
+    if not thp:  # no transparent huge pages here: no background move at all
         assert out.stdout.split()[:1] == ["done"]
         return
     assert out.stdout.strip().splitlines() == ["moving", "stopped at exit"], out.stdout

@@ -149,6 +149,11 @@ class _CountAttentionCalls:
             del m.forward
 
 
+def _takes_checkpoint_kwargs(model) -> bool:
+    """gradient_checkpointing_enable(gradient_checkpointing_kwargs=...) exists (transformers >= 4.35)."""
+    return "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters
+
+
 def _checkpointing_on(model, reentrant=None, every_n_layers=1):
     """Switch checkpointing on through the running transformers' public API: activation_checkpointing_enable
     (5.25+; the gradient_checkpointing_* names are deprecated there), gradient_checkpointing_enable with
@@ -159,7 +164,7 @@ def _checkpointing_on(model, reentrant=None, every_n_layers=1):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None,
                                               every_n_layers=every_n_layers)
         return
-    if "gradient_checkpointing_kwargs" in inspect.signature(model.gradient_checkpointing_enable).parameters:
+    if _takes_checkpoint_kwargs(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
     else:
         model.gradient_checkpointing_enable()
@@ -176,7 +181,7 @@ def _checkpointing_off(model):
     else:
         model.gradient_checkpointing_disable()
         model.transformer.checkpoint_every_n_layers = 1
-        if "gradient_checkpointing_kwargs" not in inspect.signature(model.gradient_checkpointing_enable).parameters:
+        if not _takes_checkpoint_kwargs(model):
             model.transformer.__dict__.pop("_gradient_checkpointing_func", None)
     assert not model.transformer.gradient_checkpointing and model.transformer.checkpoint_every_n_layers == 1
 
