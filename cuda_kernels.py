@@ -61,7 +61,7 @@ import torch
 from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
-__all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit_helpers"]
+__all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helpers", "COMPILE_OPTIONS"]
 
 tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
 _gdc = None  # triton.language.extra.cuda (grid dependency control), bound by _build()
@@ -75,6 +75,13 @@ _AVAILABLE: Optional[bool] = None
 _BROKEN = set()  # (path, bits, dtype, device) whose compile or launch failed: the torch path runs
 # Raise kernel errors instead of falling back to the torch path (tests and benchmarks set it).
 STRICT = os.environ.get("CHATGLM_CUDA_STRICT", "0") == "1"
+
+
+def strict() -> bool:
+    """STRICT as it is now (for other modules: tests switch the module attribute)."""
+    return STRICT
+
+
 # Programmatic dependent launch (sm_90+): a kernel launched with it may start while the previous
 # one finishes; it waits (griddepcontrol.wait) before touching anything the previous kernels wrote.
 # Used by the CUDA-graph decode step (fast_decode.py); CHATGLM_PDL=0 turns it off.
@@ -724,12 +731,44 @@ def _build():
                     g[name] = triton.jit(fix(g[name]))
             jitted = {}
             for fn in _KERNEL_FUNCS:
-                jitted[fn.__name__.strip("_")] = triton.jit(fix(fn))
+                jitted[fn.__name__.strip("_")] = jit(triton, fix(fn))
             # Same GEMV, but the K stride is a run-time value, so Triton cannot prove that a
             # thread's words are contiguous: 4-byte loads, one word per thread per row.
-            jitted["gemv_scalar_kernel"] = triton.jit(_gemv_kernel, do_not_specialize=["stride_wk"])
+            jitted["gemv_scalar_kernel"] = jit(triton, _gemv_kernel, do_not_specialize=["stride_wk"])
             _KERNELS = SimpleNamespace(triton=triton, **jitted)
     return _KERNELS
+
+
+# Compile options that every launch of this package's kernels passes. FP contraction (a * b + c as
+# one FMA) is what the kernels were written, tuned and checked bit for bit against on the GPU
+# (Triton's default through 3.9); Triton 3.9 warns on every first launch that its default turns to
+# "off" in 3.10. Fixed here, per launch, rather than through the process-wide
+# TRITON_DEFAULT_FP_FUSION, which would also change the user's other Triton kernels.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+class _Jitted:
+    """A triton.jit kernel whose launches carry COMPILE_OPTIONS; other attributes pass through
+    (device_caches, arg_names, ...)."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            return launch(*args, **{**COMPILE_OPTIONS, **kwargs})
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def jit(triton, fn, **kwargs) -> _Jitted:
+    """triton.jit(fn, **kwargs), launched with COMPILE_OPTIONS (kernels of this package and fast_decode)."""
+    return _Jitted(triton.jit(fn, **kwargs))
 
 
 def jit_helpers() -> SimpleNamespace:

@@ -53,6 +53,7 @@ import importlib.util
 import math
 import os
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -60,8 +61,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit_helpers, \
-    launch_options as _launch, on_device, pdl_supported
+from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit as ck_jit, \
+    jit_helpers, launch_options as _launch, on_device, pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -134,7 +135,9 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, N, stride_a, stride_r
     _pdl_wait(PDL)
     if GATHER:
         x = tl.load(a_ptr + tl.load(ids_ptr + row).to(tl.int64) * stride_a + cols, mask=m, other=0.0)
-        x = x.to(dt).to(tl.float32)
+        # (via fp32: exact, then one rounding, as the direct cast; Triton 3.9 lowers a direct
+        # fp16 -> bf16 cast to cvt.bf16.f32, which sm_75 lacks, and the build failed there)
+        x = x.to(tl.float32).to(dt).to(tl.float32)
     else:
         x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
@@ -396,7 +399,7 @@ def _build():
             for fn in _KERNEL_FUNCS:
                 fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
                                       for k, v in fn.__annotations__.items()}
-                jitted[fn.__name__.strip("_")] = triton.jit(fn)
+                jitted[fn.__name__.strip("_")] = ck_jit(triton, fn)
             _KERNELS = jitted
     return _KERNELS
 
@@ -822,6 +825,7 @@ class _State:
         self.pdl = pdl_supported(self.device)
         q = [m for m in model.modules() if type(m) is QuantizedLinear]
         self.weight_kind = q[0].bits if q else 16
+        self.kernel_error = ""  # set when a kernel failed to build: the eager path runs from then on
 
     def rotary_tables(self, model, length: int):
         """(cos, sin) [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)
@@ -1311,22 +1315,55 @@ def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple[
     try:
         with torch.inference_mode(), on_device(state.device):
             prep = _prepare(model, input_ids, mask, position_ids)
-            if isinstance(prep, str):
+            if state.kernel_error:
+                reason = state.kernel_error
+            elif isinstance(prep, str):
                 reason = prep
             else:
                 pad_mask, pads, position_ids = prep
-                run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
-                if run.graph is not None or run.remaining <= 0:
-                    _set_decision(model, "graph")
-                    return state, run
-                reason = "graph capture failed: " + run.slot.broken.get(
-                    _graph_key(run.key, plan.processors, state.debug_logits), "")
+                try:
+                    run = _Run(model, state, plan, input_ids, position_ids, pad_mask, pads)
+                except Exception as exc:
+                    if _strict() or not _is_build_error(exc):
+                        raise
+                    # A kernel that does not build here (a Triton release that cannot compile it
+                    # for this GPU): generation goes on, on the eager path, from now on, said once.
+                    state.kernel_error = f"a kernel failed to build ({type(exc).__name__}: {str(exc)[:500]})"
+                    state.free()  # (its static caches and graphs: not used again)
+                    warnings.warn(f"chatglm6b fast decode: {state.kernel_error}; this model generates on the "
+                                  f"eager path from now on", RuntimeWarning)
+                    reason = state.kernel_error
+                else:
+                    if run.graph is not None or run.remaining <= 0:
+                        _set_decision(model, "graph")
+                        return state, run
+                    reason = "graph capture failed: " + run.slot.broken.get(
+                        _graph_key(run.key, plan.processors, state.debug_logits), "")
     except BaseException:
         state.lock.release()
         raise
     _set_decision(model, "eager", reason)
     state.lock.release()
     return None
+
+
+def _is_build_error(exc: BaseException) -> bool:
+    """exc comes from compiling a Triton kernel, not from running one or from the inputs: a Triton
+    error (front end, ptxas, resources), or any exception raised inside triton.compiler.compile (an
+    MLIR pass fails with a plain RuntimeError('PassManager::run failed'))."""
+    try:
+        errors = importlib.import_module("triton.errors")
+        if isinstance(exc, errors.TritonError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "compile" and code.co_filename.replace(os.sep, "/").endswith("triton/compiler/compiler.py"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):

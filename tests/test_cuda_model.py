@@ -20,6 +20,7 @@ Tolerances, and why:
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -545,6 +546,51 @@ def test_switches_and_fallbacks(models, golden, monkeypatch):
     again = fast_greedy(model, ids, 6)
     assert torch.equal(again, base) and sum(len(sl.graphs) for sl in st.slots.values()) == n_graphs
     assert isinstance(out, torch.Tensor) and out.shape == base.shape
+
+
+def test_kernel_build_failure_falls_back_to_eager(models, golden, monkeypatch):
+    """A fast-path kernel that does not build (as the prefill's LayerNorm did for bf16 on sm_75
+    with Triton 3.9) costs the graph path, not the generation: one warning, then the eager path
+    for this model, without trying to build again. Other errors still reach the caller."""
+    from triton.runtime.errors import PTXASError
+
+    model = models["int8"]
+    fd = fd_of(model)
+    ck = sys.modules[fd.__name__.rsplit(".", 1)[0] + ".cuda_kernels"]
+    monkeypatch.setattr(ck, "STRICT", False)
+    ids = prompt_ids(golden, "int8", 1, model.device)
+    with eager(model):
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    fd.release(model)
+    calls = []
+
+    def broken_prefill(*args, **kwargs):
+        calls.append(1)
+        raise PTXASError("ptxas: feature not supported on this target (test)")
+
+    monkeypatch.setattr(fd, "prefill", broken_prefill)
+    try:
+        with pytest.warns(RuntimeWarning, match="failed to build .*PTXASError.*eager path"):
+            got = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(got, want)
+        d = fd.last_decision(model)
+        assert d["path"] == "eager" and "PTXASError" in d["reason"], d
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+        assert len(calls) == 1
+        fd.release(model)
+
+        def failing_prefill(*args, **kwargs):
+            raise RuntimeError("not a build error")
+
+        monkeypatch.setattr(fd, "prefill", failing_prefill)
+        with pytest.raises(RuntimeError, match="not a build error"):
+            model.generate(ids, max_new_tokens=5, do_sample=False)
+    finally:
+        monkeypatch.undo()
+        fd.release(model)
+    fast_greedy(model, ids, 5)  # (a fresh state: the graph path again)
 
 
 @pytest.mark.parametrize("tag", ["int8", "int4"])

@@ -237,6 +237,60 @@ def test_pdl_instructions_only_where_asked(stub):
     assert all(not has for has, _ in found[80]), found[80]
 
 
+def test_launches_fix_the_compile_options(stub):
+    """Every launch passes cuda_kernels.COMPILE_OPTIONS (FP contraction on, what the kernels were
+    checked with on the GPU): Triton 3.9 warned on each first compile that its default turns off
+    in 3.10, and a build without the option would follow that default. A device index no other
+    test uses makes Triton parse the options again (its in-memory cache is per device)."""
+    import warnings
+
+    from triton.backends.compiler import GPUTarget
+
+    old_target = stub.GPUTarget
+    stub.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, 90, warp)
+    stub.device = 2090
+    stub.shared[stub.device] = 232448
+    ck._capability = lambda device=None: (9, 0)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x = torch.randn(1, HIDDEN, dtype=torch.float16)
+            w, b = torch.randn(HIDDEN, dtype=torch.float16), torch.randn(HIDDEN, dtype=torch.float16)
+            fd.layer_norm(x, w, b, 1e-5, residual=x, alpha=3.0, pdl=2)
+            N, K = SHAPES["dense"]
+            for bits in (8, 4):
+                q, scale, bias = _weights(bits, N, K, torch.float16)
+                for M in (1, 16, 128):
+                    path, run, cfg = ck._plan(M, N, K, bits, torch.float16, True, (9, 0))
+                    run(torch.randn(M, K, dtype=torch.float16), q, scale, bias, bits, cfg, act=1)
+    finally:
+        stub.GPUTarget = old_target
+    fusion = [str(w.message) for w in caught if "FP_FUSION" in str(w.message)]
+    assert not fusion, fusion[0]
+    kernels = [k for k in list(vars(ck._build()).values()) + list(fd._build().values())
+               if hasattr(k, "device_caches")]
+    built = [c for k in kernels for c in (k.device_caches[2090][0].values() if 2090 in k.device_caches else ())]
+    assert {c.name for c in built} >= {"_ln_kernel", "_gemv_kernel", "_qmm_asm_kernel", "_gelu_kernel"}, built
+    assert all(c.metadata.enable_fp_fusion is True for c in built)
+
+
+def test_build_errors_are_recognised(stub):
+    """fast_decode falls back to the eager path (once, with a warning) on an exception from building
+    a kernel, and only then (tests/test_cuda_model.py checks the fallback on the GPU): here a real
+    build failure, a tensor-core tile on a 'GPU' with 1 KB of shared memory, is recognised as one."""
+    _use(stub, (8, 0))
+    stub.device = 2080
+    stub.shared[stub.device] = 1024
+    N, K = SHAPES["dense"]
+    q, scale, bias = _weights(8, N, K, torch.float16)
+    path, run, cfg = ck._plan(64, N, K, 8, torch.float16, True, (8, 0))
+    with pytest.raises(Exception) as info:
+        run(torch.randn(64, K, dtype=torch.float16), q, scale, bias, 8, cfg)
+    assert fd._is_build_error(info.value), repr(info.value)
+    assert not fd._is_build_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not fd._is_build_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+
+
 @pytest.mark.cuda
 def test_stub_builds_what_the_gpu_builds():
     """On a real GPU (the device machine): the kernels built through the stub driver for this GPU's
