@@ -171,6 +171,27 @@ def _pdl_wait(PDL: tl.constexpr):
         _gdc.gdc_wait()
 
 
+def _grid_arrive(bar_ptr):
+    # This program has finished a phase of a persistent kernel: its writes are released to the GPU
+    # and the counter at bar_ptr counts it (CTA barrier first, so every thread's stores are in).
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+
+
+def _grid_wait(bar_ptr, target):
+    # Spin until the counter at bar_ptr has reached target (all programs arrived), then read what
+    # they wrote. Gives up after 2^22 polls and sets bar_ptr[1] for the host to see: a grid whose
+    # programs are not all resident at once would otherwise hang the GPU.
+    cnt = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (cnt < target) & (polls < 4194304):
+        cnt = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        polls += 1
+    if cnt < target:
+        tl.atomic_xchg(bar_ptr + 1, 1)
+    tl.debug_barrier()
+
+
 def _l2_prefetch(ptr, nbytes):
     # One thread of the program asks the copy engine to bring nbytes at ptr (16-byte aligned, a
     # multiple of 16) into L2: no registers, no wait. `ptr` and `nbytes` are 1-element tensors.
@@ -285,15 +306,37 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     # instead of four 2-byte loads; INT4 (XVEC 2, fp16 x, 16-byte aligned) takes the eight of a word
     # as one 16-byte load instead of eight.
     _pdl_start(PDL)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
-    rw = tl.arange(0, BLOCK_KW)
     num_kt = tl.cdiv(KW, BLOCK_KW)
     kt0 = 0
     kt1 = num_kt
     if SPLIT_K > 1:
         kt0 = tl.program_id(1) * (num_kt // SPLIT_K)
         kt1 = kt0 + num_kt // SPLIT_K
+    out, rn, rn_c = _gemv_rows(tl.program_id(0), kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
+                               stride_wk, BITS, BLOCK_N, BLOCK_KW, EVEN_K, PREFETCH, EV, PDL, L2_BYTES, CM, XVEC,
+                               None, 0, False, "")
+    if SPLIT_K > 1:
+        tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
+    else:
+        out = out * tl.load(s_ptr + rn_c).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn_c).to(tl.float32)
+        tl.store(y_ptr + rn, _activate(out, y_ptr, ACT, LIBDEVICE), mask=rn < N)
+
+
+def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn, stride_wk, BITS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+               EV: tl.constexpr, PDL: tl.constexpr, L2_BYTES: tl.constexpr, CM: tl.constexpr, XVEC: tl.constexpr,
+               bar_ptr, bar_target, BAR: tl.constexpr, XCM: tl.constexpr):
+    # The GEMV's main loop for weight rows [blk * BLOCK_N, +BLOCK_N) over K tiles [kt0, kt1):
+    # returns (fp32 sums [BLOCK_N], rows, rows clamped to N - 1); arguments as _gemv_kernel's.
+    # Between the first weight tile's load and the loop (which reads x) it waits for the previous
+    # kernel (PDL) or, BAR, for the grid barrier at bar_ptr to reach bar_target (_grid_wait; a
+    # persistent kernel's phases, benchmarks/probe_persistent.py); XCM: cache modifier of the
+    # activation loads (".cg" where x changes between phases of one kernel: not from L1).
+    rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
+    rw = tl.arange(0, BLOCK_KW)
     w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :] * stride_wk
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)  # fp32 bit patterns (asm in/out is .b32)
     if PREFETCH:  # register double buffer: the next tile's loads are in flight during the math
@@ -305,9 +348,13 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     if L2_BYTES > 0:
         one = tl.zeros([1], dtype=tl.int32)
         for r in tl.static_range(BLOCK_N):
-            row = tl.minimum(tl.program_id(0) * BLOCK_N + r, N - 1)
+            row = tl.minimum(blk * BLOCK_N + r, N - 1)
             _l2_prefetch(w_ptr + row.to(tl.int64) * stride_wn + one, one + L2_BYTES)
-    _pdl_wait(PDL)  # the first weight tile (weights are never written by a kernel) is already on its way
+    # the first weight tile (weights are never written by a kernel) is already on its way
+    if BAR:
+        _grid_wait(bar_ptr, bar_target)
+    else:
+        _pdl_wait(PDL)
     for kt in range(kt0, kt1):
         ww = kt * BLOCK_KW + rw
         kmask = ww < KW
@@ -327,9 +374,10 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                             eviction_policy=EV)
         if BITS == 8:
             if XVEC == 2:  # fp16 x: unpack the four halves of the int64 in PTX
-                x0, x1, x2, x3 = _f16x4_to_f32(tl.load(xv_ptr + ww, mask=kmask, other=0))  # x[4t..4t+3]
+                # x[4t..4t+3]
+                x0, x1, x2, x3 = _f16x4_to_f32(tl.load(xv_ptr + ww, mask=kmask, other=0, cache_modifier=XCM))
             elif XVEC == 1:
-                xv = tl.load(xv_ptr + ww, mask=kmask, other=0)  # x[4t..4t+3] as one int64
+                xv = tl.load(xv_ptr + ww, mask=kmask, other=0, cache_modifier=XCM)  # x[4t..4t+3] as one int64
                 xdt = x_ptr.dtype.element_ty
                 x0 = (xv & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
                 x1 = ((xv >> 16) & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
@@ -337,10 +385,14 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                 x3 = ((xv >> 48) & 0xFFFF).to(tl.int16).to(xdt, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
             else:
                 xb = x_ptr + (ww * 4) * stride_xk
-                x0 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-                x1 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-                x2 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-                x3 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+                x0 = (tl.load(xb, mask=kmask, other=0.0, cache_modifier=XCM)
+                      .to(tl.float32).to(tl.int32, bitcast=True))
+                x1 = (tl.load(xb + stride_xk, mask=kmask, other=0.0, cache_modifier=XCM)
+                      .to(tl.float32).to(tl.int32, bitcast=True))
+                x2 = (tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM)
+                      .to(tl.float32).to(tl.int32, bitcast=True))
+                x3 = (tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM)
+                      .to(tl.float32).to(tl.int32, bitcast=True))
             # byte i of (w ^ 0x80808080) is q+128; prmt puts it under the exponent of 2^23, so the
             # float is 2^23 + 128 + q exactly; subtracting 2^23 + 128 leaves q.
             acc = tl.inline_asm_elementwise(
@@ -371,7 +423,8 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
             # bit 3 of the nibble), reads 2^(23-p') + (q ^ 8) = 2^(23-p') + q + 8 exactly as a float;
             # subtracting C as a float leaves q. One LOP3, one FADD, one FFMA per value.
             if XVEC == 2:  # fp16 x: the eight activations of a word as one 16-byte load (two int64)
-                xp = tl.load(xv_ptr + (2 * ww)[:, None] + tl.arange(0, 2)[None, :], mask=kmask[:, None], other=0)
+                xp = tl.load(xv_ptr + (2 * ww)[:, None] + tl.arange(0, 2)[None, :], mask=kmask[:, None], other=0,
+                             cache_modifier=XCM)
                 xa, xb = tl.split(xp)
                 c1, c0, c3, c2 = _f16x4_to_f32(xa)  # columns 8t..8t+3, as fp32 bit patterns
                 c5, c4, c7, c6 = _f16x4_to_f32(xb)  # columns 8t+4..8t+7
@@ -385,14 +438,16 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                 x7 = c7.to(tl.float32, bitcast=True)  # col 6
             else:
                 xb = x_ptr + (ww * 8) * stride_xk
-                x0 = tl.load(xb + stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 1 (p' = 0)
-                x1 = tl.load(xb, mask=kmask, other=0.0).to(tl.float32)  # col 0 (p' = 4)
-                x2 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 3 (p' = 8)
-                x3 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 2 (p' = 12)
-                x4 = tl.load(xb + 5 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 5
-                x5 = tl.load(xb + 4 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 4
-                x6 = tl.load(xb + 7 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 7
-                x7 = tl.load(xb + 6 * stride_xk, mask=kmask, other=0.0).to(tl.float32)  # col 6
+                x0 = tl.load(xb + stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 1 (p' = 0)
+                x1 = tl.load(xb, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 0 (p' = 4)
+                # col 3 (p' = 8)
+                x2 = tl.load(xb + 3 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)
+                # col 2 (p' = 12)
+                x3 = tl.load(xb + 2 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)
+                x4 = tl.load(xb + 5 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 5
+                x5 = tl.load(xb + 4 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 4
+                x6 = tl.load(xb + 7 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 7
+                x7 = tl.load(xb + 6 * stride_xk, mask=kmask, other=0.0, cache_modifier=XCM).to(tl.float32)  # col 6
             acc = tl.inline_asm_elementwise(
                 "{\n"
                 ".reg .b32 %gh, %gt, %ga, %gc0, %gc1, %gc2, %gc3, %gk0, %gk1, %gk2, %gk3;\n"
@@ -442,14 +497,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  tl.broadcast_to(x7.to(tl.int32, bitcast=True)[None, :], (BLOCK_N, BLOCK_KW)),
                  acc],
                 dtype=tl.int32, is_pure=True, pack=1)
-    out = tl.sum(acc.to(tl.float32, bitcast=True), axis=1)  # [BLOCK_N]
-    if SPLIT_K > 1:
-        tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
-    else:
-        out = out * tl.load(s_ptr + rn_c).to(tl.float32)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rn_c).to(tl.float32)
-        tl.store(y_ptr + rn, _activate(out, y_ptr, ACT, LIBDEVICE), mask=rn < N)
+    return tl.sum(acc.to(tl.float32, bitcast=True), axis=1), rn, rn_c  # [BLOCK_N]
 
 
 def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, stride_xk, stride_qn, stride_ym,
@@ -671,8 +719,8 @@ def _dequant4_kernel(q0, q1, q2, q3, s0, s1, s2, s3, w0, w1, w2, w3, N0, N1, N2,
 
 _KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _dequant4_kernel,
                  _gelu_kernel)
-_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_l2_prefetch", "_f16x4_to_f32", "_gelu_f32", "_activate", "_tile_index", "_tile_store",
-                 "_dequant_tile")
+_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_grid_arrive", "_grid_wait", "_gemv_rows", "_l2_prefetch", "_f16x4_to_f32",
+                 "_gelu_f32", "_activate", "_tile_index", "_tile_store", "_dequant_tile")
 
 
 # ---------------------------------------------------------------------------------------------

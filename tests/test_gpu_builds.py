@@ -14,6 +14,7 @@ would compile. It does not run a kernel: the values are checked on the device (`
 from __future__ import annotations
 
 import importlib
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -289,6 +290,33 @@ def test_build_errors_are_recognised(stub):
     assert fd._is_build_error(info.value), repr(info.value)
     assert not fd._is_build_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not fd._is_build_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+def test_persistent_probe_builds(stub, cap):
+    """benchmarks/probe_persistent.py (a persistent MLP chain on the product GEMV's main loop, with
+    grid barriers; for a device session) builds with the product's GEMV configs, INT8 and INT4,
+    activations read past L1 or not; its loads of weights and activations stay vectorised."""
+    probe = importlib.import_module("chatglm6b.benchmarks.probe_persistent")
+    target = _use(stub, cap)
+    n0 = len(stub.loaded)
+    for bits in (8, 4):
+        weights = probe.make_weights(bits, 1, "cpu")
+        cfg1 = probe.gemv_cfg(bits, probe.INNER, probe.HIDDEN, target)
+        cfg2 = probe.gemv_cfg(bits, probe.HIDDEN, probe.INNER, target)
+        x = torch.randn(1, probe.HIDDEN, dtype=torch.float16)
+        m = torch.empty(1, probe.INNER, dtype=torch.float16)
+        bar = torch.zeros(2, dtype=torch.int32)
+        for xcm in (".cg", ""):
+            probe.run_persistent(x, m, weights, bar, bits, cfg1, cfg2, 132, xcm, layers=1)
+    assert _loaded_since(stub, n0) == ["_mlp_kernel"] * 4
+    ptx = [c.asm["ptx"] for c in probe.kernel().device_caches[stub.device][0].values()]
+    assert len(ptx) == 4
+    for text in ptx:
+        # barrier: arrivals released at GPU scope, polls acquire; weights as 16-byte loads
+        assert re.search(r"(atom|red)\.global\.gpu\.release\.add", text) and "ld.global.gpu.acquire" in text
+        assert ".v4.b32" in text
+    assert sum("ld.global.cg" in t for t in ptx) == 2  # (the ".cg" builds of INT8 and INT4)
 
 
 @pytest.mark.cuda
