@@ -180,11 +180,12 @@ def _grid_arrive(bar_ptr):
 
 def _grid_wait(bar_ptr, target):
     # Spin until the counter at bar_ptr has reached target (all programs arrived), then read what
-    # they wrote. Gives up after 2^22 polls and sets bar_ptr[1] for the host to see: a grid whose
-    # programs are not all resident at once would otherwise hang the GPU.
+    # they wrote. Gives up after 2^20 polls (about a second; a barrier takes microseconds) and sets
+    # bar_ptr[1] for the host to see: a grid whose programs are not all resident at once would
+    # otherwise hang the GPU.
     cnt = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     polls = 0
-    while (cnt < target) & (polls < 4194304):
+    while (cnt < target) & (polls < 1048576):
         cnt = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
         polls += 1
     if cnt < target:

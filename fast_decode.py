@@ -56,7 +56,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -723,7 +723,6 @@ def _generate_plan(model, input_len: int, kwargs: dict) -> Tuple[Optional[_Plan]
     ok, procs = _processors_ok(model, extra.pop("logits_processor", None))
     if not ok:
         return None, "custom logits processors"
-    from transformers import GenerationConfig  # noqa: WPS433 (transformers is a hard dependency)
     user_gc = extra.pop("generation_config", None)
     gc = copy.deepcopy(user_gc if user_gc is not None else model.generation_config)
     if user_gc is not None and model.generation_config is not None and int(

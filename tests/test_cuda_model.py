@@ -17,8 +17,6 @@ Tolerances, and why:
   DELTA_GOLDEN = 0.5 (fp16 vs fp32: 1.5 x the 1e-2 relative error on logits of norm ~17·sqrt(V)
   concentrated in the top entries); a divergence at a larger margin fails.
 """
-import json
-import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import CONFORMANCE, model_folder
+from conftest import model_folder
 
 pytestmark = pytest.mark.cuda
 

@@ -1,0 +1,92 @@
+"""First-call latency on a GPU: what the first `generate` / `chat` of a process costs on top of a warm one.
+
+The first call JIT-compiles the Triton kernels it uses (cached on disk by Triton, `TRITON_CACHE_DIR`,
+default ~/.triton/cache) and captures the CUDA-graph decode step; later calls of the same shape replay.
+Each case runs in a fresh process (full-size INT8 model, random weights made on the GPU; building it is
+not timed), eos off:
+
+    cold   empty Triton and package caches (a new machine / a new Triton version)
+    warm   the caches the cold process left (every later process on that machine)
+
+and within each process, each first and second time: a 28-token prompt + 16 new tokens (greedy), a
+300-token prompt (other prefill kernels, another graph bucket), and the 28-token prompt sampled with
+`chat`'s settings (temperature 0.95, top-p 0.7, its logits processor: the sampling kernels). One-time
+cost = first - second. Also counts the kernels Triton compiled into the cache.
+
+    python3 benchmarks/bench_first_call.py --json $OUT/first_call.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child():
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import bench_gpu as bg  # (registers the package, builds models)
+
+    os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
+    model = bg.build(8)
+    out = {}
+    chat_like = dict(do_sample=True, temperature=0.95, top_p=0.7, logits_processor=[bg.mc.InvalidScoreLogitsProcessor()])
+    for name, length, kw in (("short", 28, dict(do_sample=False)), ("long", 300, dict(do_sample=False)),
+                             ("chat_sampling", 28, chat_like)):
+        ids = bg.prompt(1, length)
+        for attempt in ("first", "second"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=16, eos_token_id=None, **kw)
+            torch.cuda.synchronize()
+            out[f"{name}_{attempt}_s"] = round(time.perf_counter() - t0, 3)
+        out[f"{name}_one_time_s"] = round(out[f"{name}_first_s"] - out[f"{name}_second_s"], 3)
+        out[f"{name}_path"] = bg.fd.last_decision(model)["path"]
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_case(triton_dir: Path, pkg_dir: Path) -> dict:
+    env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), CHATGLM_CACHE_DIR=str(pkg_dir))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    res["process_wall_s"] = round(wall, 2)
+    res["cubins_in_cache"] = len(list(triton_dir.rglob("*.cubin")))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.child:
+        return child()
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_first_call.py needs an NVIDIA GPU")
+    results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   cpus=os.cpu_count())
+    with tempfile.TemporaryDirectory() as tmp:
+        tdir, pdir = Path(tmp, "triton"), Path(tmp, "pkg")
+        for case in ("cold", "warm"):
+            results[case] = run_case(tdir, pdir)
+            print(json.dumps({case: results[case]}), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
