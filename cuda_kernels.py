@@ -942,40 +942,29 @@ def _reduce(ws, scale, bias, y, split_k, act=0, pdl=False):
 
 
 def _run_qmm(x2, q, scale, bias, bits, cfg, act=0, pdl=False):
-    k = _build()
-    cfg = dict(cfg)
-    M, K = x2.shape
-    N, KQ = q.shape
-    bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M"), cfg.pop("BLOCK_KQ")
-    split_k = cfg.pop("SPLIT_K", 1)
-    y, ws = _split_k_out(M, N, split_k, x2)
-    grid = (_cdiv(N, bn) * _cdiv(M, bm), split_k)
-    k.qmm_kernel[grid](x2, q, scale, bias if bias is not None else scale, y, ws, M, N, KQ,
-                       x2.stride(0), x2.stride(1), q.stride(0), y.stride(0),
-                       BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk,
-                       EVEN_K=KQ % bk == 0, SPLIT_K=split_k, **cfg,
-                       **_epilogue_options(act if split_k == 1 else 0, pdl))
-    if split_k > 1:
-        _reduce(ws, scale, bias, y, split_k, act, pdl)
-    return y
+    return _run_tiles(_build().qmm_kernel, x2, q, scale, bias, bits, cfg, "BLOCK_KQ", act, pdl)
 
 
 def _run_qmm_asm(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
-    k = _build()
+    words = _words(q, bits, x2.shape[1]) if words is None else words
+    return _run_tiles(_build().qmm_asm_kernel, x2, words, scale, bias, bits, cfg, "BLOCK_KW", act, pdl)
+
+
+def _run_tiles(kernel, x2, w, scale, bias, bits, cfg, k_block, act, pdl):
+    """Launch a tiled kernel (_qmm_kernel on the int8 bytes [N, KQ], _qmm_asm_kernel on the int32
+    words [N, KW]; k_block names its K tile): y [M, N], with a K split also the partial sums and
+    their reduction."""
     cfg = dict(cfg)
-    M, K = x2.shape
-    N = q.shape[0]
-    words = _words(q, bits, K) if words is None else words
-    KW = words.shape[1]
-    bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M", 16), cfg.pop("BLOCK_KW")
+    M = x2.shape[0]
+    N, KW = w.shape
+    bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M", 16), cfg.pop(k_block)
     split_k = cfg.pop("SPLIT_K", 1)
     y, ws = _split_k_out(M, N, split_k, x2)
     grid = (_cdiv(N, bn) * _cdiv(M, bm), split_k)
-    k.qmm_asm_kernel[grid](x2, words, scale, bias if bias is not None else scale, y, ws, M, N, KW,
-                           x2.stride(0), x2.stride(1), words.stride(0), y.stride(0),
-                           BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_KW=bk,
-                           EVEN_K=KW % bk == 0, SPLIT_K=split_k, **cfg,
-                           **_epilogue_options(act if split_k == 1 else 0, pdl))
+    kernel[grid](x2, w, scale, bias if bias is not None else scale, y, ws, M, N, KW,
+                 x2.stride(0), x2.stride(1), w.stride(0), y.stride(0),
+                 BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_M=bm, **{k_block: bk},
+                 EVEN_K=KW % bk == 0, SPLIT_K=split_k, **cfg, **_epilogue_options(act if split_k == 1 else 0, pdl))
     if split_k > 1:
         _reduce(ws, scale, bias, y, split_k, act, pdl)
     return y
