@@ -61,7 +61,8 @@ import torch
 from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
-__all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helpers", "COMPILE_OPTIONS"]
+__all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
+           "COMPILE_OPTIONS"]
 
 tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
 _gdc = None  # triton.language.extra.cuda (grid dependency control), bound by _build()
@@ -769,18 +770,13 @@ def _build():
             if not _PDL_IMPORTED:
                 _gdc = SimpleNamespace(gdc_wait=None, gdc_launch_dependents=None)
 
-            def fix(fn):  # `from __future__ import annotations` left "tl.constexpr" as a string
-                fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
-                                      for k, v in fn.__annotations__.items()}
-                return fn
-
             g = globals()
             for name in _HELPER_NAMES:  # kernels find their helpers, jitted, under the same names
                 if not isinstance(g[name], triton.runtime.JITFunction):
-                    g[name] = triton.jit(fix(g[name]))
+                    g[name] = jit_helper(triton, g[name])
             jitted = {}
             for fn in _KERNEL_FUNCS:
-                jitted[fn.__name__.strip("_")] = jit(triton, fix(fn))
+                jitted[fn.__name__.strip("_")] = jit(triton, fn)
             # Same GEMV, but the K stride is a run-time value, so Triton cannot prove that a
             # thread's words are contiguous: 4-byte loads, one word per thread per row.
             jitted["gemv_scalar_kernel"] = jit(triton, _gemv_kernel, do_not_specialize=["stride_wk"])
@@ -815,9 +811,23 @@ class _Jitted:
         return getattr(self.fn, name)
 
 
+def _constexpr_annotations(fn):
+    # `from __future__ import annotations` (or a quoted annotation) leaves "tl.constexpr" as a string:
+    # make it the object triton.jit looks for.
+    language = importlib.import_module("triton.language")
+    fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v) for k, v in fn.__annotations__.items()}
+    return fn
+
+
 def jit(triton, fn, **kwargs) -> _Jitted:
-    """triton.jit(fn, **kwargs), launched with COMPILE_OPTIONS (kernels of this package and fast_decode)."""
-    return _Jitted(triton.jit(fn, **kwargs))
+    """triton.jit(fn, **kwargs) for a kernel of this package (or fast_decode, or a benchmark): its
+    "tl.constexpr" annotations may be strings; launches carry COMPILE_OPTIONS."""
+    return _Jitted(triton.jit(_constexpr_annotations(fn), **kwargs))
+
+
+def jit_helper(triton, fn):
+    """triton.jit(fn) for a function that kernels call (not launched itself); annotations as jit's."""
+    return triton.jit(_constexpr_annotations(fn))
 
 
 def jit_helpers() -> SimpleNamespace:

@@ -391,14 +391,11 @@ def _build():
     with _BUILD_LOCK:
         if _KERNELS is None:
             triton = importlib.import_module("triton")
-            language = importlib.import_module("triton.language")
-            tl = language
+            tl = importlib.import_module("triton.language")
             helpers = jit_helpers()
             _pdl_start, _pdl_wait = helpers.pdl_start, helpers.pdl_wait
             jitted = {}
             for fn in _KERNEL_FUNCS:
-                fn.__annotations__ = {k: (language.constexpr if v == "tl.constexpr" else v)
-                                      for k, v in fn.__annotations__.items()}
                 jitted[fn.__name__.strip("_")] = ck_jit(triton, fn)
             _KERNELS = jitted
     return _KERNELS

@@ -98,9 +98,7 @@ def kernel():
         ck._build()
         tl = importlib.import_module("triton.language")
         triton = ck._build().triton
-        for fn in (_mlp_kernel, _mlp_phase):
-            fn.__annotations__ = {k: (tl.constexpr if v == "tl.constexpr" else v) for k, v in fn.__annotations__.items()}
-        globals()["_mlp_phase"] = triton.jit(_mlp_phase)  # (the kernel calls it by this name)
+        globals()["_mlp_phase"] = ck.jit_helper(triton, _mlp_phase)  # (the kernel calls it by this name)
         # (the layer count not specialised: the no-work build resident_per_sm reads is the one that runs)
         _KERNEL = ck.jit(triton, _mlp_kernel, do_not_specialize=["LAYERS_N"])
     return _KERNEL
