@@ -19,8 +19,9 @@ Contenders, each captured in one CUDA graph and timed by replay:
                  Each program loads its first weight tile of a phase before it waits at the barrier
                  (where the product GEMV waits for the previous kernel under PDL). Activation loads
                  bypass L1 (".cg"; "" is measured too): x and mid change between phases.
-Checks: the persistent outputs equal the launches' bit for bit; the barrier's watchdog flag is clear
-(it is set when a wait gives up, e.g. programs that were not all resident: results then invalid).
+Checks: the persistent outputs equal the launches' bit for bit (first run: a cooperative launch, which
+the driver refuses if the programs cannot all be resident; the timed graph replays a plain launch); the
+barrier's watchdog flag is clear (set when a wait gives up: results then invalid).
 
 Written 2026-12-05 on a machine without a GPU (kernel built for sm_80 / sm_90 through the stub driver
 of tests/test_gpu_builds.py; never run): the first device session runs
@@ -125,8 +126,10 @@ def make_weights(bits, layers, device, seed=0):
     return one(INNER, HIDDEN) + one(HIDDEN, INNER)
 
 
-def run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm=".cg", layers=LAYERS):
-    """x [1, HIDDEN] fp16 (in / out), m [1, INNER] fp16 (scratch, out); one launch of nprog programs."""
+def run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm=".cg", layers=LAYERS, cooperative=False):
+    """x [1, HIDDEN] fp16 (in / out), m [1, INNER] fp16 (scratch, out); one launch of nprog programs.
+    cooperative: a cooperative launch, which the driver refuses when the programs cannot all be
+    resident at once (a check of resident_per_sm's arithmetic)."""
     q1, s1, b1, q2, s2, b2 = weights
     assert cfg1.get("num_warps", 4) == cfg2.get("num_warps", 4)
     w1, w2 = q1.view(torch.int32), q2.view(torch.int32)
@@ -138,7 +141,8 @@ def run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm=".cg", layer
         EV1=cfg1.get("EV", ""), XV1=cfg1.get("XVEC", 0), BN2=cfg2["BLOCK_N"], BKW2=cfg2["BLOCK_KW"],
         PRE2=cfg2.get("PREFETCH", False), EV2=cfg2.get("EV", ""), XV2=cfg2.get("XVEC", 0),
         EVEN1=w1.shape[1] % cfg1["BLOCK_KW"] == 0, EVEN2=w2.shape[1] % cfg2["BLOCK_KW"] == 0,
-        LIBDEVICE=ck._USE_LIBDEVICE, XCM=xcm, num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 3))
+        LIBDEVICE=ck._USE_LIBDEVICE, XCM=xcm, num_warps=cfg1.get("num_warps", 4), num_stages=cfg1.get("num_stages", 3),
+        **(dict(launch_cooperative_grid=True) if cooperative else {}))
 
 
 def run_launches(x, weights, bits, pdl=0, layers=LAYERS):
@@ -209,8 +213,13 @@ def probe(bits, per_sm_list, log):
             nprog = sms * per_sm
             x.copy_(x0)
             bar.zero_()
-            run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm)
-            torch.cuda.synchronize()
+            try:
+                run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm, cooperative=True)
+                torch.cuda.synchronize()
+            except Exception as exc:  # (too many programs to be resident: the driver says so)
+                res["persistent"].append(dict(per_sm=per_sm, nprog=nprog, xcm=xcm, refused=f"{type(exc).__name__}: {exc}"))
+                log(event="persistent", bits=bits, **res["persistent"][-1])
+                continue
             flag = int(bar[1].item())
             arrivals = int(bar[0].item())
             equal = bool(torch.equal(x, ref_x) and torch.equal(m, ref_m))

@@ -296,7 +296,8 @@ def test_build_errors_are_recognised(stub):
 def test_persistent_probe_builds(stub, cap):
     """benchmarks/probe_persistent.py (a persistent MLP chain on the product GEMV's main loop, with
     grid barriers; for a device session) builds with the product's GEMV configs, INT8 and INT4,
-    activations read past L1 or not; its loads of weights and activations stay vectorised."""
+    activations read past L1 or not, and as a cooperative launch; its loads of weights and
+    activations stay vectorised."""
     probe = importlib.import_module("chatglm6b.benchmarks.probe_persistent")
     target = _use(stub, cap)
     n0 = len(stub.loaded)
@@ -309,8 +310,11 @@ def test_persistent_probe_builds(stub, cap):
         bar = torch.zeros(2, dtype=torch.int32)
         for xcm in (".cg", ""):
             probe.run_persistent(x, m, weights, bar, bits, cfg1, cfg2, 132, xcm, layers=1)
-    assert _loaded_since(stub, n0) == ["_mlp_kernel"] * 4
-    ptx = [c.asm["ptx"] for c in probe.kernel().device_caches[stub.device][0].values()]
+        probe.run_persistent(x, m, weights, bar, bits, cfg1, cfg2, 132, layers=1, cooperative=True)
+    assert _loaded_since(stub, n0) == ["_mlp_kernel"] * 6
+    compiled = list(probe.kernel().device_caches[stub.device][0].values())
+    assert sum(c.metadata.launch_cooperative_grid for c in compiled) == 2
+    ptx = [c.asm["ptx"] for c in compiled if not c.metadata.launch_cooperative_grid]
     assert len(ptx) == 4
     for text in ptx:
         # barrier: arrivals released at GPU scope, polls acquire; weights as 16-byte loads
