@@ -4,7 +4,7 @@ machine: the Triton kernels (stub driver, below) and the opt-in CUDA C GEMV (NVR
 CI has no GPU, and the device machine is an H100 only: without this, a kernel that does not build
 for an A100 / RTX 30xx / RTX 40xx / T4 (or a Python-side argument error that only shows at launch)
 would go unnoticed. Triton compiles for a target given by its driver; here a stub driver names the
-target (sm_75, sm_80, sm_86, sm_89, sm_90) and its shared-memory size, Triton runs its whole
+target (sm_75, sm_80, sm_86, sm_89, sm_90, sm_100, sm_120) and its shared-memory size, Triton runs its whole
 pipeline down to ptxas (cubin), checks the kernel's shared memory against that GPU's limit, and the
 stub's launcher does nothing. The launchers are the package's own (``cuda_kernels._run_*``,
 ``fast_decode.layer_norm`` …) with the configurations the package picks for that capability
@@ -25,7 +25,8 @@ from chatglm6b import fast_decode as fd
 
 # (compute capability, max dynamic shared memory per block in bytes, a GPU of that kind)
 TARGETS = [((7, 5), 65536, "T4"), ((8, 0), 166912, "A100"), ((8, 6), 101376, "RTX 3090 / A10"),
-           ((8, 9), 101376, "L4 / RTX 4090"), ((9, 0), 232448, "H100 / H200")]
+           ((8, 9), 101376, "L4 / RTX 4090"), ((9, 0), 232448, "H100 / H200"), ((10, 0), 232448, "B200"),
+           ((12, 0), 101376, "RTX 5090")]
 HIDDEN, HEADS, HEAD_DIM, INNER, VOCAB = 4096, 32, 128, 16384, 130528
 SHAPES = {"qkv": (3 * HIDDEN, HIDDEN), "dense": (HIDDEN, HIDDEN), "h_to_4h": (INNER, HIDDEN), "4h_to_h": (HIDDEN, INNER)}
 
@@ -112,9 +113,10 @@ def target(request, stub):
     return _use(stub, request.param[0])
 
 
-# bf16 on sm_86 / sm_89 builds as on sm_80 (those differ in shared memory, which fp16 covers)
+# bf16 on sm_86 / sm_89 builds as on sm_80 (those differ in shared memory, which fp16 covers); so
+# does sm_120's as sm_100's
 LINEAR_CASES = [(c, bits, dt) for c, _, _ in TARGETS for bits in (8, 4) for dt in (torch.float16, torch.bfloat16)
-                if dt == torch.float16 or c not in ((8, 6), (8, 9))]
+                if dt == torch.float16 or c not in ((8, 6), (8, 9), (12, 0))]
 
 
 def _loaded_since(stub, n0):
@@ -388,7 +390,7 @@ def test_stub_builds_what_the_gpu_builds():
 # ----------------------------------------------------------------------------------------------
 # the opt-in tensor-core GEMV (cuda_mma.py, CUDA C compiled by NVRTC at load; sm_80+)
 
-MMA_ARCHS = [(8, 0), (8, 6), (8, 9), (9, 0)]
+MMA_ARCHS = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
 
 
 @pytest.mark.parametrize("cap", MMA_ARCHS, ids=[f"sm_{a}{b}" for a, b in MMA_ARCHS])
