@@ -875,8 +875,16 @@ def on_device(device: torch.device):
     return torch.cuda.device(device)
 
 
+# Volta (sm_70, V100): not among the GPUs Triton supports officially, but every kernel here builds for
+# it (tests/test_gpu_builds.py, Triton 3.6 and 3.9) and fast_decode's kernels run there anyway; the
+# quantized linears take the torch path unless CHATGLM_TRITON_SM70=1 (their values were never checked
+# on a V100).
+SM70 = os.environ.get("CHATGLM_TRITON_SM70", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _device_ok(device: torch.device) -> bool:
-    return _capability(device) >= (7, 5)  # Triton's tensor-core floor
+    cap = _capability(device)
+    return cap >= (7, 5) or (SM70 and cap >= (7, 0))  # Triton's tensor-core floor; Volta opt-in
 
 
 # ---------------------------------------------------------------------------------------------
