@@ -461,3 +461,13 @@ def test_read_bandwidth_probe_reads_every_word(lib, isa):
     data = torch.randint(-2**62, 2**62, ((3 * 262144 + 320) // 8,), generator=gen, dtype=torch.int64)
     expected = sum(v % 2**64 for v in data.tolist()) % 2**64
     assert lib._read_bytes(data) == expected
+
+
+def test_cross_arch_driver_on_the_portable_path():
+    """tools/check_cross_arch.py (which runs the kernels built for aarch64 under qemu-user) builds the
+    same standalone driver for this machine and runs it on the portable C path (what ARM builds):
+    every case within 2e-6 of the float64 reference. Keeps the tool honest between ARM runs."""
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "check_cross_arch.py"), "--native", "--isa", "0"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "54 of 54 cases within 2e-06" in res.stdout and "isa=generic" in res.stdout
