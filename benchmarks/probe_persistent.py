@@ -166,10 +166,10 @@ def resident_per_sm(bits, cfg1, cfg2, x, m, weights, bar):
     compiled._init_handles()
     warps = cfg1.get("num_warps", 4)
     regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256
-    by_regs = props.regs_per_multiprocessor // (regs_per_warp * warps)
-    by_warps = props.max_threads_per_multi_processor // (32 * warps)
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps)
+    by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
     shared = compiled.metadata.shared
-    by_smem = props.shared_memory_per_multiprocessor // shared if shared else 32
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // shared if shared else 32
     info = dict(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=shared, by_regs=by_regs,
                 by_warps=by_warps, by_smem=by_smem)
     return max(0, min(by_regs, by_warps, by_smem, 32)), info
