@@ -62,7 +62,7 @@ from .cuda_mma import available as _mma_available, capability as _capability, co
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
 __all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
-           "COMPILE_OPTIONS"]
+           "compile_ahead", "ahead_workers", "COMPILE_OPTIONS"]
 
 tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
 _gdc = None  # triton.language.extra.cuda (grid dependency control), bound by _build()
@@ -794,13 +794,16 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 class _Jitted:
     """A triton.jit kernel whose launches carry COMPILE_OPTIONS; other attributes pass through
-    (device_caches, arg_names, ...)."""
+    (device_caches, arg_names, ...). Inside compile_ahead (this thread) a launch only compiles."""
     __slots__ = ("fn",)
 
     def __init__(self, fn):
         self.fn = fn
 
     def __getitem__(self, grid):
+        ahead = getattr(_AHEAD, "state", None)
+        if ahead is not None:
+            return lambda *args, **kwargs: ahead.submit(self.fn, grid, args, {**COMPILE_OPTIONS, **kwargs})
         launch = self.fn[grid]
 
         def run(*args, **kwargs):
@@ -809,6 +812,77 @@ class _Jitted:
 
     def __getattr__(self, name):
         return getattr(self.fn, name)
+
+
+# Compiling ahead, in parallel (off by default; CHATGLM_COMPILE_AHEAD=N uses N threads). A cold first
+# call compiles its ~20 kernels one after another as they are first launched; Triton releases the GIL
+# for most of a compile (here, 24 sm_90 builds: 5.07 s in one thread, 3.08 s in two). fast_decode runs
+# the decode step (and the first prefill) once in compile-only mode first: every launch becomes a
+# Triton `warmup` (compile and cache, no launch) on a thread pool, with the launch's own arguments, so
+# the specialisations are the ones the real launches look up. Off until measured on a GPU
+# (benchmarks/bench_first_call.py).
+COMPILE_AHEAD = int(os.environ.get("CHATGLM_COMPILE_AHEAD", "0") or 0)
+_AHEAD = threading.local()
+
+
+class _Ahead:
+    def __init__(self, device: torch.device, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=workers, initializer=init, thread_name_prefix="chatglm6b-compile")
+        self.futures = []
+        self.seen = set()
+
+    def submit(self, fn, grid, args, kwargs):
+        # One compile per specialisation: a decode step launches each kernel once per layer, and
+        # concurrent compiles of the same build would each do the whole work. The key holds what
+        # Triton specialises on (tensor dtype and 16-byte alignment; int 1, multiple of 16, 64-bit;
+        # the keyword values), so equal keys are equal builds.
+        key = (id(fn), tuple(_spec(a) for a in args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.futures.append(self.pool.submit(fn.warmup, *args, grid=grid, **kwargs))
+
+
+def _spec(arg):
+    if isinstance(arg, torch.Tensor):
+        return ("t", arg.dtype, arg.data_ptr() % 16 == 0)
+    if isinstance(arg, bool) or arg is None:
+        return ("v", arg)
+    if isinstance(arg, int):
+        return ("i", arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31)
+    if isinstance(arg, float):
+        return ("f",)
+    return ("o", repr(arg))
+
+
+def ahead_workers() -> int:
+    """Threads of compile_ahead (CHATGLM_COMPILE_AHEAD; 0 or 1: off)."""
+    return COMPILE_AHEAD
+
+
+@contextlib.contextmanager
+def compile_ahead(device: torch.device, workers: int = 0):
+    """Inside, this thread's launches of the package's Triton kernels only compile them, on `workers`
+    threads (default COMPILE_AHEAD; 0 or 1: launches run as usual); leaving waits for every compile and
+    returns the number of kernels compiled ahead in the context's value (a list). A failed compile is
+    dropped here: the real launch meets the error again and handles it as always."""
+    workers = COMPILE_AHEAD if not workers else workers
+    done = []
+    if workers <= 1 or getattr(_AHEAD, "state", None) is not None:
+        yield done
+        return
+    _build()
+    ahead = _AHEAD.state = _Ahead(device, workers)
+    try:
+        yield done
+    finally:
+        _AHEAD.state = None
+        for f in ahead.futures:
+            if f.exception() is None:
+                done.append(f.result())
+        ahead.pool.shutdown(wait=True)
 
 
 def _constexpr_annotations(fn):

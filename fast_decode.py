@@ -61,8 +61,8 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .cuda_kernels import DEQUANT_CHUNK_MIN_M, dequantize_group, gelu_ as _ck_gelu, jit as ck_jit, \
-    jit_helpers, launch_options as _launch, on_device, pdl_supported, strict as _strict
+from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, dequantize_group, gelu_ as _ck_gelu, \
+    jit as ck_jit, jit_helpers, launch_options as _launch, on_device, pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -822,6 +822,7 @@ class _State:
         q = [m for m in model.modules() if type(m) is QuantizedLinear]
         self.weight_kind = q[0].bits if q else 16
         self.kernel_error = ""  # set when a kernel failed to build: the eager path runs from then on
+        self.prefill_compiled_ahead = False  # (cuda_kernels.compile_ahead, opt-in)
 
     def rotary_tables(self, model, length: int):
         """(cos, sin) [positions, head_dim/2] from the model's own rotary_cos_sin (identical values)
@@ -1144,6 +1145,10 @@ def _graph_for(model, state: _State, slot: _Slot, plan_key, processors):
         side = torch.cuda.Stream(device=state.device)
         side.wait_stream(torch.cuda.current_stream(state.device))
         with torch.cuda.stream(side):
+            if ahead_workers() > 1:  # compile this step's kernels in parallel first (opt-in)
+                with compile_ahead(state.device):
+                    slot.cache.pos.fill_(0)
+                    _decode_body(model, state, slot, plan_key, processors)
             for _ in range(2):  # compiles every kernel for these shapes (capture cannot compile)
                 slot.cache.pos.fill_(0)
                 _decode_body(model, state, slot, plan_key, processors)
@@ -1213,6 +1218,10 @@ class _Run:
         steps = plan.limit - s - 1
         self.graph = _graph_for(model, state, slot, self.key, plan.processors) if steps > 0 and use_graph else None
         # prefill + first token (eager)
+        if ahead_workers() > 1 and not state.prefill_compiled_ahead:  # (opt-in; once per model state)
+            with compile_ahead(state.device):
+                prefill(model, state, slot, input_ids, position_ids, pad_mask)
+            state.prefill_compiled_ahead = True
         logits = prefill(model, state, slot, input_ids, position_ids, pad_mask)
         self.first_logits = logits.clone() if state.debug_logits else None
         slot.ids[:, :s].copy_(input_ids)

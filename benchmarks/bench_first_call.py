@@ -7,6 +7,8 @@ not timed), eos off:
 
     cold   empty Triton and package caches (a new machine / a new Triton version)
     warm   the caches the cold process left (every later process on that machine)
+    cold_compile_ahead_N   empty caches, CHATGLM_COMPILE_AHEAD=N (the kernels of the decode step and
+           of the first prefill compiled on N threads before they run; opt-in until this measures it)
 
 and within each process, each first and second time: a 28-token prompt + 16 new tokens (greedy), a
 300-token prompt (other prefill kernels, another graph bucket), and the 28-token prompt sampled with
@@ -51,8 +53,9 @@ def child():
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_case(triton_dir: Path, pkg_dir: Path) -> dict:
-    env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), CHATGLM_CACHE_DIR=str(pkg_dir))
+def run_case(triton_dir: Path, pkg_dir: Path, ahead: int = 0) -> dict:
+    env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), CHATGLM_CACHE_DIR=str(pkg_dir),
+               CHATGLM_COMPILE_AHEAD=str(ahead))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -79,11 +82,15 @@ def main():
         sys.exit("bench_first_call.py needs an NVIDIA GPU")
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    cpus=os.cpu_count())
+    ahead = min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         tdir, pdir = Path(tmp, "triton"), Path(tmp, "pkg")
         for case in ("cold", "warm"):
             results[case] = run_case(tdir, pdir)
             print(json.dumps({case: results[case]}), flush=True)
+        # cold again, compiling ahead on a thread pool (cuda_kernels.compile_ahead, opt-in)
+        results[f"cold_compile_ahead_{ahead}"] = run_case(Path(tmp, "triton2"), Path(tmp, "pkg2"), ahead)
+        print(json.dumps({f"cold_compile_ahead_{ahead}": results[f"cold_compile_ahead_{ahead}"]}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -231,6 +231,46 @@ def test_volta_linears_are_opt_in(monkeypatch):
             assert ck._device_ok(torch.device("cuda", 0)) is want, (cap, flag)
 
 
+def test_compile_ahead_builds_what_the_launches_use(stub):
+    """cuda_kernels.compile_ahead (opt-in, CHATGLM_COMPILE_AHEAD): inside it, launches only compile, on
+    a thread pool, once per specialisation (a step launches each kernel once per layer); afterwards
+    the same launches find every build in Triton's in-memory cache: nothing more is compiled."""
+    from triton.backends.compiler import GPUTarget
+
+    old_target = stub.GPUTarget
+    stub.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, 90, warp)
+    stub.device = 3090  # (a device index no other test uses: empty in-memory caches)
+    stub.shared[stub.device] = 232448
+    ck._capability = lambda device=None: (9, 0)
+    N, K = SHAPES["dense"]
+    weights = {bits: _weights(bits, N, K, torch.float16) for bits in (8, 4)}
+    x1, x16 = torch.randn(1, K, dtype=torch.float16), torch.randn(16, K, dtype=torch.float16)
+    w, b = torch.randn(HIDDEN, dtype=torch.float16), torch.randn(HIDDEN, dtype=torch.float16)
+
+    def step():  # a decode step's worth of launches: the same kernels, layer after layer
+        for _layer in range(3):
+            fd.layer_norm(x1, w, b, 1e-5, residual=x1, alpha=3.0, pdl=2)
+            for bits, (q, scale, bias) in weights.items():
+                for x in (x1, x16):
+                    path, run, cfg = ck._plan(x.shape[0], N, K, bits, torch.float16, True, (9, 0))
+                    run(x, q, scale, bias, bits, cfg, act=1)
+
+    def builds():
+        kernels = [k for k in list(vars(ck._build()).values()) + list(fd._build().values())
+                   if hasattr(k, "device_caches")]
+        return sum(len(k.device_caches[stub.device][0]) for k in kernels if stub.device in k.device_caches)
+
+    try:
+        with ck.compile_ahead(torch.device("cpu"), workers=2) as done:
+            step()
+        distinct = builds()
+        assert len(done) == distinct >= 5  # LayerNorm, GEMV x2, the 16-row kernels x2 (+ split-K reduce)
+        step()
+        assert builds() == distinct  # the real launches compiled nothing new
+    finally:
+        stub.GPUTarget = old_target
+
+
 def test_pdl_instructions_only_where_asked(stub):
     """On sm_90 a kernel launched with PDL carries the grid-dependency instructions (it waits for
     the previous kernel and lets the next one start); without PDL, and on other GPUs, it has none."""
