@@ -591,6 +591,26 @@ def test_kernel_build_failure_falls_back_to_eager(models, golden, monkeypatch):
     fast_greedy(model, ids, 5)  # (a fresh state: the graph path again)
 
 
+def test_compile_ahead_gives_the_same_tokens(models, golden, monkeypatch):
+    """CHATGLM_COMPILE_AHEAD (opt-in): the compile-only passes before the graph capture and the first
+    prefill leave no trace: the same greedy ids as without, on the graph path."""
+    model = models["int8"]
+    fd = fd_of(model)
+    ck = sys.modules[fd.__name__.rsplit(".", 1)[0] + ".cuda_kernels"]
+    ids = prompt_ids(golden, "int8", 3, model.device)
+    fd.release(model)
+    want = fast_greedy(model, ids, 8)
+    fd.release(model)
+    monkeypatch.setattr(ck, "COMPILE_AHEAD", 4)
+    try:
+        got = fast_greedy(model, ids, 8)
+        assert fd._state(model).prefill_compiled_ahead
+    finally:
+        monkeypatch.undo()
+        fd.release(model)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("tag", ["int8", "int4"])
 def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, monkeypatch):
     # A prompt's four linears per layer dequantized by one launch (fast_decode._prefill_linears) give
