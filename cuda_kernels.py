@@ -62,7 +62,8 @@ from .cuda_mma import available as _mma_available, capability as _capability, co
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
 __all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
-           "compile_ahead", "ahead_workers", "COMPILE_OPTIONS"]
+           "compile_ahead", "compiling_ahead", "ahead_workers",
+           "COMPILE_OPTIONS"]
 
 tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
 _gdc = None  # triton.language.extra.cuda (grid dependency control), bound by _build()
@@ -855,6 +856,11 @@ def _spec(arg):
     if isinstance(arg, float):
         return ("f",)
     return ("o", repr(arg))
+
+
+def compiling_ahead() -> bool:
+    """This thread is inside compile_ahead: kernel launches only compile, their outputs are garbage."""
+    return getattr(_AHEAD, "state", None) is not None
 
 
 def ahead_workers() -> int:

@@ -61,8 +61,9 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch.nn import functional as F
 
-from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, dequantize_group, gelu_ as _ck_gelu, \
-    jit as ck_jit, jit_helpers, launch_options as _launch, on_device, pdl_supported, strict as _strict
+from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, compiling_ahead, dequantize_group, \
+    gelu_ as _ck_gelu, jit as ck_jit, jit_helpers, launch_options as _launch, on_device, pdl_supported, \
+    strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -1080,6 +1081,8 @@ def _choose(logits, slot: _Slot, plan_key, processors):
     for proc in processors:
         scores = proc(slot.ids, scores)
     probs = warp(scores, plan_key, slot.inv_temperature, slot.top_p_cut).softmax(dim=-1)
+    if compiling_ahead():  # (the logits are garbage then: multinomial could trip a device assert on NaN)
+        return torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 

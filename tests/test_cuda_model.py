@@ -592,23 +592,33 @@ def test_kernel_build_failure_falls_back_to_eager(models, golden, monkeypatch):
 
 
 def test_compile_ahead_gives_the_same_tokens(models, golden, monkeypatch):
-    """CHATGLM_COMPILE_AHEAD (opt-in): the compile-only passes before the graph capture and the first
-    prefill leave no trace: the same greedy ids as without, on the graph path."""
+    """CHATGLM_COMPILE_AHEAD (opt-in): the compile-only passes before the graph captures and the first
+    prefill leave no trace: the same greedy and (same seed) sampled ids as without, on the graph path.
+    (In those passes the logits are garbage; sampling skips torch.multinomial there.)"""
     model = models["int8"]
     fd = fd_of(model)
     ck = sys.modules[fd.__name__.rsplit(".", 1)[0] + ".cuda_kernels"]
     ids = prompt_ids(golden, "int8", 3, model.device)
+    sampling = dict(do_sample=True, temperature=0.95, top_p=0.7, max_new_tokens=8)
+
+    def both():  # greedy, then sampled with a fixed seed (the compile-only pass draws no random numbers)
+        greedy = fast_greedy(model, ids, 8)
+        torch.manual_seed(7)
+        sampled = model.generate(ids, **sampling)
+        assert fd.last_decision(model)["path"] == "graph"
+        return greedy, sampled
+
     fd.release(model)
-    want = fast_greedy(model, ids, 8)
+    want = both()
     fd.release(model)
     monkeypatch.setattr(ck, "COMPILE_AHEAD", 4)
     try:
-        got = fast_greedy(model, ids, 8)
+        got = both()
         assert fd._state(model).prefill_compiled_ahead
     finally:
         monkeypatch.undo()
         fd.release(model)
-    assert torch.equal(got, want)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("tag", ["int8", "int4"])
