@@ -822,7 +822,17 @@ class _Jitted:
 # Triton `warmup` (compile and cache, no launch) on a thread pool, with the launch's own arguments, so
 # the specialisations are the ones the real launches look up. Off until measured on a GPU
 # (benchmarks/bench_first_call.py).
-COMPILE_AHEAD = int(os.environ.get("CHATGLM_COMPILE_AHEAD", "0") or 0)
+def _ahead_from_env() -> int:
+    value = os.environ.get("CHATGLM_COMPILE_AHEAD", "").strip()
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        warnings.warn(f"chatglm6b: CHATGLM_COMPILE_AHEAD={value!r} is not a number of threads; compiling "
+                      f"ahead stays off (set e.g. CHATGLM_COMPILE_AHEAD=8)", RuntimeWarning)
+        return 0
+
+
+COMPILE_AHEAD = _ahead_from_env()
 _AHEAD = threading.local()
 
 
@@ -871,9 +881,9 @@ def ahead_workers() -> int:
 @contextlib.contextmanager
 def compile_ahead(device: torch.device, workers: int = 0):
     """Inside, this thread's launches of the package's Triton kernels only compile them, on `workers`
-    threads (default COMPILE_AHEAD; 0 or 1: launches run as usual); leaving waits for every compile and
-    returns the number of kernels compiled ahead in the context's value (a list). A failed compile is
-    dropped here: the real launch meets the error again and handles it as always."""
+    threads (default COMPILE_AHEAD; 0 or 1: launches run as usual); leaving waits for every compile.
+    The context's value, a list, then holds the kernels compiled ahead. A failed compile is dropped
+    here: the real launch meets the error again and handles it as always."""
     workers = COMPILE_AHEAD if not workers else workers
     done = []
     if workers <= 1 or getattr(_AHEAD, "state", None) is not None:

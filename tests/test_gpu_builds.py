@@ -271,6 +271,25 @@ def test_compile_ahead_builds_what_the_launches_use(stub):
         stub.GPUTarget = old_target
 
 
+@pytest.mark.parametrize("value,want,warns", [("6", 6, False), ("", 0, False), ("yes", 0, True)])
+def test_compile_ahead_switch(value, want, warns):
+    """CHATGLM_COMPILE_AHEAD: a thread count; anything else warns and leaves it off (import still works)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys, types, warnings; warnings.simplefilter('always'); pkg = types.ModuleType('chatglm6b'); "
+            "pkg.__path__ = [sys.argv[1]]; sys.modules['chatglm6b'] = pkg; "
+            "from chatglm6b import cuda_kernels; print(cuda_kernels.COMPILE_AHEAD)")
+    res = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CHATGLM_COMPILE_AHEAD=value))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(want)
+    assert ("is not a number of threads" in res.stderr) is warns, res.stderr[-2000:]
+
+
 def test_pdl_instructions_only_where_asked(stub):
     """On sm_90 a kernel launched with PDL carries the grid-dependency instructions (it waits for
     the previous kernel and lets the next one start); without PDL, and on other GPUs, it has none."""
