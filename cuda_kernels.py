@@ -48,6 +48,7 @@ import (and `available()` answer False) on machines without Triton or a GPU.
 from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -805,11 +806,8 @@ class _Jitted:
         ahead = getattr(_AHEAD, "state", None)
         if ahead is not None:
             return lambda *args, **kwargs: ahead.submit(self.fn, grid, args, {**COMPILE_OPTIONS, **kwargs})
-        launch = self.fn[grid]
-
-        def run(*args, **kwargs):
-            return launch(*args, **{**COMPILE_OPTIONS, **kwargs})
-        return run
+        # (what triton's own kernel[grid] returns, with the options bound: one call, no extra frame)
+        return functools.partial(self.fn.run, grid=grid, warmup=False, **COMPILE_OPTIONS)
 
     def __getattr__(self, name):
         return getattr(self.fn, name)

@@ -1322,10 +1322,8 @@ def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple[
         return None
     try:
         with torch.inference_mode(), on_device(state.device):
-            prep = _prepare(model, input_ids, mask, position_ids)
-            if state.kernel_error:
-                reason = state.kernel_error
-            elif isinstance(prep, str):
+            prep = state.kernel_error or _prepare(model, input_ids, mask, position_ids)
+            if isinstance(prep, str):
                 reason = prep
             else:
                 pad_mask, pads, position_ids = prep

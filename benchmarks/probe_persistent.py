@@ -96,9 +96,8 @@ def kernel():
     """The jitted persistent kernel (Triton imported and the product helpers bound first)."""
     global _KERNEL, tl
     if _KERNEL is None:
-        ck._build()
-        tl = importlib.import_module("triton.language")
         triton = ck._build().triton
+        tl = importlib.import_module("triton.language")
         globals()["_mlp_phase"] = ck.jit_helper(triton, _mlp_phase)  # (the kernel calls it by this name)
         # (the layer count not specialised: the no-work build resident_per_sm reads is the one that runs)
         _KERNEL = ck.jit(triton, _mlp_kernel, do_not_specialize=["LAYERS_N"])

@@ -68,6 +68,11 @@ def fd_of(model):
     return sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".fast_decode"]
 
 
+def ck_of(model):
+    """The cuda_kernels module that this model's remote code imported."""
+    return sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".cuda_kernels"]
+
+
 def mc_of(model):
     return sys.modules[type(model).__module__]
 
@@ -554,7 +559,7 @@ def test_kernel_build_failure_falls_back_to_eager(models, golden, monkeypatch):
 
     model = models["int8"]
     fd = fd_of(model)
-    ck = sys.modules[fd.__name__.rsplit(".", 1)[0] + ".cuda_kernels"]
+    ck = ck_of(model)
     monkeypatch.setattr(ck, "STRICT", False)
     ids = prompt_ids(golden, "int8", 1, model.device)
     with eager(model):
@@ -597,7 +602,7 @@ def test_compile_ahead_gives_the_same_tokens(models, golden, monkeypatch):
     (In those passes the logits are garbage; sampling skips torch.multinomial there.)"""
     model = models["int8"]
     fd = fd_of(model)
-    ck = sys.modules[fd.__name__.rsplit(".", 1)[0] + ".cuda_kernels"]
+    ck = ck_of(model)
     ids = prompt_ids(golden, "int8", 3, model.device)
     sampling = dict(do_sample=True, temperature=0.95, top_p=0.7, max_new_tokens=8)
 
@@ -686,7 +691,7 @@ def test_pdl_modes_give_identical_steps(models, golden):
     for tag in TAGS:
         model = models[tag]
         fd = fd_of(model)
-        ck = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".cuda_kernels"]
+        ck = ck_of(model)
         if not ck.pdl_supported(model.device):
             pytest.skip("programmatic dependent launch needs sm_90+")
         ids = prompt_ids(golden, tag, 0, model.device)

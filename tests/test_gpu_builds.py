@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -121,6 +122,30 @@ LINEAR_CASES = [(c, bits, dt) for c, _, _ in TARGETS for bits in (8, 4) for dt i
 
 def _loaded_since(stub, n0):
     return [name for dev, name, _ in stub.loaded[n0:] if dev == stub.device]
+
+
+@contextmanager
+def _fresh_device(stub, index, cap, shared):
+    """A stub device index no other test uses (Triton's in-memory caches are per device, so its launches
+    compile again) that builds for capability `cap` with `shared` bytes of shared memory."""
+    from triton.backends.compiler import GPUTarget
+
+    old_target = stub.GPUTarget
+    stub.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, cap[0] * 10 + cap[1], warp)
+    stub.device = index
+    stub.shared[index] = shared
+    ck._capability = lambda device=None: cap
+    try:
+        yield
+    finally:
+        stub.GPUTarget = old_target
+
+
+def _builds_on(index):
+    """The kernels of cuda_kernels and fast_decode compiled for stub device `index`."""
+    kernels = [k for k in list(vars(ck._build()).values()) + list(fd._build().values())
+               if hasattr(k, "device_caches")]  # (the namespace holds triton too)
+    return [c for k in kernels if index in k.device_caches for c in k.device_caches[index][0].values()]
 
 
 def _weights(bits, N, K, dtype):
@@ -235,13 +260,6 @@ def test_compile_ahead_builds_what_the_launches_use(stub):
     """cuda_kernels.compile_ahead (opt-in, CHATGLM_COMPILE_AHEAD): inside it, launches only compile, on
     a thread pool, once per specialisation (a step launches each kernel once per layer); afterwards
     the same launches find every build in Triton's in-memory cache: nothing more is compiled."""
-    from triton.backends.compiler import GPUTarget
-
-    old_target = stub.GPUTarget
-    stub.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, 90, warp)
-    stub.device = 3090  # (a device index no other test uses: empty in-memory caches)
-    stub.shared[stub.device] = 232448
-    ck._capability = lambda device=None: (9, 0)
     N, K = SHAPES["dense"]
     weights = {bits: _weights(bits, N, K, torch.float16) for bits in (8, 4)}
     x1, x16 = torch.randn(1, K, dtype=torch.float16), torch.randn(16, K, dtype=torch.float16)
@@ -255,20 +273,13 @@ def test_compile_ahead_builds_what_the_launches_use(stub):
                     path, run, cfg = ck._plan(x.shape[0], N, K, bits, torch.float16, True, (9, 0))
                     run(x, q, scale, bias, bits, cfg, act=1)
 
-    def builds():
-        kernels = [k for k in list(vars(ck._build()).values()) + list(fd._build().values())
-                   if hasattr(k, "device_caches")]
-        return sum(len(k.device_caches[stub.device][0]) for k in kernels if stub.device in k.device_caches)
-
-    try:
+    with _fresh_device(stub, 3090, (9, 0), 232448):
         with ck.compile_ahead(torch.device("cpu"), workers=2) as done:
             step()
-        distinct = builds()
+        distinct = len(_builds_on(3090))
         assert len(done) == distinct >= 5  # LayerNorm, GEMV x2, the 16-row kernels x2 (+ split-K reduce)
         step()
-        assert builds() == distinct  # the real launches compiled nothing new
-    finally:
-        stub.GPUTarget = old_target
+        assert len(_builds_on(3090)) == distinct  # the real launches compiled nothing new
 
 
 @pytest.mark.parametrize("value,want,warns", [("6", 6, False), ("", 0, False), ("yes", 0, True)])
@@ -317,49 +328,49 @@ def test_launches_fix_the_compile_options(stub):
     test uses makes Triton parse the options again (its in-memory cache is per device)."""
     import warnings
 
-    from triton.backends.compiler import GPUTarget
-
-    old_target = stub.GPUTarget
-    stub.GPUTarget = lambda backend, arch, warp: GPUTarget(backend, 90, warp)
-    stub.device = 2090
-    stub.shared[stub.device] = 232448
-    ck._capability = lambda device=None: (9, 0)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            x = torch.randn(1, HIDDEN, dtype=torch.float16)
-            w, b = torch.randn(HIDDEN, dtype=torch.float16), torch.randn(HIDDEN, dtype=torch.float16)
-            fd.layer_norm(x, w, b, 1e-5, residual=x, alpha=3.0, pdl=2)
-            N, K = SHAPES["dense"]
-            for bits in (8, 4):
-                q, scale, bias = _weights(bits, N, K, torch.float16)
-                for M in (1, 16, 128):
-                    path, run, cfg = ck._plan(M, N, K, bits, torch.float16, True, (9, 0))
-                    run(torch.randn(M, K, dtype=torch.float16), q, scale, bias, bits, cfg, act=1)
-    finally:
-        stub.GPUTarget = old_target
+    with _fresh_device(stub, 2090, (9, 0), 232448), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(1, HIDDEN, dtype=torch.float16)
+        w, b = torch.randn(HIDDEN, dtype=torch.float16), torch.randn(HIDDEN, dtype=torch.float16)
+        fd.layer_norm(x, w, b, 1e-5, residual=x, alpha=3.0, pdl=2)
+        N, K = SHAPES["dense"]
+        for bits in (8, 4):
+            q, scale, bias = _weights(bits, N, K, torch.float16)
+            for M in (1, 16, 128):
+                path, run, cfg = ck._plan(M, N, K, bits, torch.float16, True, (9, 0))
+                run(torch.randn(M, K, dtype=torch.float16), q, scale, bias, bits, cfg, act=1)
     fusion = [str(w.message) for w in caught if "FP_FUSION" in str(w.message)]
     assert not fusion, fusion[0]
-    kernels = [k for k in list(vars(ck._build()).values()) + list(fd._build().values())
-               if hasattr(k, "device_caches")]
-    built = [c for k in kernels for c in (k.device_caches[2090][0].values() if 2090 in k.device_caches else ())]
+    built = _builds_on(2090)
     assert {c.name for c in built} >= {"_ln_kernel", "_gemv_kernel", "_qmm_asm_kernel", "_gelu_kernel"}, built
     assert all(c.metadata.enable_fp_fusion is True for c in built)
 
 
 def test_build_errors_are_recognised(stub):
     """fast_decode falls back to the eager path (once, with a warning) on an exception from building
-    a kernel, and only then (tests/test_cuda_model.py checks the fallback on the GPU): here a real
-    build failure, a tensor-core tile on a 'GPU' with 1 KB of shared memory, is recognised as one."""
-    _use(stub, (8, 0))
-    stub.device = 2080
-    stub.shared[stub.device] = 1024
+    a kernel, and only then (tests/test_cuda_model.py checks the fallback on the GPU). Two real build
+    failures are recognised as such: a tensor-core tile on an sm_80 'GPU' with 1 KB of shared memory
+    (Triton's OutOfResources) and a target Triton has no code generation for (an MLIR pass fails, a
+    plain RuntimeError raised inside triton.compiler.compile)."""
     N, K = SHAPES["dense"]
     q, scale, bias = _weights(8, N, K, torch.float16)
     path, run, cfg = ck._plan(64, N, K, 8, torch.float16, True, (8, 0))
+    x = torch.randn(64, K, dtype=torch.float16)
+    failures = []
+    with _fresh_device(stub, 2080, (8, 0), 1024):
+        with pytest.raises(Exception) as info:
+            run(x, q, scale, bias, 8, cfg)
+        failures.append(info.value)
+    _use(stub, (8, 0))
+    stub.device = 2081  # (the stub names the target after the device index: "sm_2081")
+    stub.shared[stub.device] = 166912
     with pytest.raises(Exception) as info:
-        run(torch.randn(64, K, dtype=torch.float16), q, scale, bias, 8, cfg)
-    assert fd._is_build_error(info.value), repr(info.value)
+        run(x, q, scale, bias, 8, cfg)
+    failures.append(info.value)
+    assert type(failures[0]).__name__ == "OutOfResources", repr(failures[0])
+    assert type(failures[1]) is RuntimeError, repr(failures[1])
+    for exc in failures:
+        assert fd._is_build_error(exc), repr(exc)
     assert not fd._is_build_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not fd._is_build_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
 
