@@ -119,12 +119,7 @@ def child_cpp(model_path: str, decode_tokens: int) -> dict:
 def child_bandwidth() -> dict:
     import torch
 
-    import types
-
-    if "chatglm6b" not in sys.modules:  # the repo root is a flat remote-code folder; import it as a package
-        pkg = types.ModuleType("chatglm6b")
-        pkg.__path__ = [str(ROOT)]
-        sys.modules["chatglm6b"] = pkg
+    import _package  # noqa: F401  (registers the repo root as package `chatglm6b`)
     from chatglm6b import cpu_kernels
 
     res = {}

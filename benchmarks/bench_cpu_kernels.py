@@ -23,17 +23,14 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-if "chatglm6b" not in sys.modules:  # the repo root is a flat remote-code folder; import it as a package
-    _pkg = types.ModuleType("chatglm6b")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["chatglm6b"] = _pkg
+import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
+
+ROOT = _package.ROOT
 
 from chatglm6b import cpu_kernels  # noqa: E402
 from chatglm6b.quantization import torch_quantized_linear  # noqa: E402

@@ -23,18 +23,14 @@ import importlib
 import json
 import os
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if "chatglm6b" not in sys.modules:
-    _pkg = types.ModuleType("chatglm6b")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["chatglm6b"] = _pkg
+import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
+
+ROOT = _package.ROOT
 mc = importlib.import_module("chatglm6b.modeling_chatglm")
 fd = importlib.import_module("chatglm6b.fast_decode")
 ck = importlib.import_module("chatglm6b.cuda_kernels")

@@ -29,20 +29,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if "chatglm6b" not in sys.modules:  # the repo root is the package (flat Hub layout)
-    _pkg = types.ModuleType("chatglm6b")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["chatglm6b"] = _pkg
+import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
+
+ROOT = _package.ROOT
 
 import torch  # noqa: E402
 

@@ -14,7 +14,6 @@ import argparse
 import os
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -92,8 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per variant; best is reported")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401  (registers the repo root as package `chatglm6b`)
+    import _package  # noqa: F401  (registers the repo root as package `chatglm6b`)
     import transformers
     from chatglm6b.tokenization_chatglm import ChatGLMTokenizer
 

@@ -36,16 +36,13 @@ import argparse
 import importlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if "chatglm6b" not in sys.modules:
-    _pkg = types.ModuleType("chatglm6b")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["chatglm6b"] = _pkg
+import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
+
+ROOT = _package.ROOT
 ck = importlib.import_module("chatglm6b.cuda_kernels")
 
 HIDDEN, INNER, LAYERS = 4096, 16384, 28
@@ -176,7 +173,7 @@ def resident_per_sm(bits, cfg1, cfg2, x, m, weights, bar):
 
 def graph_us(fn, reps=20):
     """Median µs of one replay of a CUDA graph of fn() (bench_gpu's timer)."""
-    return importlib.import_module("chatglm6b.benchmarks.bench_gpu")._graph_time(fn, reps=reps) * 1e6
+    return importlib.import_module("bench_gpu")._graph_time(fn, reps=reps) * 1e6
 
 
 def probe(bits, per_sm_list, log):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -288,7 +289,6 @@ def test_compile_ahead_switch(value, want, warns):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     code = ("import sys, types, warnings; warnings.simplefilter('always'); pkg = types.ModuleType('chatglm6b'); "
@@ -376,12 +376,13 @@ def test_build_errors_are_recognised(stub):
 
 
 @pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
-def test_persistent_probe_builds(stub, cap):
+def test_persistent_probe_builds(stub, cap, monkeypatch):
     """benchmarks/probe_persistent.py (a persistent MLP chain on the product GEMV's main loop, with
     grid barriers; for a device session) builds with the product's GEMV configs, INT8 and INT4,
     activations read past L1 or not, and as a cooperative launch; its loads of weights and
     activations stay vectorised."""
-    probe = importlib.import_module("chatglm6b.benchmarks.probe_persistent")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))  # as when run
+    probe = importlib.import_module("probe_persistent")
     target = _use(stub, cap)
     n0 = len(stub.loaded)
     for bits in (8, 4):
