@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
-
-ROOT = _package.ROOT
+import _package  # noqa: E402,F401  (registers the repo root as package `chatglm6b`)
 
 from chatglm6b import cpu_kernels  # noqa: E402
 from chatglm6b.quantization import torch_quantized_linear  # noqa: E402

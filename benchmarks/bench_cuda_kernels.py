@@ -27,9 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
-
-ROOT = _package.ROOT
+import _package  # noqa: E402,F401  (registers the repo root as package `chatglm6b`)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

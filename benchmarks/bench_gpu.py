@@ -28,9 +28,7 @@ from pathlib import Path
 
 import torch
 
-import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
-
-ROOT = _package.ROOT
+import _package  # noqa: E402,F401  (registers the repo root as package `chatglm6b`)
 mc = importlib.import_module("chatglm6b.modeling_chatglm")
 fd = importlib.import_module("chatglm6b.fast_decode")
 ck = importlib.import_module("chatglm6b.cuda_kernels")

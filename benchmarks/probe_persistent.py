@@ -40,9 +40,7 @@ from pathlib import Path
 
 import torch
 
-import _package  # noqa: E402  (registers the repo root as package `chatglm6b`)
-
-ROOT = _package.ROOT
+import _package  # noqa: E402,F401  (registers the repo root as package `chatglm6b`)
 ck = importlib.import_module("chatglm6b.cuda_kernels")
 
 HIDDEN, INNER, LAYERS = 4096, 16384, 28

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
