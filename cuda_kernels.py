@@ -818,8 +818,9 @@ class _Jitted:
 # for most of a compile (here, 24 sm_90 builds: 5.07 s in one thread, 3.08 s in two). fast_decode runs
 # the decode step (and the first prefill) once in compile-only mode first: every launch becomes a
 # Triton `warmup` (compile and cache, no launch) on a thread pool, with the launch's own arguments, so
-# the specialisations are the ones the real launches look up. Off until measured on a GPU
-# (benchmarks/bench_first_call.py).
+# the specialisations are the ones the real launches look up. Off by default: on an H100 (one run of
+# benchmarks/bench_first_call.py, 16 threads) the first call took 6.8 s instead of 9.0, but the next
+# two first calls (other kernels, compiled as they launch) were 0.65 s slower, unexplained.
 def _ahead_from_env() -> int:
     value = os.environ.get("CHATGLM_COMPILE_AHEAD", "").strip()
     try:
