@@ -113,9 +113,10 @@ def make_weights(bits, layers, device, seed=0):
 
     def one(N, K):
         q = torch.randint(-128, 128, (layers * N, K // per), dtype=torch.int8, generator=g).to(device)
-        # scale ~ 1 / qmax: INT8 codes are 16x the INT4 ones, and with INT4's scales the 28-layer chain
-        # (no residual, no LayerNorm) grew 2-3x per layer, past fp16's range at layer 10 -> NaN (H100, 2026-12-06)
-        s = (torch.rand(layers * N, generator=g) * 0.16 / (2 ** (bits - 1)) / (HIDDEN ** 0.5) + 1e-4 / 2 ** (bits - 4))
+        # scale ~ 1 / qmax (x 1 for INT4, 1/16 for INT8): INT8 codes are 16x the INT4 ones, and with
+        # INT4's scales the 28-layer chain (no residual, no LayerNorm) grew 2-3x per layer, past fp16's
+        # range at layer 10 -> NaN (H100, 2026-12-06)
+        s = (torch.rand(layers * N, generator=g) * 0.02 / (HIDDEN ** 0.5) + 1e-4) * (8 / 2 ** (bits - 1))
         s = s.half().to(device)
         b = (torch.randn(layers * N, generator=g) * 0.01).half().to(device)
         return q, s, b
