@@ -507,7 +507,8 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
 def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, stride_xk, stride_qn, stride_ym,
                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_KQ: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False):
+                ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
+                XT: tl.constexpr = 0):
     # Tensor-core y = x W^T computed as y^T = W x^T, one [BLOCK_N, BLOCK_M] tile per program
     # (_tile_index). KQ / BLOCK_KQ count int8 bytes of a weight row (K for INT8, K/2 for INT4).
     _pdl_start(PDL)
@@ -517,8 +518,10 @@ def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, 
     q_ptrs = q_ptr + rn_c[:, None] * stride_qn + k0[None, :]
     if BITS == 8:
         x_ptrs = x_ptr + rm_c[None, :] * stride_xm + k0[:, None] * stride_xk  # [BLOCK_KQ, BLOCK_M]
-    else:
-        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + (2 * k0)[:, None] * stride_xk  # even columns
+    elif XT:  # even columns, addressed [BLOCK_M, BLOCK_KQ] (see _x_tiles_transposed)
+        x_ptrs = x_ptr + rm_c[:, None] * stride_xm + (2 * k0)[None, :] * stride_xk
+    else:  # even columns
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + (2 * k0)[:, None] * stride_xk
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     _pdl_wait(PDL)
     for kt in range(kt0, kt1):
@@ -536,11 +539,12 @@ def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, 
             x_ptrs += BLOCK_KQ * stride_xk
         else:
             if EVEN_K:
-                xe = tl.load(x_ptrs)
-                xo = tl.load(x_ptrs + stride_xk)
+                xe = _x_tile(x_ptrs, None, None, XT)
+                xo = _x_tile(x_ptrs + stride_xk, None, None, XT)
             else:
-                xe = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
-                xo = tl.load(x_ptrs + stride_xk, mask=kmask[:, None], other=0.0)
+                xmask = kmask[None, :] if XT else kmask[:, None]
+                xe = _x_tile(x_ptrs, xmask, 0.0, XT)
+                xo = _x_tile(x_ptrs + stride_xk, xmask, 0.0, XT)
             v = w.to(tl.int32)
             hi = v >> 4  # arithmetic shift: the sign-extended high nibble (even column)
             lo = ((v & 15) ^ 8) - 8  # sign-extended low nibble (odd column)
@@ -551,10 +555,19 @@ def _qmm_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KQ, stride_xm, 
     _tile_store(acc, rn, rm, rn_c, M, N, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, HAS_BIAS, SPLIT_K, ACT, LIBDEVICE)
 
 
+def _x_tile(ptrs, mask, other, XT: tl.constexpr):
+    # One [BLOCK_K, BLOCK_M] activation operand of the tiled kernels (XT: addressed transposed).
+    t = tl.load(ptrs, mask=mask, other=other)
+    if XT:
+        t = tl.trans(t)
+    return t
+
+
 def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_xm, stride_xk, stride_wn,
                     stride_ym, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                    ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False):
+                    ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
+                    XT: tl.constexpr = 0):
     # As _qmm_kernel for fp16 activations, but the weight is read as int32 words and turned into
     # fp16 with bit tricks in inline PTX (two LOP3 + one packed subtract per 4 int8 values)
     # instead of the int->float conversion unit. Each word's columns are split over 4 (INT8) or
@@ -565,7 +578,10 @@ def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_
     rw = tl.arange(0, BLOCK_KW)
     w0 = kt0 * BLOCK_KW + rw  # this program's first weight words
     w_ptrs = w_ptr + rn_c[:, None] * stride_wn + w0[None, :]
-    x_ptrs = x_ptr + rm_c[None, :] * stride_xm + ((32 // BITS) * w0)[:, None] * stride_xk  # [BLOCK_KW, BLOCK_M]
+    if XT:  # the activation tiles addressed [BLOCK_M, BLOCK_KW] and transposed after the load
+        x_ptrs = x_ptr + rm_c[:, None] * stride_xm + ((32 // BITS) * w0)[None, :] * stride_xk
+    else:  # [BLOCK_KW, BLOCK_M]
+        x_ptrs = x_ptr + rm_c[None, :] * stride_xm + ((32 // BITS) * w0)[:, None] * stride_xk
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     _pdl_wait(PDL)
     for kt in range(kt0, kt1):
@@ -576,7 +592,7 @@ def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_
         else:
             kmask = kt * BLOCK_KW + rw < KW
             w = tl.load(w_ptrs, mask=kmask[None, :], other=0)
-            xmask = kmask[:, None]
+            xmask = kmask[None, :] if XT else kmask[:, None]
             xother = 0.0
         if BITS == 8:
             # (w & 0x00FF00FF) ^ 0x64806480 puts bytes 0 and 2 under the fp16 exponent of 1024
@@ -596,10 +612,10 @@ def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_
                 "}",
                 "=h,=h,=h,=h,r", [w],
                 dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)
-            acc = tl.dot(e0.to(tl.float16, bitcast=True), tl.load(x_ptrs, mask=xmask, other=xother), acc)
-            acc = tl.dot(e1.to(tl.float16, bitcast=True), tl.load(x_ptrs + stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e2.to(tl.float16, bitcast=True), tl.load(x_ptrs + 2 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e3.to(tl.float16, bitcast=True), tl.load(x_ptrs + 3 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e0.to(tl.float16, bitcast=True), _x_tile(x_ptrs, xmask, xother, XT), acc)
+            acc = tl.dot(e1.to(tl.float16, bitcast=True), _x_tile(x_ptrs + stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e2.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 2 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e3.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 3 * stride_xk, xmask, xother, XT), acc)
             x_ptrs += 4 * BLOCK_KW * stride_xk
         else:
             # Low nibbles: (w & 0x000F000F) ^ 0x64086408 = fp16 1032 + q, minus 1032.
@@ -630,14 +646,14 @@ def _qmm_asm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, KW, stride_
                 "=h,=h,=h,=h,=h,=h,=h,=h,r", [w],
                 dtype=(tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16, tl.int16),
                 is_pure=True, pack=1)
-            acc = tl.dot(e0.to(tl.float16, bitcast=True), tl.load(x_ptrs, mask=xmask, other=xother), acc)
-            acc = tl.dot(e1.to(tl.float16, bitcast=True), tl.load(x_ptrs + stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e2.to(tl.float16, bitcast=True), tl.load(x_ptrs + 2 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e3.to(tl.float16, bitcast=True), tl.load(x_ptrs + 3 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e4.to(tl.float16, bitcast=True), tl.load(x_ptrs + 4 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e5.to(tl.float16, bitcast=True), tl.load(x_ptrs + 5 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e6.to(tl.float16, bitcast=True), tl.load(x_ptrs + 6 * stride_xk, mask=xmask, other=xother), acc)
-            acc = tl.dot(e7.to(tl.float16, bitcast=True), tl.load(x_ptrs + 7 * stride_xk, mask=xmask, other=xother), acc)
+            acc = tl.dot(e0.to(tl.float16, bitcast=True), _x_tile(x_ptrs, xmask, xother, XT), acc)
+            acc = tl.dot(e1.to(tl.float16, bitcast=True), _x_tile(x_ptrs + stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e2.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 2 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e3.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 3 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e4.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 4 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e5.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 5 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e6.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 6 * stride_xk, xmask, xother, XT), acc)
+            acc = tl.dot(e7.to(tl.float16, bitcast=True), _x_tile(x_ptrs + 7 * stride_xk, xmask, xother, XT), acc)
             x_ptrs += 8 * BLOCK_KW * stride_xk
         w_ptrs += BLOCK_KW
     _tile_store(acc, rn, rm, rn_c, M, N, s_ptr, b_ptr, y_ptr, ws_ptr, stride_ym, HAS_BIAS, SPLIT_K, ACT, LIBDEVICE)
@@ -724,7 +740,7 @@ def _dequant4_kernel(q0, q1, q2, q3, s0, s1, s2, s3, w0, w1, w2, w3, N0, N1, N2,
 _KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _dequant4_kernel,
                  _gelu_kernel)
 _HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_grid_arrive", "_grid_wait", "_gemv_rows", "_l2_prefetch", "_f16x4_to_f32",
-                 "_gelu_f32", "_activate", "_tile_index", "_tile_store", "_dequant_tile")
+                 "_gelu_f32", "_activate", "_tile_index", "_tile_store", "_dequant_tile", "_x_tile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1187,6 +1203,22 @@ def gelu_(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     return x
 
 
+@functools.lru_cache(maxsize=None)
+def _x_tiles_transposed() -> bool:
+    """Whether the INT4 16-row kernels (_qmm_asm_kernel, and _qmm_kernel's fallback for bf16) address
+    their activation tiles transposed (XT). Neither orientation is contiguous (a weight word's columns
+    are 8 / 4 apart, a byte's 2), so Triton lays the loads out by its default order, and that default
+    flipped in 3.7: for the [BLOCK_K, BLOCK_M] form 3.6 puts a warp's threads along K, 3.7 to 3.9 along
+    M (sm_90 builds of each; on an H100 with Triton 3.9 the INT4 batch-16 decode fell from 4282 to 2935
+    tokens/s). XT keeps the threads along K on the newer compilers; tests/test_gpu_builds.py checks
+    that on whichever Triton is installed."""
+    version = tuple(int(p) for p in _build().triton.__version__.split(".")[:2] if p.isdigit())
+    return version >= _XT_FROM
+
+
+_XT_FROM = (3, 7)
+
+
 def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, cap: tuple = ()):
     """(path name, launcher, config) for an [M, K] x [N, K]^T product on a GPU of capability cap."""
     small_n = N <= _SMALL_N
@@ -1196,10 +1228,12 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
     if M <= 16:
         kind, cfg = _DECODE_SHAPE_CFG.get((tuple(cap), bits, N, K)) or _DECODE_CFG[(bits, small_n)]
         if kind == "asm" and aligned and dtype == torch.float16:
-            return "qmm_asm", _run_qmm_asm, cfg
+            return "qmm_asm", _run_qmm_asm, dict(cfg, XT=int(_x_tiles_transposed()))
         if kind == "asm":
             plain = _DECODE_PLAIN_CFG.get((bits, small_n))  # INT8's generic entries are plain already
-            return "qmm", _run_qmm, plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
+            cfg = plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
+        if bits == 4:  # strided even / odd activation columns, as in _qmm_asm_kernel
+            cfg = dict(cfg, XT=int(_x_tiles_transposed()))
         return "qmm", _run_qmm, cfg
     if M <= _MID_MAX_M:
         return "qmm", _run_qmm, _MID_CFG[bits]

@@ -200,23 +200,23 @@ def variants(bits, M):
                 (128, 64, 8, 3, 4)] if bits == 8 else
                [(64, 32, 4, 3, 1), (32, 64, 4, 3, 1), (64, 32, 4, 3, 2), (64, 32, 4, 3, 4), (128, 32, 4, 3, 4),
                 (64, 64, 4, 3, 4), (128, 32, 8, 3, 2)])
-        for bn, bkw, nw, ns, sk in asm:
-            cfg = dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_KW=bkw, num_warps=nw, num_stages=ns, SPLIT_K=sk)
-            v.append((f"qmm_asm n{bn} m16 kw{bkw} w{nw} s{ns} k{sk}",
+        for (bn, bkw, nw, ns, sk), xt in [(a, xt) for a in asm for xt in (0, 1)]:
+            cfg = dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_KW=bkw, num_warps=nw, num_stages=ns, SPLIT_K=sk, XT=xt)
+            v.append((f"qmm_asm n{bn} m16 kw{bkw} w{nw} s{ns} k{sk} xt{xt}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm_asm(x, q, s, b, bits, cfg)))
         plain = ([(64, 128, 4, 4, 1), (32, 512, 4, 3, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4),
                   (128, 128, 4, 4, 4), (128, 128, 8, 3, 4), (64, 256, 4, 3, 4), (128, 64, 4, 4, 2)] if bits == 8 else
                  [(64, 64, 4, 4, 1), (64, 64, 4, 4, 4), (128, 64, 4, 4, 4), (64, 128, 4, 3, 4)])
-        for bn, bk, nw, ns, sk in plain:
-            cfg = dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_KQ=bk, num_warps=nw, num_stages=ns, SPLIT_K=sk)
-            v.append((f"qmm n{bn} m16 kq{bk} w{nw} s{ns} k{sk}",
+        for (bn, bk, nw, ns, sk), xt in [(p, xt) for p in plain for xt in ((0, 1) if bits == 4 else (0,))]:
+            cfg = dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_KQ=bk, num_warps=nw, num_stages=ns, SPLIT_K=sk, XT=xt)
+            v.append((f"qmm n{bn} m16 kq{bk} w{nw} s{ns} k{sk}{f' xt{xt}' if bits == 4 else ''}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm(x, q, s, b, bits, cfg)))
     elif M <= 128:
         mid = ([(64, 64, 128, 4, 4), (128, 64, 128, 8, 3), (32, 64, 256, 4, 4), (64, 32, 256, 4, 4)] if bits == 8
                else [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4)])
-        for bn, bm, bk, nw, ns in mid:
-            cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk, num_warps=nw, num_stages=ns)
-            v.append((f"qmm n{bn} m{bm} kq{bk} w{nw} s{ns}",
+        for (bn, bm, bk, nw, ns), xt in [(m, xt) for m in mid for xt in ((0, 1) if bits == 4 else (0,))]:
+            cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk, num_warps=nw, num_stages=ns, XT=xt)
+            v.append((f"qmm n{bn} m{bm} kq{bk} w{nw} s{ns}{f' xt{xt}' if bits == 4 else ''}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm(x, q, s, b, bits, cfg)))
         v.append(("dequant+cublas", lambda x, q, s, b: ck._run_dequant_mm(x, q, s, b, bits)))
     else:

@@ -240,8 +240,14 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
     ("gemv", 1, 77, 1024, dict(BLOCK_N=4, BLOCK_KW=64, PREFETCH=False, num_warps=2, SPLIT_K=2, CM=".cg")),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3)),
     ("qmm", 16, 130, 4096, dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=4, SPLIT_K=4)),
+    ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3, XT=1)),
+    ("qmm", 40, 130, 4096, dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4, XT=1)),
     ("qmm_asm", 16, 100, 1024, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4)),
     ("qmm_asm", 3, 100, 1000, dict(BLOCK_N=32, BLOCK_M=16, BLOCK_KW=16, num_warps=4, num_stages=3, SPLIT_K=5)),
+    # both activation-tile orientations (XT), whatever this Triton's default is
+    ("qmm_asm", 16, 100, 1024, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=4, XT=1)),
+    ("qmm_asm", 3, 100, 1000, dict(BLOCK_N=32, BLOCK_M=16, BLOCK_KW=16, num_warps=4, num_stages=3, SPLIT_K=5, XT=1)),
+    ("qmm_asm", 11, 130, 1000, dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=1, XT=0)),
 ])
 def test_kernel_variants(gpu, bits, kernel, M, N, K, cfg):
     # Tile variants the planner may not pick today (prefetch on/off, eviction hints, K split into
