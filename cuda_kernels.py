@@ -1205,13 +1205,13 @@ def gelu_(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _x_tiles_transposed() -> bool:
-    """Whether the INT4 16-row kernels (_qmm_asm_kernel, and _qmm_kernel's fallback for bf16) address
-    their activation tiles transposed (XT). Neither orientation is contiguous (a weight word's columns
-    are 8 / 4 apart, a byte's 2), so Triton lays the loads out by its default order, and that default
-    flipped in 3.7: for the [BLOCK_K, BLOCK_M] form 3.6 puts a warp's threads along K, 3.7 to 3.9 along
-    M (sm_90 builds of each; on an H100 with Triton 3.9 the INT4 batch-16 decode fell from 4282 to 2935
-    tokens/s). XT keeps the threads along K on the newer compilers; tests/test_gpu_builds.py checks
-    that on whichever Triton is installed."""
+    """Whether the INT4 tiled kernels (_qmm_asm_kernel at 2..16 rows; _qmm_kernel at 2..16 rows for bf16
+    and at 17..64 rows) address their activation tiles transposed (XT). Neither orientation is
+    contiguous (a weight word's columns are 8 / 4 apart, a byte's 2), so Triton lays the loads out by
+    its default order, and that default flipped in 3.7: for the [BLOCK_K, BLOCK_M] form 3.6 puts a
+    warp's threads along K, 3.7 to 3.9 along M (sm_90 builds of each; on an H100 with Triton 3.9 the
+    INT4 batch-16 decode fell from 4282 to 2935 tokens/s). XT keeps the threads along K on the newer
+    compilers; tests/test_gpu_builds.py checks that on whichever Triton is installed."""
     version = tuple(int(p) for p in _build().triton.__version__.split(".")[:2] if p.isdigit())
     return version >= _XT_FROM
 
@@ -1236,7 +1236,7 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
             cfg = dict(cfg, XT=int(_x_tiles_transposed()))
         return "qmm", _run_qmm, cfg
     if M <= _MID_MAX_M:
-        return "qmm", _run_qmm, _MID_CFG[bits]
+        return "qmm", _run_qmm, dict(_MID_CFG[bits], XT=int(_x_tiles_transposed())) if bits == 4 else _MID_CFG[bits]
     return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
 
 

@@ -346,14 +346,14 @@ def test_launches_fix_the_compile_options(stub):
     assert all(c.metadata.enable_fp_fusion is True for c in built)
 
 
-def _threads_along_k(ttgir: str, kb: int) -> list:
-    """(threads of a warp along K, along M) of each activation-tile load in a build of a 16-row tiled
-    kernel: the fp16 / bf16 pointer tensors [kb, 16] (K first) or [16, kb] (transposed)."""
+def _threads_along_k(ttgir: str, kb: int, mb: int = 16) -> list:
+    """(threads of a warp along K, along M) of each activation-tile load in a build of a tiled kernel:
+    the fp16 / bf16 pointer tensors [kb, mb] (K first) or [mb, kb] (transposed); kb != mb."""
     layouts = dict(re.findall(r"^#(blocked\d*) = #ttg\.blocked<\{.*?threadsPerWarp = \[(\d+, \d+)\]", ttgir, re.M))
     found = []
     for rows, cols, name in set(re.findall(r"tensor<(\d+)x(\d+)x!tt\.ptr<b?f16>, #(blocked\d*)>", ttgir)):
         shape = (int(rows), int(cols))
-        if sorted(shape) == sorted((kb, 16)):
+        if sorted(shape) == sorted((kb, mb)):
             tpw = [int(t) for t in layouts[name].split(", ")]
             found.append((tpw[0], tpw[1]) if shape[0] == kb else (tpw[1], tpw[0]))
     return found
@@ -382,6 +382,17 @@ def test_int4_activation_tiles_load_along_k(stub):
         kb = c.src.constants[(c.src.fn.arg_names.index(kname),)]
         loads = _threads_along_k(c.asm["ttgir"], kb)
         assert loads and all(k > m for k, m in loads), (c.name, kb, loads)
+    # 17..64 rows (_qmm_kernel, _MID_CFG): its tile is square (64 bytes of K x 64 rows), so the
+    # orientation is read from a build of the same config with 128 bytes of K
+    with _fresh_device(stub, 3191, (9, 0), 232448):
+        N, K = SHAPES["dense"]
+        q, scale, bias = _weights(4, N, K, torch.float16)
+        path, run, cfg = ck._plan(64, N, K, 4, torch.float16, True, (9, 0))
+        assert path == "qmm", path
+        run(torch.randn(64, K, dtype=torch.float16), q, scale, bias, 4, dict(cfg, BLOCK_KQ=128))
+    (mid,) = [c for c in _builds_on(3191) if c.name == "_qmm_kernel"]
+    loads = _threads_along_k(mid.asm["ttgir"], 128, cfg["BLOCK_M"])
+    assert loads and all(k > m for k, m in loads), loads
 
 
 def test_build_errors_are_recognised(stub):
