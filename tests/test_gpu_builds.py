@@ -360,12 +360,12 @@ def _threads_along_k(ttgir: str, kb: int, mb: int = 16) -> list:
 
 
 def test_int4_activation_tiles_load_along_k(stub):
-    """The activation tiles of the INT4 2..16-row kernels (_qmm_asm_kernel for fp16, _qmm_kernel for
-    bf16) are strided in both orientations (a weight word's columns are 8 apart, a byte's 2), so
-    Triton lays their loads out by its default order, and that default flipped in Triton 3.7. The
-    orientation the planner picks (XT) must give the layout with a warp's threads along K, the one
-    measured fast (H100, Triton 3.9, INT4 batch-16 decode: 4269 tokens/s with it, 2935 with the
-    threads along M). Checked on this Triton's own sm_90 build."""
+    """The activation tiles of the INT4 tiled kernels (2..16 rows: _qmm_asm_kernel for fp16, _qmm_kernel
+    for bf16; 17..64 rows: _qmm_kernel) are strided in both orientations (a weight word's columns are
+    8 apart, a byte's 2), so Triton lays their loads out by its default order, and that default
+    flipped in Triton 3.7. The orientation the planner picks (XT) must give the layout with a warp's
+    threads along K, the one measured fast (H100, Triton 3.9, INT4 batch-16 decode: 4269 tokens/s
+    with it, 2935 with the threads along M). Checked on this Triton's own sm_90 build."""
     with _fresh_device(stub, 3190, (9, 0), 232448):
         for name in ("4h_to_h", "qkv"):
             N, K = SHAPES[name]
@@ -373,11 +373,9 @@ def test_int4_activation_tiles_load_along_k(stub):
             for dtype in (torch.float16, torch.bfloat16):
                 path, run, cfg = ck._plan(16, N, K, 4, dtype, True, (9, 0))
                 run(torch.randn(16, K, dtype=dtype), q, scale, bias, 4, cfg)
-    built = {c.name: c for c in _builds_on(3190)}
-    assert {"_qmm_asm_kernel", "_qmm_kernel"} <= set(built), set(built)
-    for c in _builds_on(3190):
-        if c.name not in ("_qmm_asm_kernel", "_qmm_kernel"):
-            continue
+    built = [c for c in _builds_on(3190) if c.name in ("_qmm_asm_kernel", "_qmm_kernel")]
+    assert {c.name for c in built} == {"_qmm_asm_kernel", "_qmm_kernel"}, [c.name for c in built]
+    for c in built:
         kname = "BLOCK_KW" if c.name == "_qmm_asm_kernel" else "BLOCK_KQ"
         kb = c.src.constants[(c.src.fn.arg_names.index(kname),)]
         loads = _threads_along_k(c.asm["ttgir"], kb)
