@@ -1078,6 +1078,8 @@ def _run_tiles(kernel, x2, w, scale, bias, bits, cfg, k_block, act, pdl):
     words [N, KW]; k_block names its K tile): y [M, N], with a K split also the partial sums and
     their reduction."""
     cfg = dict(cfg)
+    if bits == 4 or k_block == "BLOCK_KW":  # strided activation columns: see _x_tiles_transposed
+        cfg.setdefault("XT", int(_x_tiles_transposed()))
     M = x2.shape[0]
     N, KW = w.shape
     bn, bm, bk = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_M", 16), cfg.pop(k_block)
@@ -1203,20 +1205,20 @@ def gelu_(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     return x
 
 
+_XT_FROM = (3, 7)  # the first Triton whose default load order puts a warp's threads along M (below)
+
+
 @functools.lru_cache(maxsize=None)
 def _x_tiles_transposed() -> bool:
-    """Whether the INT4 tiled kernels (_qmm_asm_kernel at 2..16 rows; _qmm_kernel at 2..16 rows for bf16
-    and at 17..64 rows) address their activation tiles transposed (XT). Neither orientation is
-    contiguous (a weight word's columns are 8 / 4 apart, a byte's 2), so Triton lays the loads out by
-    its default order, and that default flipped in 3.7: for the [BLOCK_K, BLOCK_M] form 3.6 puts a
-    warp's threads along K, 3.7 to 3.9 along M (sm_90 builds of each; on an H100 with Triton 3.9 the
-    INT4 batch-16 decode fell from 4282 to 2935 tokens/s). XT keeps the threads along K on the newer
-    compilers; tests/test_gpu_builds.py checks that on whichever Triton is installed."""
+    """Whether _run_tiles addresses the strided activation tiles (_qmm_asm_kernel's, and _qmm_kernel's
+    for INT4) transposed (XT) where a config does not say. Neither orientation is contiguous (a weight
+    word's columns are 8 / 4 apart, a byte's 2), so Triton lays the loads out by its default order,
+    and that default flipped in 3.7: for the [BLOCK_K, BLOCK_M] form 3.6 puts a warp's threads along
+    K, 3.7 to 3.9 along M (sm_90 builds of each; on an H100 with Triton 3.9 the INT4 batch-16 decode
+    fell from 4282 to 2935 tokens/s). XT keeps the threads along K on the newer compilers;
+    tests/test_gpu_builds.py checks that on whichever Triton is installed."""
     version = tuple(int(p) for p in _build().triton.__version__.split(".")[:2] if p.isdigit())
     return version >= _XT_FROM
-
-
-_XT_FROM = (3, 7)
 
 
 def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, cap: tuple = ()):
@@ -1228,15 +1230,13 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
     if M <= 16:
         kind, cfg = _DECODE_SHAPE_CFG.get((tuple(cap), bits, N, K)) or _DECODE_CFG[(bits, small_n)]
         if kind == "asm" and aligned and dtype == torch.float16:
-            return "qmm_asm", _run_qmm_asm, dict(cfg, XT=int(_x_tiles_transposed()))
+            return "qmm_asm", _run_qmm_asm, cfg
         if kind == "asm":
             plain = _DECODE_PLAIN_CFG.get((bits, small_n))  # INT8's generic entries are plain already
-            cfg = plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
-        if bits == 4:  # strided even / odd activation columns, as in _qmm_asm_kernel
-            cfg = dict(cfg, XT=int(_x_tiles_transposed()))
+            return "qmm", _run_qmm, plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
         return "qmm", _run_qmm, cfg
     if M <= _MID_MAX_M:
-        return "qmm", _run_qmm, dict(_MID_CFG[bits], XT=int(_x_tiles_transposed())) if bits == 4 else _MID_CFG[bits]
+        return "qmm", _run_qmm, _MID_CFG[bits]
     return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
 
 

@@ -363,9 +363,10 @@ def test_int4_activation_tiles_load_along_k(stub):
     """The activation tiles of the INT4 tiled kernels (2..16 rows: _qmm_asm_kernel for fp16, _qmm_kernel
     for bf16; 17..64 rows: _qmm_kernel) are strided in both orientations (a weight word's columns are
     8 apart, a byte's 2), so Triton lays their loads out by its default order, and that default
-    flipped in Triton 3.7. The orientation the planner picks (XT) must give the layout with a warp's
-    threads along K, the one measured fast (H100, Triton 3.9, INT4 batch-16 decode: 4269 tokens/s
-    with it, 2935 with the threads along M). Checked on this Triton's own sm_90 build."""
+    flipped in Triton 3.7. The orientation the launcher picks (XT, by the Triton version) must give
+    the layout with a warp's threads along K, the one measured fast (H100, Triton 3.9, INT4 batch-16
+    decode: 4269 tokens/s with it, 2935 with the threads along M). Checked on this Triton's own sm_90
+    build."""
     with _fresh_device(stub, 3190, (9, 0), 232448):
         for name in ("4h_to_h", "qkv"):
             N, K = SHAPES[name]
