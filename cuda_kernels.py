@@ -146,8 +146,16 @@ _DECODE_PLAIN_CFG = {  # fallback of an "asm" entry (bf16 activations, K not who
     (4, True): dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=3, SPLIT_K=4),
 }
 _MID_MAX_M = 64
-_MID_CFG = {  # 16 < M <= _MID_MAX_M, _qmm_kernel
-    8: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4),
+_MID_CFG = {  # 16 < M <= _MID_MAX_M (short prompts, batches of 17-64); key (bits, M <= 32), kinds as _DECODE_CFG
+    # Chosen on an H100 (Triton 3.6) by timing the whole CUDA-graph decode step at batch 32 and 64
+    # (benchmarks/results/gpu.md, twelfth round): INT4 12.89 -> 6.08 and 15.39 -> 8.34 ms per step
+    # against the former 64 x 64 tile of _qmm_kernel, which INT8 keeps above 32 rows (best measured).
+    (8, True): ("plain", dict(BLOCK_N=64, BLOCK_M=32, BLOCK_KQ=256, num_warps=4, num_stages=4)),
+    (8, False): ("plain", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4)),
+    (4, True): ("asm", dict(BLOCK_N=64, BLOCK_M=32, BLOCK_KW=32, num_warps=4, num_stages=3, SPLIT_K=2)),
+    (4, False): ("asm", dict(BLOCK_N=128, BLOCK_M=32, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=2)),
+}
+_MID_PLAIN_CFG = {  # fallback of an "asm" entry (bf16 activations, K not whole words)
     4: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4),
 }
 # M > _MID_MAX_M (prefill): the weight dequantized into a per-call buffer, then cuBLAS. It measured
@@ -1229,15 +1237,16 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
         return "gemv", _run_gemv, cfg if cfg is not None else _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
     if M <= 16:
         kind, cfg = _DECODE_SHAPE_CFG.get((tuple(cap), bits, N, K)) or _DECODE_CFG[(bits, small_n)]
-        if kind == "asm" and aligned and dtype == torch.float16:
-            return "qmm_asm", _run_qmm_asm, cfg
-        if kind == "asm":
+        if kind == "asm" and not (aligned and dtype == torch.float16):
             plain = _DECODE_PLAIN_CFG.get((bits, small_n))  # INT8's generic entries are plain already
             return "qmm", _run_qmm, plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
-        return "qmm", _run_qmm, cfg
-    if M <= _MID_MAX_M:
-        return "qmm", _run_qmm, _MID_CFG[bits]
-    return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
+    elif M <= _MID_MAX_M:
+        kind, cfg = _MID_CFG[(bits, M <= 32)]
+        if kind == "asm" and not (aligned and dtype == torch.float16):
+            return "qmm", _run_qmm, _MID_PLAIN_CFG[bits]
+    else:
+        return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
+    return ("qmm_asm", _run_qmm_asm, cfg) if kind == "asm" else ("qmm", _run_qmm, cfg)
 
 
 _ACTS = {None: 0, "gelu": 1}

@@ -218,6 +218,18 @@ def variants(bits, M):
             cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk, num_warps=nw, num_stages=ns, XT=xt)
             v.append((f"qmm n{bn} m{bm} kq{bk} w{nw} s{ns}{f' xt{xt}' if bits == 4 else ''}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm(x, q, s, b, bits, cfg)))
+        # the fp16 bit-trick kernel with 32- / 64-row activation tiles (XT: Triton's rule)
+        asm = ([(64, 32, 32, 4, 3, 1), (64, 32, 64, 4, 3, 2), (64, 64, 32, 4, 3, 1), (64, 64, 32, 4, 3, 2),
+                (128, 32, 32, 8, 3, 1), (128, 64, 32, 8, 3, 2), (32, 64, 64, 4, 3, 2), (64, 64, 64, 8, 3, 4)]
+               if bits == 8 else
+               [(64, 32, 32, 4, 3, 1), (64, 32, 32, 4, 3, 2), (64, 64, 32, 4, 3, 1), (64, 64, 32, 4, 3, 2),
+                (128, 32, 32, 8, 3, 2), (128, 64, 32, 8, 3, 2), (32, 64, 32, 4, 3, 2), (64, 64, 16, 4, 4, 4)])
+        for bn, bm, bkw, nw, ns, sk in asm:
+            if bm < M / 2:
+                continue  # (more than two row tiles: each reads the whole weight again)
+            cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KW=bkw, num_warps=nw, num_stages=ns, SPLIT_K=sk)
+            v.append((f"qmm_asm n{bn} m{bm} kw{bkw} w{nw} s{ns} k{sk}",
+                      lambda x, q, s, b, cfg=cfg: ck._run_qmm_asm(x, q, s, b, bits, cfg)))
         v.append(("dequant+cublas", lambda x, q, s, b: ck._run_dequant_mm(x, q, s, b, bits)))
     else:
         for bn, bk in [(32, 256), (16, 512), (64, 128)]:

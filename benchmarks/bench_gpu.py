@@ -516,6 +516,46 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
     return cur
 
 
+# The 17-64-row linears before the twelfth round (2026-12-06): _qmm_kernel with 64 x 64 tiles for both
+# weight types; the baseline of --mid-batches.
+FORMER_MID_CFG = {8: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4),
+                  4: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4)}
+
+
+def mid_batches(bits_list, batches, steps=64):
+    """Decode step (CUDA graph, context 33-96) at batches of 17-64 rows, where every linear runs the
+    17..64-row configs (cuda_kernels._MID_CFG), against the former 64 x 64 tile of _qmm_kernel
+    (FORMER_MID_CFG), alternating in one process: {bits: {batch: {"current"|"former": ms}}}."""
+    plan = ck._plan
+    former = {"on": False}
+
+    def planned(M, N, K, bits, dtype, aligned, cap=()):
+        if former["on"] and 16 < M <= ck._MID_MAX_M:
+            return "qmm", ck._run_qmm, FORMER_MID_CFG[bits]
+        return plan(M, N, K, bits, dtype, aligned, cap)
+
+    out = {}
+    ck._plan = planned
+    try:
+        for bits in bits_list:
+            model = build(bits)
+            for batch in batches:
+                for name in ("current", "former"):
+                    former["on"] = name == "former"
+                    release(model)  # a fresh capture with this plan
+                    t, _ = graph_decode(model, batch, steps=steps)
+                    out.setdefault(bits, {}).setdefault(batch, {})[name] = round(t * 1e3, 3)
+                    log(event="mid_batch", bits=bits, batch=batch, linears=name, ms=round(t * 1e3, 3),
+                        tok_s=round(batch / t))
+            release(model)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        ck._plan = plan
+    return out
+
+
 MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1, WARPS=2, U=4),
                   dict(MT=2, WARPS=4, U=4), dict(MT=1, WARPS=4, U=8), dict(MT=2, WARPS=8, U=2),
                   dict(MT=1, WARPS=16, U=2), dict(MT=1, WARPS=8, U=8), dict(MT=2, WARPS=2, U=8),
@@ -794,6 +834,9 @@ def main():
     ap.add_argument("--sweep-mma", default=None, metavar="BITS[,...]",
                     help="only choose the tensor-core GEMV configs (cuda_mma.py) and PDL mode at batch 1 in the "
                          "decode graph for these weights, e.g. 4,8; with a per-shape micro-benchmark (no table)")
+    ap.add_argument("--mid-batches", default=None, metavar="BATCH[,...]",
+                    help="only time the decode step at these batches of 17-64 rows for --bits (8 and 4), "
+                         "current 17..64-row linear configs against the former ones (no table)")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -812,6 +855,12 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=best, confirm=confirm, log=LOG),
                                                   indent=1))
+        return
+    if args.mid_batches:
+        bits = [int(b) for b in args.bits.split(",") if int(b) in (4, 8)]
+        got = mid_batches(bits, [int(b) for b in args.mid_batches.split(",")])
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, mid_batches=got, log=LOG), indent=1))
         return
     if args.sweep_mma or args.sweep_linear:
         if args.sweep_mma:

@@ -166,13 +166,13 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
     seen = set()
     for name, (N, K) in SHAPES.items():
         q, scale, bias = _weights(bits, N, K, dtype)
-        for M in (1, 16, 64):
+        for M in (1, 16, 24, 64):
             x = torch.randn(M, K, dtype=dtype)
             aligned = ck._words(q, bits, K) is not None
             assert aligned
             path, run, cfg = ck._plan(M, N, K, bits, dtype, aligned, target)
             for act in (0, 1):
-                for pdl in pdl_levels if M <= 16 else (0,):
+                for pdl in pdl_levels:
                     y = run(x, q, scale, bias, bits, cfg, act=act, pdl=pdl)
                     assert y.shape == (M, N) and y.dtype == dtype
                     seen.add(path)
@@ -184,7 +184,8 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
     for count in (4, 1):
         outs = ck._run_dequant_group(layer[:count], bits, dtype)
         assert [tuple(o.shape) for o in outs] == list(SHAPES.values())[:count]
-    assert {"gemv", "qmm"} <= seen, seen
+    # fp16 INT4 takes the bit-trick kernel for 2..64 rows; the others reach _qmm_kernel somewhere
+    assert seen >= {"gemv", "qmm_asm" if bits == 4 and dtype == torch.float16 else "qmm"}, seen
     names = set(_loaded_since(stub, n0))
     assert {f"_{path}_kernel" for path in seen} | {"_dequant_kernel", "_dequant4_kernel"} <= names, names
 
@@ -360,8 +361,8 @@ def _threads_along_k(ttgir: str, kb: int, mb: int = 16) -> list:
 
 
 def test_int4_activation_tiles_load_along_k(stub):
-    """The activation tiles of the INT4 tiled kernels (2..16 rows: _qmm_asm_kernel for fp16, _qmm_kernel
-    for bf16; 17..64 rows: _qmm_kernel) are strided in both orientations (a weight word's columns are
+    """The activation tiles of the INT4 tiled kernels (2..64 rows: _qmm_asm_kernel for fp16, _qmm_kernel
+    for bf16) are strided in both orientations (a weight word's columns are
     8 apart, a byte's 2), so Triton lays their loads out by its default order, and that default
     flipped in Triton 3.7. The orientation the launcher picks (XT, by the Triton version) must give
     the layout with a warp's threads along K, the one measured fast (H100, Triton 3.9, INT4 batch-16
@@ -381,17 +382,21 @@ def test_int4_activation_tiles_load_along_k(stub):
         kb = c.src.constants[(c.src.fn.arg_names.index(kname),)]
         loads = _threads_along_k(c.asm["ttgir"], kb)
         assert loads and all(k > m for k, m in loads), (c.name, kb, loads)
-    # 17..64 rows (_qmm_kernel, _MID_CFG): its tile is square (64 bytes of K x 64 rows), so the
-    # orientation is read from a build of the same config with 128 bytes of K
-    with _fresh_device(stub, 3191, (9, 0), 232448):
-        N, K = SHAPES["dense"]
-        q, scale, bias = _weights(4, N, K, torch.float16)
-        path, run, cfg = ck._plan(64, N, K, 4, torch.float16, True, (9, 0))
-        assert path == "qmm", path
-        run(torch.randn(64, K, dtype=torch.float16), q, scale, bias, 4, dict(cfg, BLOCK_KQ=128))
-    (mid,) = [c for c in _builds_on(3191) if c.name == "_qmm_kernel"]
-    loads = _threads_along_k(mid.asm["ttgir"], 128, cfg["BLOCK_M"])
-    assert loads and all(k > m for k, m in loads), loads
+    # 17..64 rows (_MID_CFG: _qmm_asm_kernel with 32-row tiles for fp16, _qmm_kernel for bf16): these
+    # tiles are square (32 words x 32 rows, 64 bytes x 64 rows), so the orientation is read from a
+    # build of the same config with twice the K tile
+    for index, (M, dtype, kname) in enumerate([(24, torch.float16, "BLOCK_KW"), (48, torch.float16, "BLOCK_KW"),
+                                               (64, torch.bfloat16, "BLOCK_KQ")]):
+        with _fresh_device(stub, 3191 + index, (9, 0), 232448):
+            N, K = SHAPES["dense"]
+            q, scale, bias = _weights(4, N, K, dtype)
+            path, run, cfg = ck._plan(M, N, K, 4, dtype, True, (9, 0))
+            assert path == ("qmm_asm" if kname == "BLOCK_KW" else "qmm"), (M, path)
+            run(torch.randn(M, K, dtype=dtype), q, scale, bias, 4, dict(cfg, **{kname: 2 * cfg[kname]}))
+        kernel = "_qmm_asm_kernel" if kname == "BLOCK_KW" else "_qmm_kernel"
+        (mid,) = [c for c in _builds_on(3191 + index) if c.name == kernel]
+        loads = _threads_along_k(mid.asm["ttgir"], 2 * cfg[kname], cfg["BLOCK_M"])
+        assert loads and all(k > m for k, m in loads), (M, loads)
 
 
 def test_build_errors_are_recognised(stub):
