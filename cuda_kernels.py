@@ -842,9 +842,10 @@ class _Jitted:
 # for most of a compile (here, 24 sm_90 builds: 5.07 s in one thread, 3.08 s in two). fast_decode runs
 # the decode step (and the first prefill) once in compile-only mode first: every launch becomes a
 # Triton `warmup` (compile and cache, no launch) on a thread pool, with the launch's own arguments, so
-# the specialisations are the ones the real launches look up. Off by default: on an H100 (one run of
-# benchmarks/bench_first_call.py, 16 threads) the first call took 6.8 s instead of 9.0, but the next
-# two first calls (other kernels, compiled as they launch) were 0.65 s slower, unexplained.
+# the specialisations are the ones the real launches look up. Off by default: on an H100
+# (benchmarks/bench_first_call.py, 16 threads, three runs) the first call took 6.8 / 5.8 / 5.4 s instead
+# of 9.0 / 11.7 / 8.5; the next two first calls were 0.65 s slower in the first run, faster in the others;
+# what it costs a process with warm caches (it still walks the step once) was not measured.
 def _ahead_from_env() -> int:
     value = os.environ.get("CHATGLM_COMPILE_AHEAD", "").strip()
     try:
