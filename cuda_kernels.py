@@ -2,7 +2,7 @@
 
 Triton compiles each kernel the first time it runs, for the GPU that is present (sm_75 and
 newer; tuned and tested on sm_90), so nothing ships as a binary and no CUDA toolkit is needed
-at install time. `linear` picks one of three paths from the number of activation rows M
+at install time. `linear` picks one of four paths from the number of activation rows M
 (`_plan`; tile sizes measured on an H100, benchmarks/results/cuda_kernels.md):
 
 * M == 1 (greedy decode): `_gemv_kernel` on the CUDA cores (or, opt-in with CHATGLM_MMA_GEMV=1 on
@@ -18,9 +18,10 @@ at install time. `linear` picks one of three paths from the number of activation
   tricks, fp16 activations) or `_qmm_kernel` (plain conversion; bf16 or unaligned K). Where
   the output has few row blocks, K is split over programs and `_splitk_reduce_kernel` sums
   the fp32 partials in a fixed order.
-* M > 16: `_qmm_kernel` up to M = 64; above, the weight is dequantized into a per-call fp16
-  buffer (`_dequant_kernel`) and multiplied by cuBLAS, which measured faster than every
-  fused Triton GEMM tile tried.
+* 17 <= M <= 64 (short prompts, batches of 17-64): the same two kernels with 32- or 64-row
+  tiles (`_MID_CFG`: INT4 on `_qmm_asm_kernel` with a K split, INT8 on `_qmm_kernel`).
+* M > 64: the weight is dequantized into a per-call fp16 buffer (`_dequant_kernel`) and
+  multiplied by cuBLAS, which measured faster than every fused Triton GEMM tile tried.
 
 Epilogue and launch options (`linear(..., act="gelu", pdl=...)`, used by the CUDA-graph decode step
 in fast_decode.py): the eager-rounded tanh GELU can run in the epilogue (after rounding to x's
