@@ -464,7 +464,9 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {16, 8, 16},
+/* INT4 GEMV up to 14 rows: ahead of the GEMM by 30-40 % at 9-12 rows, even at 16 (bench_cpu_kernels.py
+   --crossover --isa avx2, 2026-12-06; it had been 8) */
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {16, 14, 16},
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
@@ -656,7 +658,9 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
     else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {32, 12, 32},
+/* INT4 GEMV up to 8 rows: even with the GEMM there, behind it by 5-35 % at 10-12 rows (bench_cpu_kernels.py
+   --crossover, 2026-12-06; it had been 12) */
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {32, 8, 32},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 

@@ -147,6 +147,27 @@ def bench_model_decode(args, rows):
     return t
 
 
+def crossover(args, rows_list):
+    """GEMV against GEMM at each M of rows_list, per layer shape and --bits (ms, medians): where the
+    switch-over (the ISA's gemv_max_m, or the override) should sit. Returns the table's lines."""
+    lines = ["| weights | shape | " + " | ".join(f"M={m} GEMV / GEMM ms" for m in rows_list) + " |",
+             "|---|---|" + "---|" * len(rows_list)]
+    for bits in args.bits:
+        for name, n, k in LAYER_SHAPES:
+            q, scale, _ = quantized_weight(n, k, bits)
+            cells = []
+            for m in rows_list:
+                x = torch.randn(m, k)
+                got = []
+                for limit in (1 << 30, 0):  # everything on the GEMV, then everything on the GEMM
+                    cpu_kernels._set_gemv_max_m(limit)
+                    got.append(timed(lambda: cpu_kernels.linear(x, q, scale, None, bits), args.repeats))
+                cells.append(f"{got[0] * 1e3:.2f} / {got[1] * 1e3:.2f}")
+            cpu_kernels._set_gemv_max_m(None)
+            lines.append(f"| INT{bits} | {name} [{n},{k}] | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -161,6 +182,8 @@ def main():
                     help="kernel family (default: the best the CPU has; AMX is used for INT8 only)")
     ap.add_argument("--small-pages", action="store_true",
                     help="leave weights in ordinary 4 KB pages (the loader puts them in 2 MB pages)")
+    ap.add_argument("--crossover", metavar="M[,M...]",
+                    help="only time GEMV against GEMM at these row counts (the GEMV / GEMM switch-over)")
     args = ap.parse_args()
     global LARGE_PAGES
     if not args.small_pages:
@@ -172,6 +195,13 @@ def main():
     if args.isa:
         cpu_kernels._set_isa(args.isa)
     info = cpu_kernels.kernel_info()
+    if args.crossover:
+        lines = [f"- kernels: {info['isa']}, threads: {args.threads}, load average {os.getloadavg()[0]:.2f}", ""]
+        lines += crossover(args, [int(m) for m in args.crossover.split(",")])
+        print("\n".join(lines))
+        if args.markdown:
+            args.markdown.write_text("\n".join(lines) + "\n")
+        return
     load_before = os.getloadavg()
     read_bw, sum_bw, copy_bw = memory_bandwidth(max(5, args.repeats // 2))
 
