@@ -464,9 +464,10 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-/* INT4 GEMV up to 14 rows: ahead of the GEMM by 30-40 % at 9-12 rows, even at 16 (bench_cpu_kernels.py
-   --crossover --isa avx2, 2026-12-06; it had been 8) */
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {16, 14, 16},
+/* GEMV up to 13 rows for INT8 (even with the GEMM at 13, behind it by 5-18 % at 14-16; it had been 16)
+   and 14 for INT4 (ahead by 30-40 % at 9-12, even at 16; it had been 8): bench_cpu_kernels.py --crossover
+   --isa avx2, 2026-12-06 */
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {13, 14, 16},
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
@@ -658,9 +659,10 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
     else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-/* INT4 GEMV up to 8 rows: even with the GEMM there, behind it by 5-35 % at 10-12 rows (bench_cpu_kernels.py
-   --crossover, 2026-12-06; it had been 12) */
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {32, 8, 32},
+/* GEMV up to 26 rows for INT8 without AMX (even with the GEMM at 26, behind it by 8-24 % at 28-32; it had
+   been 32) and 8 for INT4 (even at 8, behind by 5-35 % at 10-12; it had been 12): bench_cpu_kernels.py
+   --crossover [--isa avx512], 2026-12-06. (With AMX, INT8 from 4 rows runs on AMX tiles.) */
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {26, 8, 32},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
