@@ -536,13 +536,18 @@ T512 CG_INLINE void gemv_block_avx512(const problem *p, const float *xs, int64_t
 /* INT4 rows. xs holds x de-interleaved per 32-column chunk (16 even columns, then 16 odd ones),
    zero padded to a whole chunk. A nibble becomes a float with one lookup in a 16-entry table
    (vpermps reads only the low 4 bits of each lane): the low nibble straight from the
-   sign-extended byte v, the high one from v >> 4. The table holds 16*q (exact), undone on the sums. */
-T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
-                                         const int MB, int64_t n, const int RB) {
+   sign-extended byte v, the high one from v >> 4. The table holds 16*q (exact), undone on the sums.
+   SHARED (a constant after inlining): one accumulator per (weight row, x row) for both nibble halves
+   instead of one per half. Half the accumulator registers, so 2-4 rows of x meet 8 / 4 weight rows per
+   k-step and each x load serves more weight rows, which matters once the rows of x (16 KB each at
+   K = 4096) no longer fit L1 and come from L2: 16384 x 4096 at 4 rows of x 3.5 -> 2.1 ms, 8 rows
+   7.1 -> 4.0, 2 rows 1.60 -> 1.45 (2 threads). */
+T512 CG_INLINE void gemv_q4_rows_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                        const int MB, int64_t n, const int RB, const int SHARED) {
     const int64_t K = p->K, ldw = p->ldw;
     const uint8_t *w = p->w + n * ldw;
     const __m512 table = _mm512_setr_ps(0, 16, 32, 48, 64, 80, 96, 112, -128, -112, -96, -80, -64, -48, -32, -16);
-    __m512 ae[4][4], ao[4][4];
+    __m512 ae[8][4], ao[8][4];
     for (int r = 0; r < RB; r++) for (int m = 0; m < MB; m++) ae[r][m] = ao[r][m] = _mm512_setzero_ps();
     /* The hardware prefetchers fall behind on these short rows; request the next group of rows
        (contiguous after this one within a work item) as this one is consumed: 20 vs 12 GB/s. */
@@ -564,13 +569,27 @@ T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int6
             __m512 lo = _mm512_permutexvar_ps(v, table);
             for (int m = 0; m < MB; m++) {
                 ae[r][m] = _mm512_fmadd_ps(hi, xe[m], ae[r][m]);
-                ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
+                if (SHARED) ae[r][m] = _mm512_fmadd_ps(lo, xo[m], ae[r][m]);
+                else ao[r][m] = _mm512_fmadd_ps(lo, xo[m], ao[r][m]);
             }
         }
     }
     for (int r = 0; r < RB; r++)
-        for (int m = 0; m < MB; m++)
-            store_out(p, m0 + m, n + r, (_mm512_reduce_add_ps(ae[r][m]) + _mm512_reduce_add_ps(ao[r][m])) * 0x1p-4f);
+        for (int m = 0; m < MB; m++) {
+            float sum = _mm512_reduce_add_ps(ae[r][m]);
+            if (!SHARED) sum += _mm512_reduce_add_ps(ao[r][m]);
+            store_out(p, m0 + m, n + r, sum * 0x1p-4f);
+        }
+}
+
+T512 CG_INLINE void gemv_q4_block_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                         const int MB, int64_t n, const int RB) {
+    gemv_q4_rows_avx512(p, xs, ldxs, m0, MB, n, RB, 0);
+}
+
+T512 CG_INLINE void gemv_q4_wide_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0,
+                                        const int MB, int64_t n, const int RB) {
+    gemv_q4_rows_avx512(p, xs, ldxs, m0, MB, n, RB, 1);
 }
 
 T512 static void gemv_avx512(const problem *p, const float *xs, int64_t ldxs, int64_t m0, int mb,
@@ -578,9 +597,9 @@ T512 static void gemv_avx512(const problem *p, const float *xs, int64_t ldxs, in
     if (p->wkind == W_INT4) {
         switch (mb) {
         case 1: GEMV_ROW_LOOP(gemv_q4_block_avx512, 1, 4); break;
-        case 2: GEMV_ROW_LOOP(gemv_q4_block_avx512, 2, 4); break;
-        case 3: GEMV_ROW_LOOP(gemv_q4_block_avx512, 3, 2); break;
-        default: GEMV_ROW_LOOP(gemv_q4_block_avx512, 4, 2); break;
+        case 2: GEMV_ROW_LOOP(gemv_q4_wide_avx512, 2, 8); break;
+        case 3: GEMV_ROW_LOOP(gemv_q4_wide_avx512, 3, 4); break;
+        default: GEMV_ROW_LOOP(gemv_q4_wide_avx512, 4, 4); break;
         }
         return;
     }
@@ -660,9 +679,10 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
 }
 
 /* GEMV up to 26 rows for INT8 without AMX (even with the GEMM at 26, behind it by 8-24 % at 28-32; it had
-   been 32) and 8 for INT4 (even at 8, behind by 5-35 % at 10-12; it had been 12): bench_cpu_kernels.py
-   --crossover [--isa avx512], 2026-12-06. (With AMX, INT8 from 4 rows runs on AMX tiles.) */
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {26, 8, 32},
+   been 32) and 24 for INT4 (with gemv_q4_rows_avx512's shared accumulators: even at 16, ahead by 5-25 %
+   at 18-24, behind from 28; it had been 12): bench_cpu_kernels.py --crossover [--isa avx512], 2026-12-06.
+   (With AMX, INT8 from 4 rows runs on AMX tiles.) */
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {26, 24, 32},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
