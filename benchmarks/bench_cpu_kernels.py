@@ -152,19 +152,24 @@ def crossover(args, rows_list):
     switch-over (the ISA's gemv_max_m, or the override) should sit. Returns the table's lines."""
     lines = ["| weights | shape | " + " | ".join(f"M={m} GEMV / GEMM ms" for m in rows_list) + " |",
              "|---|---|" + "---|" * len(rows_list)]
-    for bits in args.bits:
-        for name, n, k in LAYER_SHAPES:
-            q, scale, _ = quantized_weight(n, k, bits)
+    for bits in args.bits:  # 16: fp16 weights (an FP16 checkpoint's linears, the LM head)
+        for name, n, k in LAYER_SHAPES + ([("lm_head", VOCAB, HIDDEN)] if bits == 16 else []):
+            if bits == 16:
+                w = LARGE_PAGES((torch.randn(n, k) * 0.02).half())
+                run = lambda x: cpu_kernels.fp16_linear(x, w)  # noqa: E731
+            else:
+                q, scale, _ = quantized_weight(n, k, bits)
+                run = lambda x: cpu_kernels.linear(x, q, scale, None, bits)  # noqa: E731
             cells = []
             for m in rows_list:
                 x = torch.randn(m, k)
                 got = []
                 for limit in (1 << 30, 0):  # everything on the GEMV, then everything on the GEMM
                     cpu_kernels._set_gemv_max_m(limit)
-                    got.append(timed(lambda: cpu_kernels.linear(x, q, scale, None, bits), args.repeats))
+                    got.append(timed(lambda: run(x), args.repeats))
                 cells.append(f"{got[0] * 1e3:.2f} / {got[1] * 1e3:.2f}")
             cpu_kernels._set_gemv_max_m(None)
-            lines.append(f"| INT{bits} | {name} [{n},{k}] | " + " | ".join(cells) + " |")
+            lines.append(f"| {'FP16' if bits == 16 else f'INT{bits}'} | {name} [{n},{k}] | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -174,7 +179,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--working-set-gb", type=float, default=1.0,
                     help="cycle through weight copies covering this many GB (defeats big caches)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="8, 4 (and 16 with --crossover)")
     ap.add_argument("--prefill-m", type=int, default=200)
     ap.add_argument("--model", action="store_true", help="also time a whole-model decode step (~8 GB RAM)")
     ap.add_argument("--markdown", type=Path, help="write the results table to this file")
