@@ -1239,16 +1239,18 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
         return "gemv", _run_gemv, cfg if cfg is not None else _GEMV_CFG[(bits, small_n, K >= _BIG_K)]
     if M <= 16:
         kind, cfg = _DECODE_SHAPE_CFG.get((tuple(cap), bits, N, K)) or _DECODE_CFG[(bits, small_n)]
-        if kind == "asm" and not (aligned and dtype == torch.float16):
-            plain = _DECODE_PLAIN_CFG.get((bits, small_n))  # INT8's generic entries are plain already
-            return "qmm", _run_qmm, plain if plain is not None else _DECODE_CFG[(bits, small_n)][1]
+        # fallback of an "asm" entry (INT8's generic entries are plain already)
+        plain = _DECODE_PLAIN_CFG.get((bits, small_n)) or _DECODE_CFG[(bits, small_n)][1]
     elif M <= _MID_MAX_M:
         kind, cfg = _MID_CFG[(bits, M <= 32)]
-        if kind == "asm" and not (aligned and dtype == torch.float16):
-            return "qmm", _run_qmm, _MID_PLAIN_CFG[bits]
+        plain = _MID_PLAIN_CFG.get(bits)
     else:
         return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
-    return ("qmm_asm", _run_qmm_asm, cfg) if kind == "asm" else ("qmm", _run_qmm, cfg)
+    if kind != "asm":
+        return "qmm", _run_qmm, cfg
+    if aligned and dtype == torch.float16:
+        return "qmm_asm", _run_qmm_asm, cfg
+    return "qmm", _run_qmm, plain  # (the bit-trick kernel needs fp16 activations and whole words)
 
 
 _ACTS = {None: 0, "gelu": 1}
