@@ -20,8 +20,11 @@ at install time. `linear` picks one of four paths from the number of activation 
   the fp32 partials in a fixed order.
 * 17 <= M <= 64 (short prompts, batches of 17-64): the same two kernels with 32- or 64-row
   tiles (`_MID_CFG`: INT4 on `_qmm_asm_kernel` with a K split, INT8 on `_qmm_kernel`).
-* M > 64: the weight is dequantized into a per-call fp16 buffer (`_dequant_kernel`) and
-  multiplied by cuBLAS, which measured faster than every fused Triton GEMM tile tried.
+* 65 <= M <= 128 (batches of 65-128, short prompts): INT8 with 64- / 128-row tiles of `_qmm_kernel`
+  (`_WIDE_CFG`, measured faster there); INT4 as below.
+* M > 128 (and INT4 from 65): the weight is dequantized into a per-call fp16 buffer
+  (`_dequant_kernel`) and multiplied by cuBLAS, which measured faster than every fused Triton
+  GEMM tile tried.
 
 Epilogue and launch options (`linear(..., act="gelu", pdl=...)`, used by the CUDA-graph decode step
 in fast_decode.py): the eager-rounded tanh GELU can run in the epilogue (after rounding to x's
@@ -159,8 +162,22 @@ _MID_CFG = {  # 16 < M <= _MID_MAX_M (short prompts, batches of 17-64); key (bit
 _MID_PLAIN_CFG = {  # fallback of an "asm" entry (bf16 activations, K not whole words)
     4: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4),
 }
-# M > _MID_MAX_M (prefill): the weight dequantized into a per-call buffer, then cuBLAS. It measured
-# faster than every fused Triton tile tried (benchmarks/results/cuda_kernels.md).
+# _MID_MAX_M < M <= _WIDE_MAX_M (batches of 65-128, prompts of that many tokens): INT8 runs tiles again
+# (they beat dequantize + cuBLAS there), key (bits, N <= _SMALL_N), kinds as _DECODE_CFG; a missing key
+# takes dequantize + cuBLAS. Chosen on an H100 (Triton 3.6) by timing the whole CUDA-graph decode step at
+# batches of 80-256 and prompts of 80-144 tokens (benchmarks/results/gpu.md, thirteenth round): INT8
+# decode 12.61 / 13.40 -> 11.18 / 9.44 ms per step at batch 80 / 128, prompts 13.5 / 12.4 -> 11.6 / 11.1 ms.
+# From 144 rows on, every tile tried lost to dequantize + cuBLAS (INT8 won again at 256 with 128 x 128
+# tiles, 16.16 -> 14.73 ms, not taken: one card's band). INT4 has no entry: its best tiles (N > 4096)
+# decoded batches of 80-128 9-11 % faster on the H100 (equal on an H200) but made 80-128-token prompts
+# ~15 % slower (13.4-14.2 against 11.7-11.9 ms).
+_WIDE_MAX_M = 128
+_WIDE_CFG = {
+    (8, False): ("plain", dict(BLOCK_N=128, BLOCK_M=128, BLOCK_KQ=64, num_warps=8, num_stages=3)),
+    (8, True): ("plain", dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4)),
+}
+# Otherwise (long prompts): the weight dequantized into a per-call buffer, then cuBLAS. It measured
+# faster than every fused Triton tile tried there (benchmarks/results/cuda_kernels.md).
 _DEQUANT_CFG = dict(BLOCK_N=32, BLOCK_KQ=256, num_warps=4)
 
 
@@ -1245,12 +1262,24 @@ def _plan(M: int, N: int, K: int, bits: int, dtype: torch.dtype, aligned: bool, 
         kind, cfg = _MID_CFG[(bits, M <= 32)]
         plain = _MID_PLAIN_CFG.get(bits)
     else:
-        return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
+        kind, cfg = _WIDE_CFG.get((bits, small_n), (None, None))
+        if M > _WIDE_MAX_M or cfg is None:
+            return "dequant_mm", _run_dequant_mm, _DEQUANT_CFG
+        plain = None  # (no "asm" entries)
     if kind != "asm":
         return "qmm", _run_qmm, cfg
     if aligned and dtype == torch.float16:
         return "qmm_asm", _run_qmm_asm, cfg
     return "qmm", _run_qmm, plain  # (the bit-trick kernel needs fp16 activations and whole words)
+
+
+def dequantizes(M: int, q: torch.Tensor, bits: int, dtype: torch.dtype) -> bool:
+    """Whether `linear` on M rows of `dtype` activations dequantizes this weight (q, on its GPU) for
+    cuBLAS rather than running a kernel on the quantized weight (`_plan`)."""
+    N, KQ = q.shape
+    K = KQ * 2 if bits == 4 else KQ
+    aligned = _words(q, bits, K) is not None
+    return _plan(M, N, K, bits, dtype, aligned, _capability(q.device))[0] == "dequant_mm"
 
 
 _ACTS = {None: 0, "gelu": 1}

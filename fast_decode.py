@@ -62,8 +62,8 @@ import torch
 from torch.nn import functional as F
 
 from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, compiling_ahead, dequantize_group, \
-    gelu_ as _ck_gelu, jit as ck_jit, jit_helpers, launch_options as _launch, on_device, pdl_supported, \
-    strict as _strict
+    dequantizes, gelu_ as _ck_gelu, jit as ck_jit, jit_helpers, launch_options as _launch, on_device, \
+    pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -927,7 +927,7 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     group = _group_dequant_ok(model, slot, b * s)
     for i, block in enumerate(layers):
         att = block.attention
-        lin = _prefill_linears(block, x1.dtype) if group else _linear
+        lin = _prefill_linears(block, x1.dtype, b * s) if group else _linear
         denom, coeff = _scale_for(att.layer_index, hd)
         qkv = lin(att.query_key_value, x1)
         q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom,
@@ -959,18 +959,27 @@ def _block_linears(block) -> tuple:
             block.mlp.dense_4h_to_h)
 
 
-def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
-    """Whether a prompt of `rows` tokens may dequantize each layer's four linears at once
-    (cuda_kernels.dequantize_group: one launch and one buffer per layer, 5 ms less host time for
-    1024 tokens on an H100 host). Only for prompts that the linears would not slice anyway
-    (cuda_kernels.DEQUANT_CHUNK_MIN_M), and only when it costs no memory that matters: buffer + this
-    slot's KV cache stay within what a full-context generation of the same batch holds with one
-    weight's buffer (peak memory at the longest context unchanged), or the GPU has at least twice
-    the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
-    if rows < 64 or rows >= DEQUANT_CHUNK_MIN_M:
-        return False
-    mods = _block_linears(model.transformer.layers[0])
+def _dequantized_linears(block, rows: int, dtype) -> list:
+    """The block's linears that a prompt of `rows` tokens runs through dequantize + cuBLAS
+    (cuda_kernels._plan; the others run a kernel on the quantized weight at that many rows)."""
+    mods = _block_linears(block)
     if not all(type(m) is QuantizedLinear and m.use_kernels for m in mods) or kernel_backend("cuda") is None:
+        return []
+    return [m for m in mods if dequantizes(rows, m.weight, m.bits, dtype)]
+
+
+def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
+    """Whether a prompt of `rows` tokens may dequantize the weights of each layer that its linears
+    dequantize anyway (`_dequantized_linears`) at once (cuda_kernels.dequantize_group: one launch and one
+    buffer per layer, 5 ms less host time for 1024 tokens on an H100 host). Only for prompts that the
+    linears would not slice (cuda_kernels.DEQUANT_CHUNK_MIN_M), and only when it costs no memory that
+    matters: buffer + this slot's KV cache stay within what a full-context generation of the same batch
+    holds with one weight's buffer (peak memory at the longest context unchanged), or the GPU has at
+    least twice the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
+    if rows >= DEQUANT_CHUNK_MIN_M:
+        return False
+    mods = _dequantized_linears(model.transformer.layers[0], rows, slot.cache.kv.dtype)
+    if not mods:
         return False
     per = 2 if mods[0].bits == 4 else 1
     sizes = [m.weight.numel() * per * 2 for m in mods]  # fp16 / bf16 bytes
@@ -983,15 +992,16 @@ def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     return free >= 2 * sum(sizes) + (1 << 30)
 
 
-def _prefill_linears(block, dtype):
-    """A `_linear` stand-in for one layer of a prompt: the block's four quantized weights are
-    dequantized by one kernel launch; each call is then F.linear on its weight (+ the GELU kernel),
-    what cuda_kernels.linear computes for a prompt, bit for bit. Falls back to `_linear` if the
-    grouped dequantization cannot run."""
-    mods = _block_linears(block)
-    bits = mods[0].bits
+def _prefill_linears(block, dtype, rows: int):
+    """A `_linear` stand-in for one layer of a prompt of `rows` tokens: the weights that its linears
+    dequantize (`_dequantized_linears`) are dequantized by one kernel launch; each such call is then
+    F.linear on its weight (+ the GELU kernel), what cuda_kernels.linear computes for a prompt, bit for
+    bit; the other linears are `_linear`. Falls back to `_linear` if the grouped dequantization cannot
+    run."""
+    mods = _dequantized_linears(block, rows, dtype)
+    bits = mods[0].bits if mods else 0
     ws = None
-    if all(m.bits == bits for m in mods):
+    if mods and all(m.bits == bits for m in mods):
         ws = dequantize_group([(m.weight, m.weight_scale) for m in mods], bits, dtype)
     if ws is None:
         return _linear

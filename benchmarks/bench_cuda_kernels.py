@@ -211,7 +211,7 @@ def variants(bits, M):
             cfg = dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_KQ=bk, num_warps=nw, num_stages=ns, SPLIT_K=sk, XT=xt)
             v.append((f"qmm n{bn} m16 kq{bk} w{nw} s{ns} k{sk}{f' xt{xt}' if bits == 4 else ''}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm(x, q, s, b, bits, cfg)))
-    elif M <= 128:
+    elif M <= 64:
         mid = ([(64, 64, 128, 4, 4), (128, 64, 128, 8, 3), (32, 64, 256, 4, 4), (64, 32, 256, 4, 4)] if bits == 8
                else [(64, 64, 64, 4, 4), (128, 64, 64, 8, 3), (32, 64, 128, 4, 4), (64, 32, 128, 4, 4)])
         for (bn, bm, bk, nw, ns), xt in [(m, xt) for m in mid for xt in ((0, 1) if bits == 4 else (0,))]:
@@ -231,7 +231,20 @@ def variants(bits, M):
             v.append((f"qmm_asm n{bn} m{bm} kw{bkw} w{nw} s{ns} k{sk}",
                       lambda x, q, s, b, cfg=cfg: ck._run_qmm_asm(x, q, s, b, bits, cfg)))
         v.append(("dequant+cublas", lambda x, q, s, b: ck._run_dequant_mm(x, q, s, b, bits)))
-    else:
+    if 64 < M <= 256:
+        # batches of 65-256 rows (thirteenth round): 64- / 128-row tiles against dequantize + cuBLAS
+        wide = [(64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 64, 128, 8, 3)]
+        for bn, bm, bk, nw, ns in wide:
+            bk = bk if bits == 8 else bk // 2
+            cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KQ=bk, num_warps=nw, num_stages=ns)
+            v.append((f"qmm n{bn} m{bm} kq{bk} w{nw} s{ns}",
+                      lambda x, q, s, b, cfg=cfg: ck._run_qmm(x, q, s, b, bits, cfg)))
+        for bn, bm, bkw, nw, ns, sk in [(128, 64, 32, 8, 3, 1), (64, 128, 32, 8, 3, 1), (128, 128, 32, 8, 3, 1),
+                                        (128, 128, 16, 8, 4, 1), (128, 32, 32, 8, 3, 2), (256, 64, 32, 8, 3, 1)]:
+            cfg = dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_KW=bkw, num_warps=nw, num_stages=ns, SPLIT_K=sk)
+            v.append((f"qmm_asm n{bn} m{bm} kw{bkw} w{nw} s{ns} k{sk}",
+                      lambda x, q, s, b, cfg=cfg: ck._run_qmm_asm(x, q, s, b, bits, cfg)))
+    if M > 64:
         for bn, bk in [(32, 256), (16, 512), (64, 128)]:
             cfg = dict(BLOCK_N=bn, BLOCK_KQ=bk, num_warps=4)
             v.append((f"dequant n{bn} kq{bk} + cublas",

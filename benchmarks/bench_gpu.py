@@ -556,6 +556,76 @@ def mid_batches(bits_list, batches, steps=64):
     return out
 
 
+# Batches of 65-256 rows (thirteenth round): before it, every linear dequantized its weight for cuBLAS
+# there ("former"); cuda_kernels._WIDE_CFG ("current") runs tiles where they measured faster. Other
+# tile choices to time against it: name -> {N <= 4096: (kind, config) or None for dequantize + cuBLAS}.
+_P = "plain"
+WIDE_CANDIDATES = {  # (the second set timed; the first is in benchmarks/results/gpu.md, thirteenth round)
+    8: {"big n128 m64 kq128, small n64 m64": {
+            False: (_P, dict(BLOCK_N=128, BLOCK_M=64, BLOCK_KQ=128, num_warps=8, num_stages=3)),
+            True: (_P, dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4))},
+        "all n64 m64 kq128": {False: (_P, dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4)),
+                              True: (_P, dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num_stages=4))}},
+    4: {"big asm n256 m64": {False: ("asm", dict(BLOCK_N=256, BLOCK_M=64, BLOCK_KW=32, num_warps=8, num_stages=3)),
+                             True: None}},
+}
+
+
+def wide_batches(bits_list, batches, steps=32, candidates=None):
+    """Decode step (CUDA graph, context 33-64) at batches of 65-256 rows: the current plan
+    (cuda_kernels._WIDE_CFG), the former one (dequantize + cuBLAS for every linear) and each tile choice
+    of WIDE_CANDIDATES, in one process: {bits: {batch: {"current"|"former"|name: ms}}}; for the first
+    two also a prompt of `batch` tokens at batch 1 ("current prefill", "former prefill": ms, the
+    graph path's prefill). A choice that fails to build or run is logged and skipped (STRICT: no silent
+    torch fallback)."""
+    plan = ck._plan
+    chosen = {"cand": None}
+
+    def planned(M, N, K, bits, dtype, aligned, cap=()):
+        cand = chosen["cand"]
+        if cand is None or not ck._MID_MAX_M < M <= 256:
+            return plan(M, N, K, bits, dtype, aligned, cap)
+        pick = cand.get(N <= ck._SMALL_N)
+        if pick is None:
+            return "dequant_mm", ck._run_dequant_mm, ck._DEQUANT_CFG
+        kind, cfg = pick
+        if kind == "asm" and aligned and dtype == torch.float16:
+            return "qmm_asm", ck._run_qmm_asm, cfg
+        return "qmm", ck._run_qmm, cfg
+
+    out, strict = {}, ck.STRICT
+    ck._plan, ck.STRICT = planned, True
+    try:
+        for bits in bits_list:
+            model = build(bits)
+            cands = {"former": {}, **(WIDE_CANDIDATES[bits] if candidates is None else candidates)}
+            for batch in batches:
+                for name in ["current", *cands]:
+                    chosen["cand"] = None if name == "current" else cands[name]
+                    release(model)
+                    try:
+                        t, _ = graph_decode(model, batch, steps=steps)
+                    except Exception as exc:  # report and go on with the next choice
+                        log(event="wide_batch_error", bits=bits, batch=batch, linears=name,
+                            error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    out.setdefault(bits, {}).setdefault(batch, {})[name] = round(t * 1e3, 3)
+                    log(event="wide_batch", bits=bits, batch=batch, linears=name, ms=round(t * 1e3, 3),
+                        tok_s=round(batch / t))
+                    if name in ("current", "former"):  # a prompt of `batch` tokens: the same row counts
+                        release(model)
+                        pre = prefill_time(model, "graph", length=batch)
+                        out[bits][batch][f"{name} prefill"] = round(pre * 1e3, 3)
+                        log(event="wide_prefill", bits=bits, tokens=batch, linears=name, ms=round(pre * 1e3, 3))
+            release(model)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        ck._plan, ck.STRICT = plan, strict
+    return out
+
+
 MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1, WARPS=2, U=4),
                   dict(MT=2, WARPS=4, U=4), dict(MT=1, WARPS=4, U=8), dict(MT=2, WARPS=8, U=2),
                   dict(MT=1, WARPS=16, U=2), dict(MT=1, WARPS=8, U=8), dict(MT=2, WARPS=2, U=8),
@@ -837,6 +907,11 @@ def main():
     ap.add_argument("--mid-batches", default=None, metavar="BATCH[,...]",
                     help="only time the decode step at these batches of 17-64 rows for --bits (8 and 4), "
                          "current 17..64-row linear configs against the former ones (no table)")
+    ap.add_argument("--wide-batches", default=None, metavar="BATCH[,...]",
+                    help="only time the decode step at these batches of 65-256 rows for --bits (8 and 4), the "
+                         "current plan against dequantize + cuBLAS everywhere and WIDE_CANDIDATES (no table)")
+    ap.add_argument("--no-candidates", action="store_true",
+                    help="with --wide-batches: only the current plan and the former one")
     args = ap.parse_args()
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     triton = importlib.import_module("triton")
@@ -861,6 +936,13 @@ def main():
         got = mid_batches(bits, [int(b) for b in args.mid_batches.split(",")])
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, mid_batches=got, log=LOG), indent=1))
+        return
+    if args.wide_batches:
+        bits = [int(b) for b in args.bits.split(",") if int(b) in (4, 8)]
+        got = wide_batches(bits, [int(b) for b in args.wide_batches.split(",")],
+                           candidates={} if args.no_candidates else None)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, wide_batches=got, log=LOG), indent=1))
         return
     if args.sweep_mma or args.sweep_linear:
         if args.sweep_mma:

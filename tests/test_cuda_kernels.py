@@ -193,9 +193,9 @@ def test_odd_shapes(gpu, bits, M, N, K, with_bias):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("M", [1, 16, 40, 300])
-def test_bf16_activations(gpu, bits, M):
-    q, scale, bias = make_weight(384, 512, bits, seed=7)
+@pytest.mark.parametrize("N,M", [(384, 1), (384, 16), (384, 40), (384, 100), (384, 300), (5000, 100)])
+def test_bf16_activations(gpu, bits, N, M):
+    q, scale, bias = make_weight(N, 512, bits, seed=7)
     x = torch.randn(M, 512, device=gpu, dtype=torch.bfloat16)
     check_close(poisoned_call(x, q, scale, bias, bits), x, q, scale, bias, bits)
 
@@ -221,7 +221,9 @@ def test_non_contiguous_x(gpu, bits, layout, M):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("N,K,M", [(4096, 4096, 1), (4096, 4096, 16), (4096, 4096, 64), (4096, 4096, 1024),
                                    (4096, 16384, 1), (4096, 16384, 16), (12288, 4096, 1), (12288, 4096, 2),
-                                   (16384, 4096, 16), (4096, 16384, 24), (12288, 4096, 48), (16384, 4096, 33)])
+                                   (16384, 4096, 16), (4096, 16384, 24), (12288, 4096, 48), (16384, 4096, 33),
+                                   (12288, 4096, 96), (16384, 4096, 256), (4096, 4096, 128), (4096, 16384, 100),
+                                   (16384, 4096, 257)])
 def test_chatglm_shapes(gpu, bits, N, K, M):
     # The shapes the model runs, so the production tile configurations (whole tiles) are covered.
     q, scale, bias = make_weight(N, K, bits, seed=11)
@@ -253,6 +255,12 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
     ("qmm_asm", 45, 130, 1024, dict(BLOCK_N=128, BLOCK_M=32, BLOCK_KW=32, num_warps=8, num_stages=3, SPLIT_K=2, XT=1)),
     ("qmm_asm", 50, 77, 1000, dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KW=16, num_warps=4, num_stages=4, SPLIT_K=3, XT=1)),
     ("qmm", 29, 77, 1000, dict(BLOCK_N=64, BLOCK_M=32, BLOCK_KQ=256, num_warps=4, num_stages=4, XT=0)),
+    # 64- / 128-row tiles (65..256 rows), more than one row tile, both orientations
+    ("qmm", 200, 300, 1000, dict(BLOCK_N=128, BLOCK_M=128, BLOCK_KQ=64, num_warps=8, num_stages=3, XT=0)),
+    ("qmm", 150, 77, 1000, dict(BLOCK_N=128, BLOCK_M=64, BLOCK_KQ=64, num_warps=8, num_stages=4, XT=1)),
+    ("qmm", 100, 130, 4096, dict(BLOCK_N=128, BLOCK_M=128, BLOCK_KQ=128, num_warps=8, num_stages=3, XT=1)),
+    ("qmm_asm", 130, 300, 1024, dict(BLOCK_N=256, BLOCK_M=64, BLOCK_KW=32, num_warps=8, num_stages=3, XT=0)),
+    ("qmm_asm", 200, 130, 1000, dict(BLOCK_N=128, BLOCK_M=128, BLOCK_KW=32, num_warps=8, num_stages=3, XT=1)),
 ])
 def test_kernel_variants(gpu, bits, kernel, M, N, K, cfg):
     # Tile variants the planner may not pick today (prefetch on/off, eviction hints, K split into

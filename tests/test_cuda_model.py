@@ -440,6 +440,25 @@ def test_batch_equals_per_row_and_golden(models, golden, tag):
                               f"batch row {row} vs alone")
 
 
+@pytest.mark.parametrize("tag", ["int8", "int4"])
+def test_wide_batch_graph_equals_eager_and_rows_alone(models, gpu, tag):
+    # 96 rows: past the 64-row tiles, where cuda_kernels._plan picks the 65..256-row tiles (INT8 here) or
+    # dequantize + cuBLAS (INT4 at these small widths). The graph's tokens follow the eager path's, and
+    # a row decoded in the batch follows the same row decoded alone (up to top-2 ties).
+    model = models[tag]
+    g = torch.Generator(device="cpu").manual_seed(96)
+    ids = torch.randint(5, 20000, (96, 12), generator=g)
+    ids[:, -2:] = torch.tensor([130001, 130004])  # [gMASK] <sop>
+    ids = ids.to(gpu)
+    got = fast_greedy(model, ids, 6)
+    ref, margin = eager_greedy(model, ids, 6)
+    assert_same_until_tie(got, ref, margin, ids.shape[1], DELTA_EAGER, "96-row graph vs eager")
+    for row in (0, 41, 95):
+        one = fast_greedy(model, ids[row:row + 1], 6)
+        assert_same_until_tie(got[row:row + 1], one, margin[row:row + 1], ids.shape[1], DELTA_EAGER,
+                              f"row {row} of 96 vs alone")
+
+
 # ----------------------------------------------------------------------------------------------
 # chat, stream_chat, sampling, switches, fallbacks
 
@@ -627,22 +646,27 @@ def test_compile_ahead_gives_the_same_tokens(models, golden, monkeypatch):
 
 
 @pytest.mark.parametrize("tag", ["int8", "int4"])
-def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, monkeypatch):
-    # A prompt's four linears per layer dequantized by one launch (fast_decode._prefill_linears) give
-    # the same logits and KV cache, bit for bit, as one linear at a time; the memory rule allows it
-    # for this prompt and slot, and refuses it for a prompt the linears would slice.
+@pytest.mark.parametrize("b,s", [(2, 200), (1, 100)])
+def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, b, s, monkeypatch):
+    # A prompt's linears that dequantize their weights (cuda_kernels._plan at b * s rows) have them
+    # dequantized by one launch per layer (fast_decode._prefill_linears): the same logits and KV cache,
+    # bit for bit, as one linear at a time. The rule allows it for these prompts and this slot where
+    # some linear dequantizes at that many rows, and refuses it for a prompt the linears would slice.
     model = models[tag]
-    fd = fd_of(model)
+    fd, ck = fd_of(model), ck_of(model)
     st = fd._state(model)
     g = torch.Generator(device="cpu").manual_seed(4)
-    s = 200
-    ids = torch.randint(5, 20000, (2, s), generator=g)
+    ids = torch.randint(5, 20000, (b, s), generator=g)
     ids[:, -2:] = torch.tensor([130001, 130004])  # [gMASK] <sop>
     ids = ids.to(gpu)
     mask = torch.ones_like(ids)
     pos = mc_of(model).build_position_ids(ids, 130004, 130000, 130001, mask)
-    slot = st.slot(2, fd._bucket(s + 8))
-    assert fd._group_dequant_ok(model, slot, 2 * s)
+    slot = st.slot(b, fd._bucket(s + 8))
+    lins = fd._block_linears(model.transformer.layers[0])
+    cap = ck._capability(gpu)
+    planned = [ck._plan(b * s, m.weight.shape[0], m.weight.shape[1] * (2 if m.bits == 4 else 1), m.bits,
+                        torch.float16, True, cap)[0] for m in lins]
+    assert fd._group_dequant_ok(model, slot, b * s) == ("dequant_mm" in planned), planned
     assert not fd._group_dequant_ok(model, slot, 1280)
     with torch.inference_mode():
         grouped = fd.prefill(model, st, slot, ids, pos, mask).clone()

@@ -158,7 +158,7 @@ def _weights(bits, N, K, dtype):
                          ids=[f"sm_{c[0]}{c[1]}-int{b}-{str(d)[6:]}" for c, b, d in LINEAR_CASES])
 def test_linear_kernels_compile(stub, cap, bits, dtype):
     """Each path cuda_kernels.linear can take on this GPU (batch-1 GEMV, 2..16-row decode kernels
-    with and without K split, 17..64-row tiles, dequantize + cuBLAS for prompts), for each layer
+    with and without K split, 17..64-row tiles, the 65..256-row tiles, dequantize + cuBLAS), for each layer
     shape, with and without the fused GELU, and with programmatic dependent launch on sm_90."""
     target = _use(stub, cap)
     n0 = len(stub.loaded)
@@ -166,7 +166,7 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
     seen = set()
     for name, (N, K) in SHAPES.items():
         q, scale, bias = _weights(bits, N, K, dtype)
-        for M in (1, 16, 24, 64):
+        for M in (1, 16, 24, 64, 128, 256):
             x = torch.randn(M, K, dtype=dtype)
             aligned = ck._words(q, bits, K) is not None
             assert aligned
@@ -187,7 +187,8 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
     # fp16 INT4 takes the bit-trick kernel for 2..64 rows; the others reach _qmm_kernel somewhere
     assert seen >= {"gemv", "qmm_asm" if bits == 4 and dtype == torch.float16 else "qmm"}, seen
     names = set(_loaded_since(stub, n0))
-    assert {f"_{path}_kernel" for path in seen} | {"_dequant_kernel", "_dequant4_kernel"} <= names, names
+    kernels = {f"_{path}_kernel" for path in seen - {"dequant_mm"}}  # (dequant_mm: _dequant_kernel + cuBLAS)
+    assert kernels | {"_dequant_kernel", "_dequant4_kernel"} <= names, names
 
 
 def test_prefill_and_decode_kernels_compile(stub, target):
