@@ -31,10 +31,11 @@ How it works
     A parallel call that waited longer for a late thread than it worked (another process on
     the other core) makes the next calls run on one thread for a while (see ``team_size``).
   * On CPUs with AMX (Intel Sapphire Rapids and later; checked with CPUID and granted by the
-    kernel through arch_prctl), INT8 layers with 4 or more rows of x run on the tile unit: x is
-    written as four base-128 int8 digits per element and multiplied exactly in int32 (see the
-    AMX section of the C source). Prefill of 200 tokens: 2x the AVX-512 GEMM. Decode (1-3 rows)
-    stays on the AVX-512 GEMV, which streams the weights faster.
+    kernel through arch_prctl), INT8 layers with 4 or more rows of x and INT4 layers with 5 or
+    more run on the tile unit: x is written as four base-128 int8 digits per element and
+    multiplied exactly in int32 (INT4 weights unpacked into int8 rows first; see the AMX section
+    of the C source). Prefill of 200 tokens: 2x the AVX-512 GEMM (INT8 and INT4). Decode (fewer
+    rows) stays on the AVX-512 GEMV, which streams the weights faster.
   * Without a compiler, or when compilation fails, ``available()`` is False after ONE warning
     that says why, and the model keeps working on the torch path.
   * ``to_large_pages`` puts a weight in memory advised for 2 MB pages (the loader does this for
@@ -69,7 +70,7 @@ __all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CA
            "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
-_ABI_VERSION = 3  # bump together with CG_ABI_VERSION in the C source
+_ABI_VERSION = 4  # bump together with CG_ABI_VERSION in the C source
 
 # Codes shared with the C source.
 _W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
@@ -95,8 +96,9 @@ _C_SOURCE = r"""
  *    blocks and are transposed into y (plus bias) when the chunk is done.
  * Each algorithm has an AVX-512, an AVX2 and a portable version; the portable one is plain C
  * written so that compilers vectorize it. Threads (OpenMP) take blocks of N from a shared
- * counter. No reduced precision anywhere. INT8 with M >= 4 runs on AMX tiles where the CPU has
- * them (x as four base-128 int8 digits, exact integer products; section "AMX" below). (Tried and
+ * counter. No reduced precision anywhere. INT8 with M >= 4 and INT4 with M >= 5 run on AMX tiles
+ * where the CPU has them (x as four base-128 int8 digits, exact integer products; section "AMX"
+ * below). (Tried and
  * dropped: an AVX512-VNNI INT8 GEMV with x as 23-bit block floating point in three int8 digits.
  * It was exact on integers and ~38% less compute, but it streamed only 2-4% faster, and with
  * outlier activations its error was 10-1000x that of fp32: three digits are too few. AVX512-BF16
@@ -123,7 +125,7 @@ _C_SOURCE = r"""
 
 #define CG_API __attribute__((visibility("default")))
 #define CG_INLINE static inline __attribute__((always_inline))
-#define CG_ABI_VERSION 3
+#define CG_ABI_VERSION 4
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
 enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
@@ -715,6 +717,8 @@ static int best_isa(void) {
 
 static int g_isa = -1;          /* selected ISA; -1 until first use */
 static int g_gemv_max_m = -1;   /* override of isa_ops.gemv_max_m; -1: the ISA's default */
+static int g_amx_min_m = -1;    /* override of AMX_MIN_M / AMX_MIN_M4; -1: those */
+
 
 static const isa_ops *ops(void) {
     if (g_isa < 0) g_isa = best_isa();
@@ -954,7 +958,8 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    for every element within 16x of the row's largest. Each digit column is multiplied exactly
    with the weights (|sum| <= 128 * 128 * 65536 < 2^31 per K chunk), the digit sums are combined
    in double precision and the result is rounded once, so the whole dot product is more accurate
-   than an fp32 loop. Weights are read straight from their rows (tile loads with stride ldw). */
+   than an fp32 loop. INT8 weights are read straight from their rows (tile loads with stride ldw);
+   INT4 rows are unpacked to int8, 32 rows at a time, into a per-thread buffer that the tiles read. */
 /* gcc >= 11 only: clang 14 accepts the target attribute but its backend fails on the tile
    intrinsics ("Cannot select: intrinsic %llvm.x86.tilezero") unless the whole file is built with
    -mamx-tile, so clang builds use AVX-512 for everything. */
@@ -970,6 +975,16 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
 /* Below 4 rows of x the AVX-512 GEMV streams the weights faster (measured [16384, 4096] in 2 MB
    pages on 2 cores, ms: M=1 2.87 vs 2.43, M=3 2.86 vs 2.83, M=4 2.87 vs 3.07, M=16 4.35 vs 10.4) */
 #define AMX_MIN_M 4
+/* INT4 weights (unpacked into int8 rows first, below) from this many rows of x: the INT4 GEMV, which
+   streams half the bytes, is ahead below it (bench_cpu_kernels.py --crossover --isa amx, weights from
+   memory, sums of the four layer shapes, ms GEMV / AMX: M=3 5.59 / 6.61, M=4 6.60 / 6.56, M=5 9.22 /
+   7.09, M=8 12.3 / 7.6; 2026-12-06). AMX_PF4: how far ahead the unpacking prefetches a row (bytes;
+   512 / 1024 / 2048 / 4096: M=4 7.81 / 7.12 / 6.80 / 6.65 ms, M=8 8.44 / 8.07 / 7.55 / 7.96; none: 8.27 /
+   9.02). */
+#define AMX_MIN_M4 5
+#ifndef AMX_PF4
+#define AMX_PF4 2048
+#endif
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } amx_config;
 
@@ -1033,6 +1048,34 @@ TAMX static int amx_pack_row(const problem *p, int64_t m, int64_t nsteps, int8_t
     return 0;
 }
 
+/* Rows [n0, n0 + 32) of an INT4 weight as int8 values (SPEC: the even column in a byte's high nibble,
+   sign-extended), `kp` bytes per row: zeros past K and in rows past N. The tile loop then reads them
+   as it reads INT8 rows; each value is used by every row of x, so the unpacking is a small cost. */
+TAMX static void amx_unpack_int4(const problem *p, int64_t n0, int8_t *dst, int64_t kp) {
+    const int64_t kb = p->K / 2; /* bytes per row */
+    const __m512i low = _mm512_set1_epi16(0xff);
+    for (int64_t r = 0; r < 32; r++) {
+        int8_t *d = dst + r * kp;
+        if (n0 + r >= p->N) { memset(d, 0, (size_t)kp); continue; }
+        const uint8_t *src = p->w + (n0 + r) * p->ldw;
+        int64_t b = 0;
+        for (; b + 32 <= kb; b += 32) {
+            if (!(b & 63)) _mm_prefetch((const char *)(src + b + AMX_PF4), _MM_HINT_T0);
+            /* each byte sign-extended to 16 bits: the high nibble is v >> 4, the low one (v << 12) >> 12;
+               the pair as one 16-bit lane, high nibble in the low byte (the even column first) */
+            const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(src + b)));
+            const __m512i hi = _mm512_srai_epi16(v, 4), lo = _mm512_srai_epi16(_mm512_slli_epi16(v, 12), 12);
+            _mm512_storeu_si512(d + 2 * b, _mm512_or_si512(_mm512_and_si512(hi, low), _mm512_slli_epi16(lo, 8)));
+        }
+        for (; b < kb; b++) {
+            const int v = (int8_t)src[b];
+            d[2 * b] = (int8_t)(v >> 4);
+            d[2 * b + 1] = (int8_t)(((v & 0xf) ^ 8) - 8);
+        }
+        memset(d + p->K, 0, (size_t)(kp - p->K));
+    }
+}
+
 /* Rows [n, n+16) x columns [64t, 64t+64) of W: straight from memory when whole, else through a
    zero-padded copy (last rows, K not a multiple of 64). */
 CG_INLINE const uint8_t *amx_weight_tile(const problem *p, int64_t n, int64_t t, uint8_t *pad, int64_t *stride) {
@@ -1069,8 +1112,14 @@ TAMX static int amx_driver(const problem *p, int nthreads) {
         int32_t c[4][16][16] = {{{0}}}; /* columns past `cols` stay 0 */
         double sums[32][32]; /* [weight row][group pair column: 16 * (second group) + token * 4 + digit] */
         uint8_t pad[2][1024] __attribute__((aligned(64)));
-        for (int64_t item = next_item(&counter); item < nitems; item = next_item(&counter)) {
+        /* INT4: this thread's 32 weight rows unpacked to int8 (32 x kp bytes: 512 KB for K = 16384) */
+        const int64_t kp = nsteps * 64;
+        int8_t *w4 = NULL;
+        if (p->wkind == W_INT4 && posix_memalign((void **)&w4, 64, (size_t)(32 * kp))) w4 = NULL;
+        for (int64_t item = p->wkind == W_INT4 && !w4 ? nitems : next_item(&counter); item < nitems;
+             item = next_item(&counter)) {
             const int64_t n0 = item * 32;
+            if (w4) amx_unpack_int4(p, n0, w4, kp);
             for (int64_t g0 = 0; g0 < ngroups; g0 += 2) {
                 const int two = g0 + 1 < ngroups;
                 memset(sums, 0, sizeof sums);
@@ -1078,9 +1127,10 @@ TAMX static int amx_driver(const problem *p, int nthreads) {
                     const int64_t c1 = c0 + AMX_CHUNK_STEPS < nsteps ? c0 + AMX_CHUNK_STEPS : nsteps;
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     for (int64_t t = c0; t < c1; t++) {
-                        int64_t s0, s1;
-                        const uint8_t *a0 = amx_weight_tile(p, n0, t, pad[0], &s0);
-                        const uint8_t *a1 = amx_weight_tile(p, n0 + 16, t, pad[1], &s1);
+                        int64_t s0 = kp, s1 = kp;
+                        const uint8_t *a0 = w4 ? (const uint8_t *)w4 + 64 * t : amx_weight_tile(p, n0, t, pad[0], &s0);
+                        const uint8_t *a1 = w4 ? (const uint8_t *)w4 + 16 * kp + 64 * t
+                                               : amx_weight_tile(p, n0 + 16, t, pad[1], &s1);
                         _tile_loadd(6, bp + (g0 * nsteps + t) * 1024, 64);
                         _tile_loadd(4, a0, s0);
                         _tile_loadd(5, a1, s1);
@@ -1113,19 +1163,26 @@ TAMX static int amx_driver(const problem *p, int nthreads) {
             }
         }
         _tile_release();
+        free(w4);
         if (thread_id() == 0) t_caller = now_seconds();
     }
     note_join(nt, t_caller - t0, now_seconds() - t_caller);
     free(bp);
     free(sm);
-    return 0;
+    return counter < nitems; /* no thread could allocate its INT4 rows */
 }
 #else
 #define CG_AMX 0
 #define AMX_MIN_M 1
+#define AMX_MIN_M4 1
 static inline int amx_supported(void) { return 0; }
 static inline int amx_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
 #endif
+
+/* Fewest rows of x for which INT8 / INT4 weights run on AMX tiles (when the ISA is AMX). */
+static int amx_min_m(int wkind) {
+    return g_amx_min_m >= 0 ? g_amx_min_m : wkind == W_INT4 ? AMX_MIN_M4 : AMX_MIN_M;
+}
 
 /* fp32 copy of a per-output vector given as fp32 / fp16 / bf16; *owned is set when allocated */
 static const float *params_f32(const isa_ops *o, const void *src, int dtype, int64_t n, float **owned) {
@@ -1163,7 +1220,7 @@ CG_API int cg_linear(const float *x, int64_t M, int64_t K, int64_t ldx,
             for (int64_t n = 0; n < N; n++) y[m * ldy + n] = p.bias ? p.bias[n] : 0.0f;
     } else {
         const int max_m = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m[wkind];
-        rc = wkind == W_INT8 && g_isa == ISA_AMX && M >= AMX_MIN_M ? amx_driver(&p, nthreads) : -1;
+        rc = wkind != W_FP16 && g_isa == ISA_AMX && M >= amx_min_m(wkind) ? amx_driver(&p, nthreads) : -1;
         if (rc < 0) rc = M <= max_m ? gemv_driver(o, &p, nthreads) : gemm_driver(o, &p, nthreads);
     }
     free(scale_owned);
@@ -1237,6 +1294,9 @@ CG_API int cg_gemv_max_m(int wkind) {
     return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[wkind < 0 || wkind > 2 ? 0 : wkind];
 }
 CG_API void cg_set_gemv_max_m(int m) { g_gemv_max_m = m; }
+
+CG_API int cg_amx_min_m(int wkind) { return amx_min_m(wkind); }
+CG_API void cg_set_amx_min_m(int m) { g_amx_min_m = m; }
 
 /* How many parallel calls waited longer for their team than they worked (see team_size). */
 CG_API int64_t cg_stalls(void) { return __atomic_load_n(&g_stalls, __ATOMIC_RELAXED); }
@@ -1359,6 +1419,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cg_read_bytes.restype = ctypes.c_uint64
     lib.cg_set_gemv_max_m.argtypes = [c_int]
     lib.cg_set_gemv_max_m.restype = None
+    lib.cg_amx_min_m.argtypes = [c_int]
+    lib.cg_amx_min_m.restype = c_int
+    lib.cg_set_amx_min_m.argtypes = [c_int]
+    lib.cg_set_amx_min_m.restype = None
     if lib.cg_abi_version() != _ABI_VERSION:
         raise _BuildError("the cached library has an unexpected ABI version; delete "
                           f"{cache_dir()} and try again")
@@ -1446,6 +1510,8 @@ def kernel_info() -> dict:
         info["stalled_parallel_calls"] = lib.cg_stalls()  # each switched to 1 thread for a while
         info["gemv_max_m"] = {kind: lib.cg_gemv_max_m(code)
                               for kind, code in (("int8", _W_INT8), ("int4", _W_INT4), ("fp16", _W_FP16))}
+        if info["isa"] == "amx":
+            info["amx_min_m"] = {kind: lib.cg_amx_min_m(code) for kind, code in (("int8", _W_INT8), ("int4", _W_INT4))}
     return info
 
 
@@ -1464,6 +1530,15 @@ def _set_gemv_max_m(m: Optional[int]) -> None:
     if lib is None:
         raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
     lib.cg_set_gemv_max_m(-1 if m is None else int(m))
+
+
+def _set_amx_min_m(m: Optional[int]) -> None:
+    """Override the fewest rows of x for which INT8 / INT4 run on AMX tiles (None = default; a large
+    value keeps them off AMX). For tests/benchmarks; no effect without AMX."""
+    lib = _KERNELS.get()
+    if lib is None:
+        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    lib.cg_set_amx_min_m(-1 if m is None else int(m))
 
 
 def _read_bytes(t: torch.Tensor) -> int:

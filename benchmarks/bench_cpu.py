@@ -1,4 +1,4 @@
-"""Full-size ChatGLM-6B-INT8 on the CPU: our compiled kernels vs. the torch-dequant path vs. chatglm.cpp.
+"""Full-size ChatGLM-6B-INT8 (or INT4: --bits 4) on the CPU: our compiled kernels vs. the torch-dequant path vs. chatglm.cpp.
 
 Every contender runs in its own fresh process on the same random full-size checkpoint in the
 official layout (tools/make_checkpoint.py) and the same prompt ids, and reports: load time, peak
@@ -157,7 +157,7 @@ def run_child(python: str, mode: str, args, env_extra=None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ensure_checkpoint(ckpt: Path):
+def ensure_checkpoint(ckpt: Path, bits: int = 8):
     if (ckpt / "pytorch_model.bin").exists():
         import shutil  # refresh the code next to the weights: measure this checkout, not an old copy
         for f in ROOT.glob("*.py"):
@@ -166,7 +166,7 @@ def ensure_checkpoint(ckpt: Path):
         for name in ("ice_text.model", "tokenizer_config.json"):
             shutil.copy(ROOT / name, ckpt / name)
         return
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), "--preset", "full", "--bits", "8",
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_checkpoint.py"), "--preset", "full", "--bits", str(bits),
                     "--format", "bin", "--copy-code", str(ckpt)], check=True)
 
 
@@ -179,7 +179,9 @@ def ensure_cpp_model(python: str, ckpt: Path, out: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", type=Path, default=ROOT / "checkpoints" / "random-int8-full")
+    ap.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                    help="weights of the checkpoint made when --ckpt holds none (default folder: random-int<bits>-full)")
+    ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--cpp-model", type=Path, default=ROOT / "checkpoints" / "random-int8-full-q8_0.ggml")
     ap.add_argument("--cpp-python", default=None, help="python that has chatglm_cpp (default: this one, if it does)")
     ap.add_argument("--decode-tokens", type=int, default=16)
@@ -188,6 +190,8 @@ def main():
     ap.add_argument("--md", type=Path, default=None, help="write the results table here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ckpt is None:
+        args.ckpt = ROOT / "checkpoints" / f"random-int{args.bits}-full"
 
     if args.child:
         fn = {"ours": lambda: child_ours(str(args.ckpt), args.decode_tokens),
@@ -198,7 +202,7 @@ def main():
         print(json.dumps(fn()))
         return
 
-    ensure_checkpoint(args.ckpt)
+    ensure_checkpoint(args.ckpt, args.bits)
     load_before = os.getloadavg()[0]
     file_gb = (args.ckpt / "pytorch_model.bin").stat().st_size / 1e9
     rows = {}

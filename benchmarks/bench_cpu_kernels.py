@@ -149,26 +149,40 @@ def bench_model_decode(args, rows):
 
 def crossover(args, rows_list):
     """GEMV against GEMM at each M of rows_list, per layer shape and --bits (ms, medians): where the
-    switch-over (the ISA's gemv_max_m, or the override) should sit. Returns the table's lines."""
-    lines = ["| weights | shape | " + " | ".join(f"M={m} GEMV / GEMM ms" for m in rows_list) + " |",
+    switch-over (the ISA's gemv_max_m, or the override) should sit; on a CPU with AMX (kernels "amx")
+    also the AMX tiles for INT8 / INT4 (where the AMX switch-over, amx_min_m, should sit). Returns the
+    table's lines."""
+    amx = cpu_kernels.kernel_info()["isa"] == "amx"
+    what = "GEMV / GEMM / AMX" if amx else "GEMV / GEMM"
+    lines = ["| weights | shape | " + " | ".join(f"M={m} {what} ms" for m in rows_list) + " |",
              "|---|---|" + "---|" * len(rows_list)]
     for bits in args.bits:  # 16: fp16 weights (an FP16 checkpoint's linears, the LM head)
         for name, n, k in LAYER_SHAPES + ([("lm_head", VOCAB, HIDDEN)] if bits == 16 else []):
+            # weights cycled through copies covering --working-set-gb, so that they come from memory as in
+            # the model (one 32-64 MB weight, called again and again, partly stays in this CPU's L3)
             if bits == 16:
-                w = LARGE_PAGES((torch.randn(n, k) * 0.02).half())
-                run = lambda x: cpu_kernels.fp16_linear(x, w)  # noqa: E731
+                _, nxt = rotating(lambda: LARGE_PAGES((torch.randn(n, k) * 0.02).half()), 2 * n * k,
+                                  args.working_set_gb * GB)
+                run = lambda x: cpu_kernels.fp16_linear(x, nxt())  # noqa: E731
             else:
-                q, scale, _ = quantized_weight(n, k, bits)
-                run = lambda x: cpu_kernels.linear(x, q, scale, None, bits)  # noqa: E731
+                _, nxt = rotating(lambda: quantized_weight(n, k, bits), n * k * bits // 8, args.working_set_gb * GB)
+                run = lambda x: cpu_kernels.linear(x, *nxt()[:2], None, bits)  # noqa: E731
             cells = []
             for m in rows_list:
                 x = torch.randn(m, k)
                 got = []
+                if amx:
+                    cpu_kernels._set_amx_min_m(1 << 30)  # (off AMX for the GEMV and the GEMM)
                 for limit in (1 << 30, 0):  # everything on the GEMV, then everything on the GEMM
                     cpu_kernels._set_gemv_max_m(limit)
                     got.append(timed(lambda: run(x), args.repeats))
-                cells.append(f"{got[0] * 1e3:.2f} / {got[1] * 1e3:.2f}")
+                if amx and bits != 16:
+                    cpu_kernels._set_amx_min_m(1)
+                    got.append(timed(lambda: run(x), args.repeats))
+                cells.append(" / ".join(f"{t * 1e3:.2f}" for t in got))
             cpu_kernels._set_gemv_max_m(None)
+            if amx:
+                cpu_kernels._set_amx_min_m(None)
             lines.append(f"| {'FP16' if bits == 16 else f'INT{bits}'} | {name} [{n},{k}] | " + " | ".join(cells) + " |")
     return lines
 
@@ -184,7 +198,7 @@ def main():
     ap.add_argument("--model", action="store_true", help="also time a whole-model decode step (~8 GB RAM)")
     ap.add_argument("--markdown", type=Path, help="write the results table to this file")
     ap.add_argument("--isa", choices=["amx", "avx512", "avx2", "generic"],
-                    help="kernel family (default: the best the CPU has; AMX is used for INT8 only)")
+                    help="kernel family (default: the best the CPU has; AMX is used for INT8 and INT4 weights)")
     ap.add_argument("--small-pages", action="store_true",
                     help="leave weights in ordinary 4 KB pages (the loader puts them in 2 MB pages)")
     ap.add_argument("--crossover", metavar="M[,M...]",

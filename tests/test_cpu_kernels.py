@@ -6,7 +6,7 @@ Two kinds of checks:
     reproduce the float64 result bit for bit; a wrong, missing or doubled term shows up.
   * realistic: random floats and fp16 scales, within the rigorous fp32 accumulation bound
     |err| <= (K + 4) * 2^-24 * (|x| @ |W|^T + |b|)  (K products and sums, scale, bias).
-Every SIMD family the CPU has (AMX for INT8 with 4+ rows, AVX-512, AVX2, portable C) and both
+Every SIMD family the CPU has (AMX for INT8 / INT4 from a few rows, AVX-512, AVX2, portable C) and both
 algorithms (GEMV for few rows, GEMM for many) are exercised on the same shapes; a family the CPU
 lacks is replaced by the best it has. AMX's own error bound (activations as four base-128 int8
 digits, exact integer products) is checked separately.
@@ -128,13 +128,15 @@ def test_quantized_linear_random_within_fp32_accumulation_error(lib, isa, path, 
         x[:, ::13] *= 200  # outlier features, as in the real model's activations
         y = lib.linear(x, q, scale, bias, bits)
         ref, bound = reference(x, q_values, scale, bias)
-        if isa == "amx" and bits == 8 and M >= AMX_MIN_M:
+        if isa == "amx" and M >= amx_min_m(lib, bits):
             bound = amx_bound(x, q_values, scale, ref)
         err = (y.double() - ref).abs()
         assert (err <= bound).all(), f"{isa}/{path} bits={bits} M={M} K={K} N={N}: max err {err.max()}"
 
 
-AMX_MIN_M = 4  # rows of x from which INT8 runs on AMX tiles
+def amx_min_m(lib, bits):
+    """Rows of x from which the library runs these weights on AMX tiles (its policy, read from it)."""
+    return lib.kernel_info().get("amx_min_m", {}).get(f"int{bits}", 1 << 30)
 
 
 def amx_bound(x, q_values, scale, ref):
@@ -147,35 +149,61 @@ def amx_bound(x, q_values, scale, ref):
 
 
 @pytest.mark.parametrize("isa", ["amx"], indirect=True)
-def test_amx_digits_are_finer_than_fp32(lib, isa):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_amx_digits_are_finer_than_fp32(lib, isa, bits):
     """With outliers 10^4 above the typical activation the AMX result is still within the fp32
-    accumulation bound, and far inside it for ordinary data (K = 70000 spans two exact int32 chunks)."""
+    accumulation bound, and far inside it for ordinary data (K = 70000 spans two exact int32 chunks;
+    INT4: K = 70 leaves a tail of 3 bytes per row after 32-byte blocks, N = 40 a part-filled row block)."""
     gen = torch.Generator().manual_seed(11)
-    for M, K, N in [(4, 4096, 64), (6, 70000, 5), (200, 1000, 40)]:
-        q_values = torch.randint(-127, 128, (N, K), generator=gen)
+    lim = 127 if bits == 8 else 7
+    for M, K, N in [(4, 4096, 64), (6, 70000, 5), (200, 1000, 40), (9, 70, 40), (33, 16384, 33)]:
+        q_values = torch.randint(-lim - (bits == 4), lim + 1, (N, K), generator=gen)
+        q = q_values.to(torch.int8) if bits == 8 else pack_int4_spec(q_values)
         scale = (torch.rand(N, generator=gen) * 0.02 + 1e-3).half()
         x = torch.randn(M, K, generator=gen)
         x[:, 7] *= 1e4
         ref, bound = reference(x, q_values, scale, None)
-        err = (lib.linear(x, q_values.to(torch.int8), scale, None, 8).double() - ref).abs()
+        lib._set_amx_min_m(1)  # (every M on AMX here)
+        try:
+            err = (lib.linear(x, q, scale, None, bits).double() - ref).abs()
+        finally:
+            lib._set_amx_min_m(None)
         assert (err <= bound).all(), f"{isa} {M, K, N}"
         if isa == "amx":  # (a CPU without AMX runs this on its best family: the fp32 bound above)
             assert (err <= amx_bound(x, q_values, scale, ref)).all(), f"{M, K, N}"
 
 
+@pytest.mark.parametrize("isa", ["amx"], indirect=True)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_amx_exact_on_integer_data_at_every_row_count(lib, isa, bits):
+    """AMX tiles for every M (also below the default switch-over: 1-3 rows use narrower tiles), each
+    shape of SHAPES plus INT4 rows of odd byte counts: exact on integer data, as the other paths."""
+    gen = torch.Generator().manual_seed(13 + bits)
+    lib._set_amx_min_m(1)
+    try:
+        for M, K, N in SHAPES + [(5, 66, 70), (12, 2050, 31)]:
+            x, q, q_values, scale, bias = integer_problem(M, K, N, bits, True, gen)
+            ref, _ = reference(x, q_values, scale, bias)
+            assert torch.equal(lib.linear(x, q, scale, bias, bits).double(), ref), f"{isa} bits={bits} {M, K, N}"
+    finally:
+        lib._set_amx_min_m(None)
+
+
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-def test_non_finite_activations_propagate(lib, isa):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_non_finite_activations_propagate(lib, isa, bits):
     """A NaN or inf in x must reach the outputs of its row (AMX cannot encode them as digits and
     hands such calls to the fp32 kernels), and leave the other rows alone."""
     gen = torch.Generator().manual_seed(12)
-    x, q, q_values, scale, bias = integer_problem(6, 96, 10, 8, True, gen)
+    x, q, q_values, scale, bias = integer_problem(max(6, amx_min_m(lib, bits) if isa == "amx" else 6), 96, 10,
+                                                  bits, True, gen)
     x[1, 5] = float("nan")
     x[4, 0] = float("inf")
-    y = lib.linear(x, q, scale, bias, 8)
+    y = lib.linear(x, q, scale, bias, bits)
     ref, _ = reference(x, q_values, scale, bias)
     assert y[1].isnan().all()
     assert (y[4].isinf() | y[4].isnan()).all()
-    keep = [0, 2, 3, 5]
+    keep = [0, 2, 3] + list(range(5, x.shape[0]))
     assert torch.equal(y[keep].double(), ref[keep])
 
 

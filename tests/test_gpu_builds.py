@@ -195,7 +195,6 @@ def test_prefill_and_decode_kernels_compile(stub, target):
     """fast_decode's kernels: LayerNorm (residual, embedding gather), GELU, prefill rotary into the
     KV cache, decode attention (one split, splits merged in-kernel and by the combine kernel), the
     greedy pick and the bookkeeping step; fp16 and bf16; PDL on sm_90."""
-    n0 = len(stub.loaded)
     pdl = 2 if target >= (9, 0) else 0
     for dtype in (torch.float16, torch.bfloat16):
         for rows in (1, 16, 1024):
@@ -242,7 +241,9 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         mode = fd._choose(logits, slot, ("greedy",), processors)
         fd._bookkeep(slot, mode)
     fd._bookkeep(slot, torch.zeros(2, dtype=torch.long))  # sampled tokens
-    names = set(_loaded_since(stub, n0))
+    # (built by this test, or already by an earlier one for this target: Triton keeps one build per device
+    # and specialization, e.g. the GELU kernel that a linear's prompt path runs after cuBLAS)
+    names = set(_loaded_since(stub, 0))
     want = {"_ln_kernel", "_gelu_kernel", "_prefill_rotary_kernel", "_decode_attn_kernel", "_attn_combine_kernel",
             "_pick_kernel", "_bookkeep_kernel"}
     assert want <= names, want - names
