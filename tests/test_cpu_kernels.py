@@ -177,11 +177,12 @@ def test_amx_digits_are_finer_than_fp32(lib, isa, bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_amx_exact_on_integer_data_at_every_row_count(lib, isa, bits):
     """AMX tiles for every M (also below the default switch-over: 1-3 rows use narrower tiles), each
-    shape of SHAPES plus INT4 rows of odd byte counts: exact on integer data, as the other paths."""
+    shape of SHAPES plus INT4 rows of odd byte counts and, at K = 16384, rows of x split into several
+    token blocks (the last one odd): exact on integer data, as the other paths."""
     gen = torch.Generator().manual_seed(13 + bits)
     lib._set_amx_min_m(1)
     try:
-        for M, K, N in SHAPES + [(5, 66, 70), (12, 2050, 31)]:
+        for M, K, N in SHAPES + [(5, 66, 70), (12, 2050, 31), (37, 16384, 40)]:
             x, q, q_values, scale, bias = integer_problem(M, K, N, bits, True, gen)
             ref, _ = reference(x, q_values, scale, bias)
             assert torch.equal(lib.linear(x, q, scale, bias, bits).double(), ref), f"{isa} bits={bits} {M, K, N}"
