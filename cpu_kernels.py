@@ -466,10 +466,12 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-/* GEMV up to 13 rows for INT8 (even with the GEMM at 13, behind it by 5-18 % at 14-16; it had been 16),
-   14 for INT4 (ahead by 30-40 % at 9-12, even at 16; it had been 8) and 10 for FP16 (ahead by 7-12 % at 10,
-   behind by 15-20 % at 12; it had been 16): bench_cpu_kernels.py --crossover --isa avx2, 2026-12-06 */
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {13, 14, 10},
+/* GEMV up to 15 rows for INT8 (ahead of the GEMM by 8-12 % at 14-15, even at 16), 24 for INT4 (ahead by
+   10-21 % at 16-24: the GEMM's second 16-row tile) and 10 for FP16 (ahead by 8 % at 10, behind at 12; the
+   LM head behind from 12): bench_cpu_kernels.py --crossover --isa avx2 with the weights cycled from memory,
+   2026-12-06, eighth session (the seventh session's 13 / 14 / 10 came from one weight called repeatedly,
+   partly served by this CPU's L3) */
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {15, 24, 10},
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
@@ -680,12 +682,13 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
     else micro_avx512_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-/* GEMV up to 26 rows for INT8 without AMX (even with the GEMM at 26, behind it by 8-24 % at 28-32; it had
-   been 32) and 24 for INT4 (with gemv_q4_rows_avx512's shared accumulators: even at 16, ahead by 5-25 %
-   at 18-24, behind from 28; it had been 12) and 24 for FP16 (ahead by ~10 % at 24, the layer shapes
-   behind by 3-10 % at 26-28; it had been 32): bench_cpu_kernels.py --crossover [--isa avx512], 2026-12-06.
-   (With AMX, INT8 from 4 rows runs on AMX tiles.) */
-static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {26, 24, 24},
+/* GEMV up to 28 rows for INT8 without AMX, INT4 (with gemv_q4_rows_avx512's shared accumulators) and FP16:
+   sums of the four layer shapes, ms GEMV / GEMM at 28 rows INT8 41.9 / 45.7, INT4 42.3 / 44.4, FP16 48.8 /
+   50.7 (LM head 126 / 144); at 30 rows INT8 47.1 / 45.5, INT4 46.4 / 44.9; at 32 FP16 56.2 / 52.0.
+   bench_cpu_kernels.py --crossover --isa avx512 with the weights cycled from memory, 2026-12-06, eighth
+   session (the seventh session's 26 / 24 / 24 came from one weight called repeatedly, partly served by
+   this CPU's L3). (With AMX, INT8 from 4 rows and INT4 from 5 run on AMX tiles.) */
+static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {28, 28, 28},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
