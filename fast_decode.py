@@ -925,9 +925,10 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
                     dtype=state.dtype)  # the embedding lookup fused in
     slot.cache.reset(0)
     group = _group_dequant_ok(model, slot, b * s)
+    which = _dequantized_positions(layers[0], b * s, x1.dtype) if group else ()
     for i, block in enumerate(layers):
         att = block.attention
-        lin = _prefill_linears(block, x1.dtype, b * s) if group else _linear
+        lin = _prefill_linears(block, x1.dtype, which) if group else _linear
         denom, coeff = _scale_for(att.layer_index, hd)
         qkv = lin(att.query_key_value, x1)
         q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom,
@@ -959,18 +960,19 @@ def _block_linears(block) -> tuple:
             block.mlp.dense_4h_to_h)
 
 
-def _dequantized_linears(block, rows: int, dtype) -> list:
-    """The block's linears that a prompt of `rows` tokens runs through dequantize + cuBLAS
-    (cuda_kernels._plan; the others run a kernel on the quantized weight at that many rows)."""
+def _dequantized_positions(block, rows: int, dtype) -> Tuple[int, ...]:
+    """Positions in `_block_linears` of the linears that a prompt of `rows` tokens runs through
+    dequantize + cuBLAS (cuda_kernels._plan; the others run a kernel on the quantized weight at that many
+    rows). The blocks are alike, so a prompt asks once, for its first block."""
     mods = _block_linears(block)
     if not all(type(m) is QuantizedLinear and m.use_kernels for m in mods) or kernel_backend("cuda") is None:
-        return []
-    return [m for m in mods if dequantizes(rows, m.weight, m.bits, dtype)]
+        return ()
+    return tuple(i for i, m in enumerate(mods) if dequantizes(rows, m.weight, m.bits, dtype))
 
 
 def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     """Whether a prompt of `rows` tokens may dequantize the weights of each layer that its linears
-    dequantize anyway (`_dequantized_linears`) at once (cuda_kernels.dequantize_group: one launch and one
+    dequantize anyway (`_dequantized_positions`) at once (cuda_kernels.dequantize_group: one launch and one
     buffer per layer, 5 ms less host time for 1024 tokens on an H100 host). Only for prompts that the
     linears would not slice (cuda_kernels.DEQUANT_CHUNK_MIN_M), and only when it costs no memory that
     matters: buffer + this slot's KV cache stay within what a full-context generation of the same batch
@@ -978,7 +980,8 @@ def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     least twice the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
     if rows >= DEQUANT_CHUNK_MIN_M:
         return False
-    mods = _dequantized_linears(model.transformer.layers[0], rows, slot.cache.kv.dtype)
+    block = model.transformer.layers[0]
+    mods = [_block_linears(block)[i] for i in _dequantized_positions(block, rows, slot.cache.kv.dtype)]
     if not mods:
         return False
     per = 2 if mods[0].bits == 4 else 1
@@ -992,13 +995,14 @@ def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
     return free >= 2 * sum(sizes) + (1 << 30)
 
 
-def _prefill_linears(block, dtype, rows: int):
-    """A `_linear` stand-in for one layer of a prompt of `rows` tokens: the weights that its linears
-    dequantize (`_dequantized_linears`) are dequantized by one kernel launch; each such call is then
-    F.linear on its weight (+ the GELU kernel), what cuda_kernels.linear computes for a prompt, bit for
-    bit; the other linears are `_linear`. Falls back to `_linear` if the grouped dequantization cannot
-    run."""
-    mods = _dequantized_linears(block, rows, dtype)
+def _prefill_linears(block, dtype, which: Tuple[int, ...]):
+    """A `_linear` stand-in for one layer of a prompt: the weights at positions `which` of
+    `_block_linears` (those its linears dequantize at the prompt's length: `_dequantized_positions`) are
+    dequantized by one kernel launch; each such call is then F.linear on its weight (+ the GELU kernel),
+    what cuda_kernels.linear computes for a prompt, bit for bit; the other linears are `_linear`. Falls
+    back to `_linear` if the grouped dequantization cannot run."""
+    linears = _block_linears(block)
+    mods = [linears[i] for i in which]
     bits = mods[0].bits if mods else 0
     ws = None
     if mods and all(m.bits == bits for m in mods):
