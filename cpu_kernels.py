@@ -722,7 +722,6 @@ static int g_isa = -1;          /* selected ISA; -1 until first use */
 static int g_gemv_max_m = -1;   /* override of isa_ops.gemv_max_m; -1: the ISA's default */
 static int g_amx_min_m = -1;    /* override of AMX_MIN_M / AMX_MIN_M4; -1: those */
 
-
 static const isa_ops *ops(void) {
     if (g_isa < 0) g_isa = best_isa();
 #if CG_X86
@@ -1135,10 +1134,11 @@ TAMX static int amx_driver(const problem *p, int nthreads) {
         if (p->wkind == W_INT4 && posix_memalign((void **)&w4, 64, (size_t)(32 * kp))) w4 = NULL;
         for (int64_t work = p->wkind == W_INT4 && !w4 ? nwork : next_item(&counter); work < nwork;
              work = next_item(&counter)) {
-            const int64_t item = work % nitems, g_end = (work / nitems + 1) * gpb < ngroups ? (work / nitems + 1) * gpb : ngroups;
-            const int64_t n0 = item * 32;
+            /* work item: token block (work / nitems) x 32 weight rows (work % nitems) */
+            const int64_t g_begin = work / nitems * gpb, n0 = work % nitems * 32;
+            const int64_t g_end = g_begin + gpb < ngroups ? g_begin + gpb : ngroups;
             if (w4) amx_unpack_int4(p, n0, w4, kp);
-            for (int64_t g0 = work / nitems * gpb; g0 < g_end; g0 += 2) {
+            for (int64_t g0 = g_begin; g0 < g_end; g0 += 2) {
                 const int two = g0 + 1 < ngroups;
                 memset(sums, 0, sizeof sums);
                 for (int64_t c0 = 0; c0 < nsteps; c0 += AMX_CHUNK_STEPS) {
@@ -1533,38 +1533,38 @@ def kernel_info() -> dict:
     return info
 
 
-def _set_isa(name: Optional[str]) -> str:
-    """Force a kernel family ('avx512' / 'avx2' / 'generic'; None = best). For tests/benchmarks."""
+def _built() -> ctypes.CDLL:
+    """The compiled library, for the test / benchmark hooks below; they raise without it."""
     lib = _KERNELS.get()
     if lib is None:
         raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    return lib
+
+
+def _set_isa(name: Optional[str]) -> str:
+    """Force a kernel family ('avx512' / 'avx2' / 'generic'; None = best). For tests/benchmarks."""
+    lib = _built()
     codes = {v: k for k, v in _ISA_NAMES.items()}
     return _ISA_NAMES[lib.cg_set_isa(-1 if name is None else codes[name])]
 
 
 def _set_gemv_max_m(m: Optional[int]) -> None:
     """Override the largest M handled by the GEMV (None = default). For tests/benchmarks."""
-    lib = _KERNELS.get()
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    lib = _built()
     lib.cg_set_gemv_max_m(-1 if m is None else int(m))
 
 
 def _set_amx_min_m(m: Optional[int]) -> None:
     """Override the fewest rows of x for which INT8 / INT4 run on AMX tiles (None = default; a large
     value keeps them off AMX). For tests/benchmarks; no effect without AMX."""
-    lib = _KERNELS.get()
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    lib = _built()
     lib.cg_set_amx_min_m(-1 if m is None else int(m))
 
 
 def _read_bytes(t: torch.Tensor) -> int:
     """Read a contiguous CPU tensor once with the kernels' threads (benchmarks: achievable read
     bandwidth); returns a checksum of its 64-bit words."""
-    lib = _KERNELS.get()
-    if lib is None:
-        raise RuntimeError(f"CPU kernels unavailable: {_KERNELS.error}")
+    lib = _built()
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("expected a contiguous CPU tensor")
     return lib.cg_read_bytes(t.data_ptr(), t.numel() * t.element_size(), torch.get_num_threads())
