@@ -522,38 +522,64 @@ FORMER_MID_CFG = {8: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=128, num_warps=4, num
                   4: dict(BLOCK_N=64, BLOCK_M=64, BLOCK_KQ=64, num_warps=4, num_stages=4)}
 
 
-def mid_batches(bits_list, batches, steps=64):
-    """Decode step (CUDA graph, context 33-96) at batches of 17-64 rows, where every linear runs the
-    17..64-row configs (cuda_kernels._MID_CFG), against the former 64 x 64 tile of _qmm_kernel
-    (FORMER_MID_CFG), alternating in one process: {bits: {batch: {"current"|"former": ms}}}."""
-    plan = ck._plan
-    former = {"on": False}
+def compare_plans(bits_list, batches, steps, choices, event, prefill_for=(), strict=False):
+    # (logged as events "<event>_batch", "<event>_prefill" and "<event>_batch_error")
+    """Decode step (CUDA graph) at each batch under each linear plan of choices(bits): name -> None (the
+    current cuda_kernels._plan) or an override (M, N, K, bits, dtype, aligned) -> a _plan result, or None
+    to keep _plan's, alternating in one process: {bits: {batch: {name: ms}}}. For the names in prefill_for
+    also a prompt of `batch` tokens at batch 1 (the graph path's prefill, "<name> prefill": ms). strict: a
+    choice that fails to build or run is logged and skipped instead of timing the torch fallback."""
+    plan, was_strict = ck._plan, ck.STRICT
+    chosen = {"fn": None}
 
     def planned(M, N, K, bits, dtype, aligned, cap=()):
-        if former["on"] and 16 < M <= ck._MID_MAX_M:
-            return "qmm", ck._run_qmm, FORMER_MID_CFG[bits]
-        return plan(M, N, K, bits, dtype, aligned, cap)
+        got = chosen["fn"](M, N, K, bits, dtype, aligned) if chosen["fn"] is not None else None
+        return got if got is not None else plan(M, N, K, bits, dtype, aligned, cap)
 
     out = {}
     ck._plan = planned
+    ck.STRICT = strict or was_strict
     try:
         for bits in bits_list:
             model = build(bits)
+            options = choices(bits)
             for batch in batches:
-                for name in ("current", "former"):
-                    former["on"] = name == "former"
+                for name, fn in options.items():
+                    chosen["fn"] = fn
                     release(model)  # a fresh capture with this plan
-                    t, _ = graph_decode(model, batch, steps=steps)
+                    try:
+                        t, _ = graph_decode(model, batch, steps=steps)
+                    except Exception as exc:
+                        if not strict:
+                            raise
+                        log(event=f"{event}_batch_error", bits=bits, batch=batch, linears=name,
+                            error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                        continue
                     out.setdefault(bits, {}).setdefault(batch, {})[name] = round(t * 1e3, 3)
-                    log(event="mid_batch", bits=bits, batch=batch, linears=name, ms=round(t * 1e3, 3),
+                    log(event=f"{event}_batch", bits=bits, batch=batch, linears=name, ms=round(t * 1e3, 3),
                         tok_s=round(batch / t))
+                    if name in prefill_for:  # a prompt of `batch` tokens: the same row counts
+                        release(model)
+                        pre = prefill_time(model, "graph", length=batch)
+                        out[bits][batch][f"{name} prefill"] = round(pre * 1e3, 3)
+                        log(event=f"{event}_prefill", bits=bits, tokens=batch, linears=name, ms=round(pre * 1e3, 3))
             release(model)
             del model
             gc.collect()
             torch.cuda.empty_cache()
     finally:
-        ck._plan = plan
+        ck._plan, ck.STRICT = plan, was_strict
     return out
+
+
+def mid_batches(bits_list, batches, steps=64):
+    """Decode step (CUDA graph, context 33-96) at batches of 17-64 rows, where every linear runs the
+    17..64-row configs (cuda_kernels._MID_CFG), against the former 64 x 64 tile of _qmm_kernel
+    (FORMER_MID_CFG), alternating in one process: {bits: {batch: {"current"|"former": ms}}}."""
+    def former(M, N, K, bits, dtype, aligned):
+        return ("qmm", ck._run_qmm, FORMER_MID_CFG[bits]) if 16 < M <= ck._MID_MAX_M else None
+
+    return compare_plans(bits_list, batches, steps, lambda bits: {"current": None, "former": former}, "mid")
 
 
 # Batches of 65-256 rows (thirteenth round): before it, every linear dequantized its weight for cuBLAS
@@ -578,52 +604,25 @@ def wide_batches(bits_list, batches, steps=32, candidates=None):
     two also a prompt of `batch` tokens at batch 1 ("current prefill", "former prefill": ms, the
     graph path's prefill). A choice that fails to build or run is logged and skipped (STRICT: no silent
     torch fallback)."""
-    plan = ck._plan
-    chosen = {"cand": None}
+    def override(picks):  # {N <= 4096: (kind, config) or None for dequantize + cuBLAS}
+        def fn(M, N, K, bits, dtype, aligned):
+            if not ck._MID_MAX_M < M <= 256:
+                return None
+            pick = picks.get(N <= ck._SMALL_N)
+            if pick is None:
+                return "dequant_mm", ck._run_dequant_mm, ck._DEQUANT_CFG
+            kind, cfg = pick
+            if kind == "asm" and aligned and dtype == torch.float16:
+                return "qmm_asm", ck._run_qmm_asm, cfg
+            return "qmm", ck._run_qmm, cfg
+        return fn
 
-    def planned(M, N, K, bits, dtype, aligned, cap=()):
-        cand = chosen["cand"]
-        if cand is None or not ck._MID_MAX_M < M <= 256:
-            return plan(M, N, K, bits, dtype, aligned, cap)
-        pick = cand.get(N <= ck._SMALL_N)
-        if pick is None:
-            return "dequant_mm", ck._run_dequant_mm, ck._DEQUANT_CFG
-        kind, cfg = pick
-        if kind == "asm" and aligned and dtype == torch.float16:
-            return "qmm_asm", ck._run_qmm_asm, cfg
-        return "qmm", ck._run_qmm, cfg
+    def choices(bits):
+        cands = WIDE_CANDIDATES[bits] if candidates is None else candidates
+        return {"current": None, "former": override({}), **{name: override(c) for name, c in cands.items()}}
 
-    out, strict = {}, ck.STRICT
-    ck._plan, ck.STRICT = planned, True
-    try:
-        for bits in bits_list:
-            model = build(bits)
-            cands = {"former": {}, **(WIDE_CANDIDATES[bits] if candidates is None else candidates)}
-            for batch in batches:
-                for name in ["current", *cands]:
-                    chosen["cand"] = None if name == "current" else cands[name]
-                    release(model)
-                    try:
-                        t, _ = graph_decode(model, batch, steps=steps)
-                    except Exception as exc:  # report and go on with the next choice
-                        log(event="wide_batch_error", bits=bits, batch=batch, linears=name,
-                            error=f"{type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    out.setdefault(bits, {}).setdefault(batch, {})[name] = round(t * 1e3, 3)
-                    log(event="wide_batch", bits=bits, batch=batch, linears=name, ms=round(t * 1e3, 3),
-                        tok_s=round(batch / t))
-                    if name in ("current", "former"):  # a prompt of `batch` tokens: the same row counts
-                        release(model)
-                        pre = prefill_time(model, "graph", length=batch)
-                        out[bits][batch][f"{name} prefill"] = round(pre * 1e3, 3)
-                        log(event="wide_prefill", bits=bits, tokens=batch, linears=name, ms=round(pre * 1e3, 3))
-            release(model)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
-    finally:
-        ck._plan, ck.STRICT = plan, strict
-    return out
+    return compare_plans(bits_list, batches, steps, choices, "wide", prefill_for=("current", "former"),
+                         strict=True)
 
 
 MMA_CANDIDATES = [dict(MT=1, WARPS=4, U=4), dict(MT=1, WARPS=8, U=4), dict(MT=1, WARPS=2, U=4),
