@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import json
 import os
+import sys
 import threading
 import time
 import weakref
@@ -181,12 +182,20 @@ def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str, Optional[Ma
         if path.endswith(".safetensors"):
             from safetensors import safe_open
             try:
-                handle = safe_open(path, framework="pt")
+                handle = safe_open(path, framework="pt")  # checks the header against the file's length
             except Exception as e:  # truncated download, not a safetensors file, ...
                 raise CheckpointError(f"could not read {path} as safetensors ({e}); re-download it") from e
             with handle as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key), path, None
+                keys = list(f.keys())
+                tensors = _map_safetensors(path, keys)
+                if tensors is None:  # (a layout the mapping does not take: safetensors' own copies)
+                    for key in keys:
+                        yield key, f.get_tensor(key), path, None
+                    continue
+            mapped = MappedFile(path)
+            for key, tensor in tensors:
+                yield key, tensor, path, mapped
+            del tensors
             continue
         mapped = None
         try:
@@ -213,6 +222,42 @@ def iter_checkpoint(files) -> Iterator[Tuple[str, torch.Tensor, str, Optional[Ma
                                       "checkpoint must map parameter names to tensors (save model.state_dict())")
             yield key, value, path, mapped
         del sd
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
+def _map_safetensors(path: str, keys) -> Optional[list]:
+    """[(key, tensor)] of a safetensors file (already checked by safe_open), in file order, as views of a
+    private read-only mapping of the file, as ``torch.load(mmap=True)`` gives for a .bin: nothing is
+    copied until a weight is placed (safetensors' ``get_tensor`` copies every tensor into fresh memory,
+    which put a CPU model at twice its size: the copies plus the file's pages). None where the file
+    holds a dtype this does not know, or on a big-endian machine (the file is little-endian)."""
+    if sys.byteorder != "little":
+        return None
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    entries = []
+    for key in keys:
+        info = header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            return None
+        begin, end = info["data_offsets"]
+        entries.append((8 + n + begin, 8 + n + end, key, dtype, info["shape"]))
+    whole = torch.empty(0, dtype=torch.uint8)
+    whole.set_(torch.UntypedStorage.from_file(path, False, size))  # MAP_PRIVATE, like torch.load(mmap=True)
+    out = []
+    for begin, end, key, dtype, shape in sorted(entries):
+        raw = whole[begin:end]
+        if begin % dtype.itemsize:  # not aligned for a view of that dtype: this one is copied
+            raw = raw.clone()
+        out.append((key, raw.view(dtype).view(shape)))
+    return out
 
 
 def _check_not_lfs_pointer(path: str):

@@ -16,6 +16,7 @@ and within each process, each first and second time: a 28-token prompt + 16 new 
 cost = first - second. Also counts the kernels Triton compiled into the cache.
 
     python3 benchmarks/bench_first_call.py --json $OUT/first_call.json
+    python3 benchmarks/bench_first_call.py --no-compile-ahead --profile $OUT/prof   # where a warm first call goes
 """
 import argparse
 import json
@@ -38,24 +39,47 @@ def child():
     os.environ.setdefault("CHATGLM_CUDA_STRICT", "1")
     model = bg.build(8)
     out = {}
+    profile_to = os.environ.get("CHATGLM_BENCH_PROFILE")
     chat_like = dict(do_sample=True, temperature=0.95, top_p=0.7, logits_processor=[bg.mc.InvalidScoreLogitsProcessor()])
     for name, length, kw in (("short", 28, dict(do_sample=False)), ("long", 300, dict(do_sample=False)),
                              ("chat_sampling", 28, chat_like)):
         ids = bg.prompt(1, length)
         for attempt in ("first", "second"):
+            prof = None
+            if profile_to and attempt == "first":
+                import cProfile
+
+                prof = cProfile.Profile()
+                prof.enable()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=16, eos_token_id=None, **kw)
             torch.cuda.synchronize()
             out[f"{name}_{attempt}_s"] = round(time.perf_counter() - t0, 3)
+            if prof is not None:
+                prof.disable()
+                _write_profile(prof, Path(f"{profile_to}.{name}.txt"))
         out[f"{name}_one_time_s"] = round(out[f"{name}_first_s"] - out[f"{name}_second_s"], 3)
         out[f"{name}_path"] = bg.fd.last_decision(model)["path"]
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run_case(triton_dir: Path, pkg_dir: Path, ahead: int = 0) -> dict:
+def _write_profile(prof, path: Path) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(30)
+    path.write_text(buf.getvalue())
+
+
+def run_case(triton_dir: Path, pkg_dir: Path, ahead: int = 0, profile_to: str = "") -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=str(triton_dir), CHATGLM_CACHE_DIR=str(pkg_dir),
                CHATGLM_COMPILE_AHEAD=str(ahead))
+    if profile_to:
+        env["CHATGLM_BENCH_PROFILE"] = profile_to
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -72,6 +96,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="also run a warm process with cProfile around each first call; the statistics go to "
+                         "PREFIX.short.txt, PREFIX.long.txt, PREFIX.chat_sampling.txt")
+    ap.add_argument("--no-compile-ahead", action="store_true", help="skip the compile-ahead case")
     args = ap.parse_args()
     if args.child:
         return child()
@@ -88,9 +116,13 @@ def main():
         for case in ("cold", "warm"):
             results[case] = run_case(tdir, pdir)
             print(json.dumps({case: results[case]}), flush=True)
-        # cold again, compiling ahead on a thread pool (cuda_kernels.compile_ahead, opt-in)
-        results[f"cold_compile_ahead_{ahead}"] = run_case(Path(tmp, "triton2"), Path(tmp, "pkg2"), ahead)
-        print(json.dumps({f"cold_compile_ahead_{ahead}": results[f"cold_compile_ahead_{ahead}"]}), flush=True)
+        if args.profile:  # warm again, under cProfile (slower: the figures of this case are not comparable)
+            results["warm_profiled"] = run_case(tdir, pdir, profile_to=args.profile)
+            print(json.dumps({"warm_profiled": results["warm_profiled"]}), flush=True)
+        if not args.no_compile_ahead:
+            # cold again, compiling ahead on a thread pool (cuda_kernels.compile_ahead, opt-in)
+            results[f"cold_compile_ahead_{ahead}"] = run_case(Path(tmp, "triton2"), Path(tmp, "pkg2"), ahead)
+            print(json.dumps({f"cold_compile_ahead_{ahead}": results[f"cold_compile_ahead_{ahead}"]}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

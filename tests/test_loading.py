@@ -246,10 +246,68 @@ def test_cpu_weights_in_large_pages_equal_what_was_written(written, name, monkey
         return
     for w in weights:
         assert w.data_ptr() % (2 << 20) == 0, "not on a 2 MB boundary"
-    if name == "int8-safetensors":
-        assert read == []  # safetensors hands out copies: those are copied, the file is not re-read
-    else:  # .bin files (sharded too) are mapped by torch.load; the weights are read from the file instead
-        assert sum(read) >= sum(w.numel() * w.element_size() for w in weights)
+    # .bin files (sharded too) are mapped by torch.load, .safetensors by the loader (loading._map_safetensors);
+    # the weights are read from the file instead of through the mapping
+    assert sum(read) >= sum(w.numel() * w.element_size() for w in weights)
+
+
+def test_safetensors_weights_stay_in_the_file_mapping(written, monkeypatch):
+    """A .safetensors checkpoint loads like a .bin one: the CPU weights are views of a private mapping
+    of the file (nothing copied; safetensors' get_tensor would copy every tensor, which put a full-size
+    CPU model at twice its size), equal to what was written."""
+    from chatglm6b import loading
+
+    monkeypatch.setenv("CHATGLM_LARGE_PAGES", "0")  # the weights stay where loading put them
+    folder, ref = written["int8-safetensors"]
+    model = _load(folder)
+    _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
+    mapping = loading.MappedFile(str(folder / "model.safetensors"))
+    try:
+        assert mapping.ranges, "the file is not mapped"
+        params = dict(model.named_parameters())
+        for key in (EMBED, "transformer.layers.0.attention.query_key_value.weight",
+                    "transformer.layers.27.mlp.dense_4h_to_h.weight_scale", "transformer.final_layernorm.bias"):
+            assert mapping.offset(params[key]) is not None, f"{key} is a copy, not a view of the file"
+    finally:
+        mapping.close()
+
+
+def test_mapped_safetensors_read_what_safetensors_reads(tmp_path):
+    """loading._map_safetensors against safetensors' own reader, on a file whose tensors sit at offsets
+    that are not multiples of their element size (those are copied; the aligned ones are views)."""
+    from safetensors import safe_open
+
+    from chatglm6b import loading
+
+    values = {"a": torch.tensor([1, 2, 255], dtype=torch.uint8), "b": torch.randn(2, 3).half(),
+              "c": torch.tensor(3.5), "d": torch.tensor([True, False]), "e": torch.zeros(0, 4, dtype=torch.bfloat16),
+              "f": torch.tensor([[-128, 5], [127, 0]], dtype=torch.int8), "g": torch.arange(3, dtype=torch.int64)}
+    names = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.bool: "BOOL",
+             torch.bfloat16: "BF16", torch.int8: "I8", torch.int64: "I64"}
+    header, blobs, at = {}, [], 0
+    for key, t in values.items():  # packed in this order: "b" starts at byte 3, "c" at 15, ...
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + len(data)]}
+        blobs.append(data)
+        at += len(data)
+    text = json.dumps(header).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        theirs = {k: f.get_tensor(k) for k in keys}
+    ours = dict(loading._map_safetensors(str(path), keys))
+    assert sorted(ours) == sorted(values)
+    for key, t in values.items():
+        assert ours[key].dtype == theirs[key].dtype == t.dtype, key
+        assert ours[key].shape == theirs[key].shape == t.shape, key
+        assert torch.equal(ours[key], theirs[key]), key
+    mapping = loading.MappedFile(str(path))
+    try:
+        assert mapping.offset(ours["a"]) is not None and mapping.offset(ours["f"]) is not None  # views
+        assert mapping.offset(ours["b"]) is None  # byte 3: not an fp16 boundary, copied
+    finally:
+        mapping.close()
 
 
 def _quantized_weights(model):
