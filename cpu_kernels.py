@@ -125,6 +125,14 @@ _C_SOURCE = r"""
 
 #define CG_API __attribute__((visibility("default")))
 #define CG_INLINE static inline __attribute__((always_inline))
+/* Fully unrolled loops over the accumulator tiles of the GEMM micro-kernels (constant bounds, `r < nr`
+   tested inside): otherwise gcc keeps the tile array in memory and stores every accumulator on every
+   k step, which held the AVX2 / AVX-512 GEMMs to ~30 % of their FMA peak. */
+#if defined(__clang__)
+#define CG_UNROLL _Pragma("unroll")
+#else
+#define CG_UNROLL _Pragma("GCC unroll 16")
+#endif
 #define CG_ABI_VERSION 4
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
@@ -444,20 +452,21 @@ T256 static void convert_avx2(const problem *p, int64_t n0, int nr, int64_t k0, 
 T256 CG_INLINE void micro_avx2_body(int kc, const float *xt, const float *wt, float *yt,
                                     int64_t ldyt, int nr, int accumulate, const int V) {
     __m256 c[AVX2_NR][2];
-    for (int r = 0; r < AVX2_NR; r++)
-        for (int v = 0; v < V; v++)
+    CG_UNROLL for (int r = 0; r < AVX2_NR; r++)
+        CG_UNROLL for (int v = 0; v < V; v++)
             c[r][v] = (accumulate && r < nr) ? _mm256_loadu_ps(yt + r * ldyt + 8 * v) : _mm256_setzero_ps();
     for (int k = 0; k < kc; k++) {
         const __m256 a0 = _mm256_loadu_ps(xt + k * 8 * V);
         const __m256 a1 = V == 2 ? _mm256_loadu_ps(xt + k * 8 * V + 8) : a0;
-        for (int r = 0; r < AVX2_NR; r++) {
+        CG_UNROLL for (int r = 0; r < AVX2_NR; r++) {
             const __m256 b = _mm256_broadcast_ss(wt + r * LDW + k);
             c[r][0] = _mm256_fmadd_ps(b, a0, c[r][0]);
             if (V == 2) c[r][1] = _mm256_fmadd_ps(b, a1, c[r][1]);
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int v = 0; v < V; v++) _mm256_storeu_ps(yt + r * ldyt + 8 * v, c[r][v]);
+    CG_UNROLL for (int r = 0; r < AVX2_NR; r++)
+        if (r < nr)
+            CG_UNROLL for (int v = 0; v < V; v++) _mm256_storeu_ps(yt + r * ldyt + 8 * v, c[r][v]);
 }
 
 T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt, float *yt,
@@ -660,20 +669,21 @@ T512 static void convert_avx512(const problem *p, int64_t n0, int nr, int64_t k0
 T512 CG_INLINE void micro_avx512_body(int kc, const float *xt, const float *wt, float *yt,
                                       int64_t ldyt, int nr, int accumulate, const int V) {
     __m512 c[AVX512_NR][2];
-    for (int r = 0; r < AVX512_NR; r++)
-        for (int v = 0; v < V; v++)
+    CG_UNROLL for (int r = 0; r < AVX512_NR; r++)
+        CG_UNROLL for (int v = 0; v < V; v++)
             c[r][v] = (accumulate && r < nr) ? _mm512_loadu_ps(yt + r * ldyt + 16 * v) : _mm512_setzero_ps();
     for (int k = 0; k < kc; k++) {
         const __m512 a0 = _mm512_loadu_ps(xt + k * 16 * V);
         const __m512 a1 = V == 2 ? _mm512_loadu_ps(xt + k * 16 * V + 16) : a0;
-        for (int r = 0; r < AVX512_NR; r++) {
+        CG_UNROLL for (int r = 0; r < AVX512_NR; r++) {
             const __m512 b = _mm512_set1_ps(wt[r * LDW + k]);
             c[r][0] = _mm512_fmadd_ps(b, a0, c[r][0]);
             if (V == 2) c[r][1] = _mm512_fmadd_ps(b, a1, c[r][1]);
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int v = 0; v < V; v++) _mm512_storeu_ps(yt + r * ldyt + 16 * v, c[r][v]);
+    CG_UNROLL for (int r = 0; r < AVX512_NR; r++)
+        if (r < nr)
+            CG_UNROLL for (int v = 0; v < V; v++) _mm512_storeu_ps(yt + r * ldyt + 16 * v, c[r][v]);
 }
 
 T512 static void micro_avx512(int kc, const float *xt, int width, const float *wt, float *yt,

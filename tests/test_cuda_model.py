@@ -678,6 +678,37 @@ def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, b, s, mon
     fd.release(model)
 
 
+def test_safetensors_checkpoint_onto_the_gpu(models, gpu, tmp_path):
+    """The int8 conformance checkpoint as model.safetensors (the tied matrix stored once, under the
+    embedding's name, as safetensors requires): `.half().cuda()` (the original README's line) and
+    `device_map="cuda"` give every tensor of the .bin checkpoint's model, on the GPU."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModel
+
+    from conftest import CONFORMANCE
+
+    bin_folder = model_folder(tmp_path / "bin", "int8")
+    st_folder = tmp_path / "st"
+    shutil.copytree(bin_folder, st_folder, symlinks=False, ignore=shutil.ignore_patterns("pytorch_model.bin"))
+    sd = torch.load(str(CONFORMANCE / "int8" / "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    sd.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st_folder / "model.safetensors"), metadata={"format": "pt"})
+    want = models["int8"].state_dict()
+    for how in ("half_cuda", "device_map"):
+        if how == "half_cuda":
+            model = AutoModel.from_pretrained(str(st_folder), trust_remote_code=True).half().cuda()
+        else:
+            model = AutoModel.from_pretrained(str(st_folder), trust_remote_code=True, device_map="cuda")
+        got = model.state_dict()
+        assert sorted(got) == sorted(want), how
+        for key, value in got.items():
+            assert value.device.type == "cuda", (how, key)
+            assert value.dtype == want[key].dtype and torch.equal(value, want[key]), (how, key)
+        del model
+
+
 def test_replaced_weights_are_picked_up(models, golden, gpu):
     """Captured graphs hold weight addresses: replacing a parameter must not leave them stale."""
     model = models["int4"]
