@@ -475,12 +475,13 @@ T256 static void micro_avx2(int kc, const float *xt, int width, const float *wt,
     else micro_avx2_body(kc, xt, wt, yt, ldyt, nr, accumulate, 1);
 }
 
-/* GEMV up to 15 rows for INT8 (ahead of the GEMM by 8-12 % at 14-15, even at 16), 24 for INT4 (ahead by
-   10-21 % at 16-24: the GEMM's second 16-row tile) and 10 for FP16 (ahead by 8 % at 10, behind at 12; the
-   LM head behind from 12): bench_cpu_kernels.py --crossover --isa avx2 with the weights cycled from memory,
-   2026-12-06, eighth session (the seventh session's 13 / 14 / 10 came from one weight called repeatedly,
-   partly served by this CPU's L3) */
-static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {15, 24, 10},
+/* GEMV up to 12 rows for INT8 and INT4, 10 for FP16: bench_cpu_kernels.py --crossover on an AVX2-only CPU
+   (AMD EPYC VM, 2 threads, weights cycled from memory), 2026-12-06, ninth session, after the GEMM's
+   micro-kernel stopped spilling its accumulators (2.6-3x faster): sums of the four layer shapes, ms GEMV /
+   GEMM, INT8 at 12 rows 65.3 / 65.7, at 14 72.0 / 64.6; INT4 60.5 / 61.3 and 66.8 / 59.0 (at 16 76.0 /
+   58.7); FP16 layers 66.5 / 63.4 at 12 but the LM head 178 / 290, so FP16 stays at 10. (The eighth
+   session's 15 / 24 / 10, measured with the spilling GEMM, --isa avx2 on an AVX-512 CPU.) */
+static const isa_ops OPS_AVX2 = {ISA_AVX2, 16, AVX2_NR, 16, 8, {12, 12, 10},
                                  gemv_avx2, convert_avx2, micro_avx2, halfs_avx2};
 
 /* ------------------------------------------------------------------ AVX-512 ------------- */
