@@ -254,7 +254,7 @@ def _map_safetensors(path: str, keys) -> Optional[list]:
     out = []
     for begin, end, key, dtype, shape in sorted(entries):
         raw = whole[begin:end]
-        if begin % dtype.itemsize:  # not aligned for a view of that dtype: this one is copied
+        if begin % torch.empty((), dtype=dtype).element_size():  # not aligned for a view of that dtype: copied
             raw = raw.clone()
         out.append((key, raw.view(dtype).view(shape)))
     return out
