@@ -56,6 +56,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -66,7 +67,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV", "to_large_pages",
+__all__ = ["available", "BuildCancelled", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV", "to_large_pages",
            "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
@@ -1389,7 +1390,41 @@ def _library_path(cmd: list, identity: str, flags: list) -> Path:
     return cache_dir() / f"cpu_kernels-{key}.so"
 
 
-def _compile(cmd: list, flags: list, target: Path) -> None:
+class BuildCancelled(Exception):
+    """A build stopped because its ``cancel`` event was set; nothing is remembered, the next
+    use builds again."""
+
+
+COMPILE_TIMEOUT = 600  # seconds
+
+
+def _run_compiler(argv: list, cancel: Optional[threading.Event]):
+    """Run the compiler; with ``cancel``, kill it within ~50 ms of the event being set."""
+    group = hasattr(os, "killpg")  # the driver's children (cc1, as, ld) hold the pipes too: kill them all
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=group)
+    except OSError as exc:
+        raise _BuildError(f"running {argv[0]!r} failed: {exc}") from None
+    deadline = time.monotonic() + COMPILE_TIMEOUT
+    while True:
+        try:  # (communicate() may be retried after a timeout without losing output)
+            _, err = proc.communicate(timeout=0.05 if cancel is not None else COMPILE_TIMEOUT)
+            return proc.returncode, err
+        except subprocess.TimeoutExpired:
+            stop = cancel is not None and cancel.is_set()
+            if stop or time.monotonic() > deadline:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+                except ProcessLookupError:
+                    pass
+                proc.communicate()
+                if stop:
+                    raise BuildCancelled("the CPU kernel build was cancelled") from None
+                raise _BuildError(f"{argv[0]!r} ran for more than {COMPILE_TIMEOUT} s") from None
+
+
+def _compile(cmd: list, flags: list, target: Path, cancel: Optional[threading.Event] = None) -> None:
     """Compile into a temporary file next to ``target`` and rename it into place (atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, src = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".c", dir=target.parent)
@@ -1398,12 +1433,9 @@ def _compile(cmd: list, flags: list, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        try:
-            res = subprocess.run(cmd + flags + ["-o", tmp, src], capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise _BuildError(f"running {cmd[0]!r} failed: {exc}") from None
-        if res.returncode != 0:
-            raise _BuildError(f"{' '.join(cmd)} exited with {res.returncode}: {res.stderr.strip()[-1500:]}")
+        returncode, err = _run_compiler(cmd + flags + ["-o", tmp, src], cancel)
+        if returncode != 0:
+            raise _BuildError(f"{' '.join(cmd)} exited with {returncode}: {err.strip()[-1500:]}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
@@ -1470,13 +1502,15 @@ class _Kernels:
         self.compiled = False  # whether this process ran the compiler
         self.openmp = False
 
-    def get(self) -> Optional[ctypes.CDLL]:
+    def get(self, cancel: Optional[threading.Event] = None) -> Optional[ctypes.CDLL]:
+        """The library (built or loaded now if need be), or None; raises BuildCancelled when
+        ``cancel`` is set before a build finishes (then nothing is remembered)."""
         if self._tried:
             return self.lib
         with self._lock:
             if not self._tried:
                 try:
-                    self._load()
+                    self._load(cancel)
                 except (_BuildError, OSError) as exc:
                     self.error = str(exc)
                     self.lib = None
@@ -1489,7 +1523,7 @@ class _Kernels:
                 self._tried = True
         return self.lib
 
-    def _load(self) -> None:
+    def _load(self, cancel: Optional[threading.Event]) -> None:
         cmd = _compiler_command()
         identity = _compiler_identity(cmd)
         attempts = [_BASE_FLAGS + ["-fopenmp"], _BASE_FLAGS]
@@ -1503,7 +1537,7 @@ class _Kernels:
                 except (OSError, _BuildError):
                     pass  # unreadable or stale file: rebuild it below
             try:
-                _compile(cmd, flags, path)
+                _compile(cmd, flags, path, cancel)
                 self.lib, self.path, self.compiled = _bind(ctypes.CDLL(str(path))), path, True
                 prune_stale(path, "cpu_kernels-*.so")
                 break
@@ -1522,9 +1556,11 @@ class _Kernels:
 _KERNELS = _Kernels()
 
 
-def available() -> bool:
-    """True when the compiled kernels can be used (builds or loads them on the first call)."""
-    return _KERNELS.get() is not None
+def available(cancel: Optional[threading.Event] = None) -> bool:
+    """True when the compiled kernels can be used (builds or loads them on the first call; a
+    build stops with BuildCancelled once ``cancel`` is set, e.g. by the background weight move
+    of a model that is moved to a GPU while the kernels it will not use are being compiled)."""
+    return _KERNELS.get(cancel) is not None
 
 
 def kernel_info() -> dict:

@@ -28,7 +28,7 @@ from .dispatch import check_device_map as _check_device_map, device_for as _devi
     normalize_device_map as _normalize_device_map, plan_device_map as _plan_device_map
 from . import cpu_kernels
 from .cpu_kernels import large_pages_mode, populate_for_writing, release_pages, release_range, to_large_pages
-from .quantization import QuantizedLinear, kernel_backend, quantize_weight
+from .quantization import QuantizedLinear, kernels_may_run, quantize_weight
 
 HUB_KWARGS = ("cache_dir", "force_download", "resume_download", "proxies", "local_files_only", "token",
               "use_auth_token", "revision", "subfolder", "_commit_hash", "user_agent")
@@ -369,14 +369,16 @@ class _Placement:
     queued for ``start_large_pages`` (``finish``), the rest are copied as in "sync"; "off": weights
     stay where they were loaded. Background needs the whole model on the CPU (no thread beside
     accelerate's hooks: "sync" then) and the CPU kernels (it waits for them to be idle; the torch
-    path gives no such signal: "off" then)."""
+    path gives no such signal: "off" then). The background job builds those kernels first, so that
+    loading does not wait for the compiler (~4 s on a first load on a machine), nor does a model
+    that goes to a GPU right after loading (``.half().cuda()``: the build is cancelled)."""
 
     def __init__(self, dmap):
         self.mode = large_pages_mode()
         if self.mode == "background" and not _all_on_cpu(dmap):
             self.mode = "sync"
-        if self.mode == "background" and kernel_backend("cpu") is None:
-            self.mode = "off"
+        if self.mode == "background" and not kernels_may_run("cpu"):
+            self.mode = "off"  # (the kernels themselves are built by the background job, first)
         self.queue = []  # (key, mapped tensor, MappedFile) for the background move
         self.files = []  # MappedFiles to close
 
@@ -626,6 +628,11 @@ class _LargePages(threading.Thread):
     def run(self):
         t0 = time.perf_counter()
         try:
+            # The CPU kernels first: their idle signal paces the copy (a forward meanwhile waits for
+            # the same build). Without them the weights stay in the mapping, as with
+            # CHATGLM_KERNELS=torch; .to() & co. cancel the build (halt sets the event).
+            if not cpu_kernels.available(cancel=self._halt):
+                return
             for param_ref, old, mapped in self._items:
                 param = param_ref()
                 if self._halt.is_set() or self._model() is None:
@@ -638,7 +645,7 @@ class _LargePages(threading.Thread):
                 param.data = new
                 release_pages(old)  # again: a forward may have touched chunks dropped during the copy
                 self.moved += 1
-        except _Halted:
+        except (_Halted, cpu_kernels.BuildCancelled):
             pass
         except Exception as exc:  # e.g. out of memory: the model keeps working from the mapping
             self.error = exc

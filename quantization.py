@@ -29,6 +29,7 @@ __all__ = [
     "QuantizedLinear",
     "quantize_model",
     "kernel_backend",
+    "kernels_may_run",
 ]
 
 SUPPORTED_BITS = (4, 8)
@@ -122,6 +123,12 @@ def kernel_backend(device_type: str):
             return None
         _BACKENDS[device_type] = linear if available() else None
     return _BACKENDS[device_type]
+
+
+def kernels_may_run(device_type: str) -> bool:
+    """Whether ``kernel_backend(device_type)`` may return a kernel, decided without building or
+    importing anything: False under CHATGLM_KERNELS=torch or once the kernels were found missing."""
+    return _FORCED != "torch" and _BACKENDS.get(device_type, True) is not None
 
 
 def quantized_linear(x, q, scale, bias, bits: int, use_kernels: bool = True):

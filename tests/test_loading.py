@@ -415,6 +415,105 @@ def test_sync_mode_moves_while_loading(written, small_large_pages, monkeypatch):
     _assert_same_state(model.state_dict(), ref, skip=[k for k in ref if k.endswith("inv_freq")])
 
 
+# A child process: the kernel build is process-wide state (this process has built them already).
+_FIRST_LOAD_CHILD = """
+import json, os, sys, time, types, warnings
+root, folder, mode, pidfile, out = sys.argv[1:6]
+pkg = types.ModuleType('chatglm6b'); pkg.__path__ = [root]; sys.modules['chatglm6b'] = pkg
+import torch
+from chatglm6b import cpu_kernels, loading
+from chatglm6b.modeling_chatglm import ChatGLMForConditionalGeneration
+cpu_kernels.LARGE_PAGE_MIN_BYTES = 1  # the tiny checkpoint's weights count as large
+cpu_kernels._thp_available = lambda: True
+res = {}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    t0 = time.perf_counter()
+    model = ChatGLMForConditionalGeneration.from_pretrained(folder)
+    res['load_s'] = time.perf_counter() - t0
+    res['built_during_load'] = cpu_kernels._KERNELS._tried
+    job = loading._MIGRATIONS.get(model)
+    res['job_alive'] = job is not None and job.is_alive()
+    if mode == 'convert':
+        deadline = time.time() + 60
+        while not os.path.exists(pidfile) and time.time() < deadline:
+            time.sleep(0.02)
+        res['compiler_started'] = os.path.exists(pidfile)
+        t0 = time.perf_counter()
+        model.half()  # (any model._apply: .cuda() does the same)
+        res['convert_s'] = time.perf_counter() - t0
+        res['job_alive_after'] = job.is_alive()
+        res['remembered'] = cpu_kernels._KERNELS._tried
+        os.environ['CC'] = 'gcc' if os.system('gcc --version >/dev/null 2>&1') == 0 else 'cc'
+        res['available_later'] = cpu_kernels.available()  # builds now: the cancel was not a failure
+    else:
+        with torch.no_grad():  # right away: waits for the background build, then runs the kernels
+            logits = model(input_ids=torch.tensor([[int(a) for a in sys.argv[6:]]])).logits
+        torch.save(logits, out)
+        res['kernel_info'] = cpu_kernels.kernel_info()
+        res['moved'] = model.wait_for_large_pages(timeout=120)
+res['warnings'] = [str(w.message) for w in caught]
+print('RESULT ' + json.dumps(res), flush=True)
+"""
+
+
+def _first_load_child(folder, cache, mode, env_extra=(), args=(), pidfile="", out=""):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CHATGLM_CACHE_DIR=str(cache), CHATGLM_LARGE_PAGES="1", **dict(env_extra))
+    env.pop("CHATGLM_KERNELS", None)
+    proc = subprocess.run([sys.executable, "-c", _FIRST_LOAD_CHILD, str(ROOT), str(folder), mode, str(pidfile),
+                           str(out), *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_first_load_does_not_wait_for_the_kernel_build_and_a_conversion_cancels_it(tmp_path):
+    """On a machine whose kernel cache is empty, loading returns without running the C compiler (the
+    background weight move builds the CPU kernels first), and a model converted or sent to a GPU right
+    after loading (``.half()``, ``.cuda()``) cancels that build: the compiler is killed at once, nothing
+    is left in the cache, no warning, and the cancel is not remembered as a failure (a later use builds).
+    The compiler is a stand-in that would take 120 s (in a child process, as gcc's cc1) and records
+    the pids."""
+    fake, pidfile, cache = tmp_path / "slowcc", tmp_path / "cc.pid", tmp_path / "cache"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "slowcc 1.0"; exit 0; fi\n'
+                    f'sleep 120 &\necho $$ $! > "{pidfile}"\nwait\n')  # (a child holding the pipes, like cc1)
+    fake.chmod(0o755)
+    res = _first_load_child(model_folder(tmp_path, "int8"), cache, "convert", {"CC": str(fake)}, pidfile=pidfile)
+    assert not res["built_during_load"] and res["job_alive"] and res["load_s"] < 60, res
+    assert res["compiler_started"], res
+    assert res["convert_s"] < 10 and not res["job_alive_after"], res
+    for pid in pidfile.read_text().split():  # the compiler and its child were killed (gone, or a zombie)
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue
+        assert state == "Z", (pid, state)
+    assert not res["remembered"] and res["available_later"], res
+    assert res["warnings"] == [], res["warnings"]
+    assert [p.name for p in cache.iterdir()] == [n for n in os.listdir(cache) if n.startswith("cpu_kernels-")]
+    assert len(list(cache.iterdir())) == 1 and not list(cache.glob(".*"))  # the later build's library only
+
+
+def test_a_first_load_then_a_forward_waits_for_the_build_and_runs_the_kernels(tmp_path, golden):
+    """The CPU user's side of the above: a forward right after a first load (empty kernel cache) waits
+    for the background build, runs on the kernels it built, matches the golden logits, and the
+    weights then move to 2 MB pages."""
+    _, g = golden
+    ids = _prompt(g, "int8", 1)[0].tolist()
+    out = tmp_path / "logits.pt"
+    res = _first_load_child(model_folder(tmp_path, "int8"), tmp_path / "cache", "forward", args=ids, out=out)
+    assert not res["built_during_load"] and res["warnings"] == [], res
+    info = res["kernel_info"]
+    assert info["available"] and info["compiled_in_this_process"], info
+    assert res["moved"]["done"] and res["moved"]["moved"] == res["moved"]["total"] > 0, res["moved"]
+    logits = torch.load(out)
+    torch.testing.assert_close(logits[:, -1], g["int8.prompt1.last"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[..., g["vocab_probe"]], g["int8.prompt1.slice"], atol=ATOL, rtol=0)
+
+
 def test_large_pages_can_be_switched_off(written, monkeypatch):
     from chatglm6b import cpu_kernels
 
