@@ -51,11 +51,13 @@ import (and `available()` answer False) on machines without Triton or a GPU.
 """
 from __future__ import annotations  # kernel annotations stay strings until _build() binds `tl`
 
+import atexit
 import contextlib
 import functools
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 from types import SimpleNamespace
@@ -66,7 +68,7 @@ import torch
 from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
-__all__ = ["available", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
+__all__ = ["available", "warm_up", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
            "compile_ahead", "compiling_ahead", "ahead_workers",
            "COMPILE_OPTIONS"]
 
@@ -772,10 +774,72 @@ _HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_grid_arrive", "_grid_wait", "_gemv
 # ---------------------------------------------------------------------------------------------
 # Availability and building.
 
+# Triton's one-time cost in a process before its first kernel launch (H100 machine, warm caches:
+# importing it 0.15-0.27 s, its installation hash `triton_key()` 0.43 s, importing its gluon modules
+# 0.12 s, of a 0.92 s first call). warm_up() pays it on a thread while the model loads (the hash reads
+# libtriton in 1 MB chunks, hashlib releases the GIL); the first available() / _build() waits for it.
+_WARM_UP: Optional[threading.Thread] = None
+_WARM_UP_LOCK = threading.Lock()
+WARM_UP_MODULES = ("triton", "triton.language", "triton.runtime.cache", "triton.experimental.gluon")
+
+
+def _warm_up_body() -> None:
+    try:
+        for name in WARM_UP_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue  # (gluon is not in every Triton version)
+            if name == "triton.runtime.cache" and callable(getattr(module, "triton_key", None)):
+                module.triton_key()  # lru_cache'd by Triton: its first kernel lookup finds it computed
+    except Exception:  # best effort: the same work then happens on the first launch, as without it
+        pass
+
+
+def _triton_key_known() -> bool:
+    cache = sys.modules.get("triton.runtime.cache")  # (transformers 5 imports Triton itself)
+    info = getattr(getattr(cache, "triton_key", None), "cache_info", None)
+    try:
+        return info is not None and info().currsize > 0
+    except Exception:
+        return False
+
+
+def warm_up() -> Optional[threading.Thread]:
+    """Start (once per process) a thread importing Triton and computing its installation hash,
+    so that the first CUDA call of the model does not (called when a model is built on a machine
+    with a CUDA GPU; ``CHATGLM_KERNELS=torch`` or no Triton: nothing). Returns the thread."""
+    global _WARM_UP
+    with _WARM_UP_LOCK:
+        if _WARM_UP is None and os.environ.get("CHATGLM_KERNELS", "auto").lower() != "torch" \
+                and not _triton_key_known():
+            try:
+                present = importlib.util.find_spec("triton") is not None
+            except Exception:  # a broken install (or a blocking import hook): leave it to available()
+                present = False
+            if present:
+                _WARM_UP = threading.Thread(target=_warm_up_body, name="chatglm6b-triton-warm-up", daemon=True)
+                _WARM_UP.start()
+        return _WARM_UP
+
+
+def _warm_up_done(timeout: float = 30.0) -> None:
+    """Wait for warm_up()'s thread, if one runs (no two threads import Triton at once)."""
+    thread = _WARM_UP
+    if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+        thread.join(timeout)
+
+
+@atexit.register
+def _join_warm_up_at_exit() -> None:
+    _warm_up_done(10.0)  # (not torn down mid-import by the interpreter's exit)
+
+
 def available() -> bool:
     """True when a CUDA GPU is visible and Triton imports. Cached; no compile happens here."""
     global _AVAILABLE
     if _AVAILABLE is None:
+        _warm_up_done()
         ok = False
         try:
             if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -792,6 +856,7 @@ def _build():
     global tl, _KERNELS, _gdc, _libdevice, _USE_LIBDEVICE, _PDL_IMPORTED
     if _KERNELS is not None:
         return _KERNELS
+    _warm_up_done()
     with _LOCK:
         if _KERNELS is None:
             triton = importlib.import_module("triton")

@@ -16,7 +16,7 @@ How it runs
   straight into the static cache), and `F.scaled_dot_product_attention` with an additive float mask
   (a bool mask would turn fully padded rows into NaN that leaks through 0 * NaN). Quantized
   linears: each layer's four weights are dequantized by one launch and multiplied with cuBLAS when
-  memory allows (`_group_dequant_ok`), else one `cuda_kernels.linear` per weight — bit-equal.
+  memory allows (`_group_dequant_positions`), else one `cuda_kernels.linear` per weight — bit-equal.
   It is host-bound (~200 launches from Python), so these fusions are about launches as much as
   GPU time.
 * Decode: one step — embedding (inside the first LayerNorm kernel), 28 blocks, final LayerNorm, LM
@@ -924,11 +924,10 @@ def prefill(model, state: _State, slot: _Slot, input_ids, position_ids, pad_mask
     x1 = layer_norm(tr.word_embeddings.weight, ln0.weight, ln0.bias, ln0.eps, ids=input_ids.contiguous(),
                     dtype=state.dtype)  # the embedding lookup fused in
     slot.cache.reset(0)
-    group = _group_dequant_ok(model, slot, b * s)
-    which = _dequantized_positions(layers[0], b * s, x1.dtype) if group else ()
+    which = _group_dequant_positions(model, slot, b * s)
     for i, block in enumerate(layers):
         att = block.attention
-        lin = _prefill_linears(block, x1.dtype, which) if group else _linear
+        lin = _prefill_linears(block, x1.dtype, which) if which else _linear
         denom, coeff = _scale_for(att.layer_index, hd)
         qkv = lin(att.query_key_value, x1)
         q, k, v = prefill_rotary(qkv, cos_t, sin_t, pos, b, s, heads, hd, denom,
@@ -970,29 +969,31 @@ def _dequantized_positions(block, rows: int, dtype) -> Tuple[int, ...]:
     return tuple(i for i, m in enumerate(mods) if dequantizes(rows, m.weight, m.bits, dtype))
 
 
-def _group_dequant_ok(model, slot: _Slot, rows: int) -> bool:
-    """Whether a prompt of `rows` tokens may dequantize the weights of each layer that its linears
-    dequantize anyway (`_dequantized_positions`) at once (cuda_kernels.dequantize_group: one launch and one
+def _group_dequant_positions(model, slot: _Slot, rows: int) -> Tuple[int, ...]:
+    """The positions in `_block_linears` of the weights that a prompt of `rows` tokens dequantizes at
+    once for each layer, or () when it may not: the weights its linears dequantize anyway
+    (`_dequantized_positions`), at once (cuda_kernels.dequantize_group: one launch and one
     buffer per layer, 5 ms less host time for 1024 tokens on an H100 host). Only for prompts that the
     linears would not slice (cuda_kernels.DEQUANT_CHUNK_MIN_M), and only when it costs no memory that
     matters: buffer + this slot's KV cache stay within what a full-context generation of the same batch
     holds with one weight's buffer (peak memory at the longest context unchanged), or the GPU has at
     least twice the buffer plus 1 GiB free (a large card; small cards keep the lean path)."""
     if rows >= DEQUANT_CHUNK_MIN_M:
-        return False
+        return ()
     block = model.transformer.layers[0]
-    mods = [_block_linears(block)[i] for i in _dequantized_positions(block, rows, slot.cache.kv.dtype)]
+    which = _dequantized_positions(block, rows, slot.cache.kv.dtype)
+    mods = [_block_linears(block)[i] for i in which]
     if not mods:
-        return False
+        return ()
     per = 2 if mods[0].bits == 4 else 1
     sizes = [m.weight.numel() * per * 2 for m in mods]  # fp16 / bf16 bytes
     kv = slot.cache.kv
     per_position = kv.numel() * kv.element_size() // slot.length
     full = per_position * int(getattr(model.config, "max_sequence_length", 2048) or 2048)
     if sum(sizes) + kv.numel() * kv.element_size() <= max(sizes) + full:
-        return True
+        return which
     free, _ = torch.cuda.mem_get_info(kv.device)
-    return free >= 2 * sum(sizes) + (1 << 30)
+    return which if free >= 2 * sum(sizes) + (1 << 30) else ()
 
 
 def _prefill_linears(block, dtype, which: Tuple[int, ...]):

@@ -42,6 +42,7 @@ from .quantization import QuantizedLinear, quantize_model, quantize_weight
 # (not what those import in turn): name every module of the package here so none is left behind.
 from .dispatch import input_device
 from .cuda_kernels import available as _cuda_kernels_available  # noqa: F401  (used by quantization.py)
+from .cuda_kernels import warm_up as _cuda_warm_up
 from .cuda_mma import available as _cuda_mma_available  # noqa: F401  (used by cuda_kernels.py)
 from .fast_decode import fast_generate as _fast_generate, fast_stream_generate as _fast_stream_generate
 
@@ -752,6 +753,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 p.requires_grad = name.startswith("transformer.prefix_encoder.")
         if not empty_init:
             self.post_init()
+        if torch.cuda.is_available():
+            _cuda_warm_up()  # Triton's one-time import and hash, on a thread while the weights load
 
     @property
     def device(self) -> torch.device:

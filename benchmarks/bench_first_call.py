@@ -100,6 +100,7 @@ def main():
                     help="also run a warm process with cProfile around each first call; the statistics go to "
                          "PREFIX.short.txt, PREFIX.long.txt, PREFIX.chat_sampling.txt")
     ap.add_argument("--no-compile-ahead", action="store_true", help="skip the compile-ahead case")
+    ap.add_argument("--warm", type=int, default=1, metavar="N", help="warm processes to run (default 1)")
     args = ap.parse_args()
     if args.child:
         return child()
@@ -113,7 +114,7 @@ def main():
     ahead = min(16, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         tdir, pdir = Path(tmp, "triton"), Path(tmp, "pkg")
-        for case in ("cold", "warm"):
+        for case in ["cold"] + ["warm" if i == 0 else f"warm_{i + 1}" for i in range(args.warm)]:
             results[case] = run_case(tdir, pdir)
             print(json.dumps({case: results[case]}), flush=True)
         if args.profile:  # warm again, under cProfile (slower: the figures of this case are not comparable)

@@ -135,6 +135,56 @@ def test_imports_and_reports_unavailable_without_triton(cuda_visible):
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
 
 
+_WARM_UP = r"""
+import json, os, sys, types
+pkg = types.ModuleType("chatglm6b"); pkg.__path__ = [ROOT]; sys.modules["chatglm6b"] = pkg
+import torch
+torch.cuda.is_available = lambda: CUDA
+import chatglm6b.cuda_kernels as ck
+from chatglm6b.configuration_chatglm import ChatGLMConfig
+from chatglm6b.modeling_chatglm import ChatGLMForConditionalGeneration
+imported_before = "triton" in sys.modules
+ChatGLMForConditionalGeneration(ChatGLMConfig.from_json_file(CONFIG))
+res = {"imported_before": imported_before, "thread": ck._WARM_UP is not None}
+if ck._WARM_UP is not None:
+    ck._WARM_UP.join(120)
+    from triton.runtime.cache import triton_key
+    before = triton_key.cache_info()
+    triton_key()
+    after = triton_key.cache_info()
+    res.update(alive=ck._WARM_UP.is_alive(), size=before.currsize, misses=after.misses - before.misses,
+               hits=after.hits - before.hits)
+res["triton_imported"] = "triton" in sys.modules
+print("RESULT " + json.dumps(res), flush=True)
+"""
+
+
+@pytest.mark.parametrize("cuda_visible,kernels", [(True, "auto"), (False, "auto"), (True, "torch")])
+def test_building_a_model_on_a_cuda_machine_warms_triton_up(cuda_visible, kernels):
+    """Building the model where a CUDA GPU is visible starts one thread that imports Triton and computes
+    its installation hash (Triton's lru_cache'd ``triton_key``, 0.43 s of the first call on an H100
+    machine), so that the first kernel lookup finds it computed; without a GPU, or with
+    CHATGLM_KERNELS=torch, the model does not even import Triton."""
+    import json
+    import os
+
+    pytest.importorskip("triton")  # CI installs it in both virtualenvs
+    from conftest import CONFORMANCE
+
+    code = (_WARM_UP.replace("CUDA", repr(cuda_visible)).replace("ROOT", repr(str(ROOT)))
+            .replace("CONFIG", repr(str(CONFORMANCE / "int8" / "config.json"))))
+    env = dict(os.environ, CHATGLM_KERNELS=kernels)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-2000:]
+    res = json.loads(lines[-1][len("RESULT "):])
+    if cuda_visible and kernels == "auto":
+        assert res["thread"] and not res["alive"], res
+        assert res["size"] == 1 and res["misses"] == 0 and res["hits"] == 1, res  # computed by the thread
+    else:  # (transformers 5 imports Triton by itself; 4.27 does not)
+        assert not res["thread"] and res["triton_imported"] == res["imported_before"], res
+
+
 def test_no_plain_import_of_optional_packages():
     """Hugging Face's remote-code loader imports every name a plain import line mentions."""
     path = ROOT / "cuda_kernels.py"

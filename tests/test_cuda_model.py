@@ -666,12 +666,13 @@ def test_prefill_grouped_dequantization_is_bit_equal(models, gpu, tag, b, s, mon
     cap = ck._capability(gpu)
     planned = [ck._plan(b * s, m.weight.shape[0], m.weight.shape[1] * (2 if m.bits == 4 else 1), m.bits,
                         torch.float16, True, cap)[0] for m in lins]
-    assert fd._group_dequant_ok(model, slot, b * s) == ("dequant_mm" in planned), planned
-    assert not fd._group_dequant_ok(model, slot, 1280)
+    assert fd._group_dequant_positions(model, slot, b * s) == \
+        tuple(i for i, p in enumerate(planned) if p == "dequant_mm"), planned
+    assert fd._group_dequant_positions(model, slot, 1280) == ()
     with torch.inference_mode():
         grouped = fd.prefill(model, st, slot, ids, pos, mask).clone()
         cache = slot.cache.kv[:, :, :, :, :s].clone()
-        monkeypatch.setattr(fd, "_group_dequant_ok", lambda *a: False)
+        monkeypatch.setattr(fd, "_group_dequant_positions", lambda *a: ())
         single = fd.prefill(model, st, slot, ids, pos, mask)
     assert torch.equal(grouped, single)
     assert torch.equal(cache, slot.cache.kv[:, :, :, :, :s])
