@@ -67,8 +67,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "BuildCancelled", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV", "to_large_pages",
-           "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
+__all__ = ["available", "BuildCancelled", "linear", "fp16_linear", "kernel_info", "cache_dir", "CACHE_DIR_ENV",
+           "to_large_pages", "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
 _ABI_VERSION = 4  # bump together with CG_ABI_VERSION in the C source

@@ -68,8 +68,8 @@ import torch
 from .cuda_mma import available as _mma_available, capability as _capability, config_for as _mma_config, \
     gemv as _mma_gemv, supports as _mma_supports, weight_ok as _mma_weight_ok
 
-__all__ = ["available", "warm_up", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper", "jit_helpers",
-           "compile_ahead", "compiling_ahead", "ahead_workers",
+__all__ = ["available", "warm_up", "linear", "gelu_", "pdl_supported", "launch_options", "jit", "jit_helper",
+           "jit_helpers", "compile_ahead", "compiling_ahead", "ahead_workers",
            "COMPILE_OPTIONS"]
 
 tl = None  # triton.language; bound by _build(). The kernels below read it as a module global.
