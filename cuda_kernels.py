@@ -808,11 +808,11 @@ def _triton_key_known() -> bool:
 def warm_up() -> Optional[threading.Thread]:
     """Start (once per process) a thread importing Triton and computing its installation hash,
     so that the first CUDA call of the model does not (called when a model is built on a machine
-    with a CUDA GPU; ``CHATGLM_KERNELS=torch`` or no Triton: nothing). Returns the thread."""
+    with a CUDA GPU whose kernels may run, ``quantization.kernels_may_run``; no Triton: nothing).
+    Returns the thread."""
     global _WARM_UP
     with _WARM_UP_LOCK:
-        if _WARM_UP is None and os.environ.get("CHATGLM_KERNELS", "auto").lower() != "torch" \
-                and not _triton_key_known():
+        if _WARM_UP is None and not _triton_key_known():
             try:
                 present = importlib.util.find_spec("triton") is not None
             except Exception:  # a broken install (or a blocking import hook): leave it to available()

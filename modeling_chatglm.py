@@ -37,7 +37,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import QuantizedLinear, quantize_model, quantize_weight
+from .quantization import QuantizedLinear, kernels_may_run, quantize_model, quantize_weight
 # transformers 4.27 copies, from a local folder, only the modules that this file itself imports
 # (not what those import in turn): name every module of the package here so none is left behind.
 from .dispatch import input_device
@@ -753,7 +753,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 p.requires_grad = name.startswith("transformer.prefix_encoder.")
         if not empty_init:
             self.post_init()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and kernels_may_run("cuda"):
             _cuda_warm_up()  # Triton's one-time import and hash, on a thread while the weights load
 
     @property

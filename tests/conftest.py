@@ -61,6 +61,19 @@ def model_folder(tmp_path: Path, weights: str, extra_config: dict = None) -> Pat
     return dst
 
 
+def run_child(code: str, *args, env=None, timeout: float = 300) -> dict:
+    """Run ``code`` in a fresh interpreter (``sys.argv[1:]`` = args) and return the JSON of the last
+    line it printed starting with ``RESULT ``; fails with its output if it exits non-zero or prints none."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     if not CONFORMANCE.exists():

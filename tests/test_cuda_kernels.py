@@ -165,19 +165,14 @@ def test_building_a_model_on_a_cuda_machine_warms_triton_up(cuda_visible, kernel
     its installation hash (Triton's lru_cache'd ``triton_key``, 0.43 s of the first call on an H100
     machine), so that the first kernel lookup finds it computed; without a GPU, or with
     CHATGLM_KERNELS=torch, the model does not even import Triton."""
-    import json
     import os
 
     pytest.importorskip("triton")  # CI installs it in both virtualenvs
-    from conftest import CONFORMANCE
+    from conftest import CONFORMANCE, run_child
 
     code = (_WARM_UP.replace("CUDA", repr(cuda_visible)).replace("ROOT", repr(str(ROOT)))
             .replace("CONFIG", repr(str(CONFORMANCE / "int8" / "config.json"))))
-    env = dict(os.environ, CHATGLM_KERNELS=kernels)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-2000:]
-    res = json.loads(lines[-1][len("RESULT "):])
+    res = run_child(code, env=dict(os.environ, CHATGLM_KERNELS=kernels))
     if cuda_visible and kernels == "auto":
         assert res["thread"] and not res["alive"], res
         assert res["size"] == 1 and res["misses"] == 0 and res["hits"] == 1, res  # computed by the thread
