@@ -324,7 +324,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr,
                  ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
                  L2_BYTES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, CM: tl.constexpr = "",
-                 XVEC: tl.constexpr = 0):
+                 XVEC: tl.constexpr = 0, ONE_TILE: tl.constexpr = False):
     # y[n] = act(s[n] * sum_k x[k] q[n, k] + b[n]) for one activation row.
     # L2_BYTES > 0 (with PDL): before waiting for the previous kernel, have the first L2_BYTES of
     # each of this program's weight rows brought into L2, so that DRAM streams weights while the
@@ -346,7 +346,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
         kt1 = kt0 + num_kt // SPLIT_K
     out, rn, rn_c = _gemv_rows(tl.program_id(0), kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
                                stride_wk, BITS, BLOCK_N, BLOCK_KW, EVEN_K, PREFETCH, EV, PDL, L2_BYTES, CM, XVEC,
-                               None, 0, False, "")
+                               None, 0, False, "", ONE_TILE)
     if SPLIT_K > 1:
         tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
     else:
@@ -359,13 +359,16 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
 def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn, stride_wk, BITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                EV: tl.constexpr, PDL: tl.constexpr, L2_BYTES: tl.constexpr, CM: tl.constexpr, XVEC: tl.constexpr,
-               bar_ptr, bar_target, BAR: tl.constexpr, XCM: tl.constexpr):
+               bar_ptr, bar_target, BAR: tl.constexpr, XCM: tl.constexpr, ONE_TILE: tl.constexpr = False):
     # The GEMV's main loop for weight rows [blk * BLOCK_N, +BLOCK_N) over K tiles [kt0, kt1):
     # returns (fp32 sums [BLOCK_N], rows, rows clamped to N - 1); arguments as _gemv_kernel's.
     # Between the first weight tile's load and the loop (which reads x) it waits for the previous
     # kernel (PDL) or, BAR, for the grid barrier at bar_ptr to reach bar_target (_grid_wait; a
     # persistent kernel's phases, benchmarks/probe_persistent.py); XCM: cache modifier of the
     # activation loads (".cg" where x changes between phases of one kernel: not from L1).
+    # ONE_TILE (with PREFETCH; kt1 == kt0 + 1): the program's whole share of its weight rows is the
+    # first tile, all in flight before the wait (a kernel launched early under PDL streams it while
+    # the small kernel before it runs); no tile is re-read.
     rn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_c = tl.minimum(rn, N - 1)  # clamped rows: loads stay in bounds without a row mask
     rw = tl.arange(0, BLOCK_KW)
@@ -390,7 +393,9 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
     for kt in range(kt0, kt1):
         ww = kt * BLOCK_KW + rw
         kmask = ww < KW
-        if PREFETCH:
+        if PREFETCH and ONE_TILE:
+            w = w_nxt  # the whole K range was the first tile, loaded before the wait
+        elif PREFETCH:
             w = w_nxt
             nk = tl.minimum(kt + 1, kt1 - 1)  # last iteration re-reads its own tile (L2 hit)
             if EVEN_K:
@@ -1131,6 +1136,8 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
         cfg["XVEC"] = xvec
         xv = torch.as_strided(x2, (K,), (1,)).view(torch.int64)
     ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
+    if cfg["PREFETCH"] and _cdiv(KW, block_kw) == split_k:
+        cfg["ONE_TILE"] = True  # each program's K range is one tile, loaded before the PDL wait
     kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
     kernel[(_cdiv(N, block_n), split_k)](
         x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,

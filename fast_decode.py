@@ -115,6 +115,11 @@ _MAX_SPLITS = 16
 # two H100 calls): 2.136 / 2.069 / 2.253, so "small" there now.
 PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
             (8, "large"): "small", (4, "large"): "small", (16, "large"): "small"}
+# Linears launched early (PDL level 2) whatever the mode says, by (weight bits, batch class): names among
+# "qkv", "dense", "h_to_4h", "4h_to_h". Meant for a linear that follows a small kernel (LayerNorm,
+# attention) and whose programs' whole K range is one prefetched tile (cuda_kernels ONE_TILE): it
+# streams its weights while that kernel runs.
+EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {}
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
 
@@ -1040,13 +1045,18 @@ def _linear(m, x, act: Optional[str] = None, pdl=0):
     return y
 
 
-def _pdl_levels(state: _State, slot: _Slot) -> Tuple[int, int]:
-    """(linears, small kernels) programmatic-dependent-launch levels of this decode step
-    (cuda_kernels.launch_options), from PDL_MODE by weight kind and batch."""
+def _pdl_levels(state: _State, slot: _Slot) -> Tuple[Dict[str, int], int]:
+    """({linear name: level}, small kernels' level): programmatic-dependent-launch levels of this decode
+    step (cuda_kernels.launch_options), from PDL_MODE and EARLY_LINEARS by weight kind and batch."""
     if not state.pdl:
-        return 0, 0
-    mode = PDL_MODE.get((state.weight_kind, "small" if slot.batch <= 2 else "large"), "off")
-    return {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[mode]
+        return dict.fromkeys(_LINEAR_NAMES, 0), 0
+    key = (state.weight_kind, "small" if slot.batch <= 2 else "large")
+    lin, small = {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[PDL_MODE.get(key, "off")]
+    early = EARLY_LINEARS.get(key, ())
+    return {n: (2 if n in early and small else lin) for n in _LINEAR_NAMES}, small
+
+
+_LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")
 
 
 def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
@@ -1062,14 +1072,14 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     for i, block in enumerate(layers):
         att = block.attention
         denom, coeff = _scale_for(att.layer_index, state.head_dim)
-        qkv = _linear(att.query_key_value, x1, pdl=pdl_lin)
+        qkv = _linear(att.query_key_value, x1, pdl=pdl_lin["qkv"])
         ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, denom,
                                coeff, slot.splits, slot.scratch, pdl=pdl)
-        dense = _linear(att.dense, ctx, pdl=pdl_lin)
+        dense = _linear(att.dense, ctx, pdl=pdl_lin["dense"])
         ln = block.post_attention_layernorm
         x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl)
-        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin)  # GELU in the linear's epilogue
-        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin)
+        h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin["h_to_4h"])  # GELU in the epilogue
+        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin["4h_to_h"])
         ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
         x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl)
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))

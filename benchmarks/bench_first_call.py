@@ -21,11 +21,12 @@ cost = first - second. Also counts the kernels Triton compiled into the cache.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import _package  # noqa: E402  (repo root as package chatglm6b; the child-process helper)
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,14 +81,7 @@ def run_case(triton_dir: Path, pkg_dir: Path, ahead: int = 0, profile_to: str = 
                CHATGLM_COMPILE_AHEAD=str(ahead))
     if profile_to:
         env["CHATGLM_BENCH_PROFILE"] = profile_to
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
-    res["process_wall_s"] = round(wall, 2)
+    res = _package.run_child([__file__, "--child"], env=env)
     res["cubins_in_cache"] = len(list(triton_dir.rglob("*.cubin")))
     return res
 

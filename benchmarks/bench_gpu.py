@@ -723,6 +723,79 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
     return cur, mode
 
 
+def preload_candidates(bits: int, K: int):
+    """Batch-1 GEMV configs whose programs take a whole weight row range as one tile (ONE_TILE)."""
+    kw = K // (4 if bits == 8 else 8)
+    shapes = ((2, 4), (4, 4), (8, 4), (8, 8)) if bits == 4 else ((1, 4), (2, 4), (4, 4), (4, 8))
+    return [dict(BLOCK_N=bn, BLOCK_KW=kw, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=w) for bn, w in shapes]
+
+
+def sweep_preload(bits=4, steps=128):
+    """The linears that follow a small kernel (qkv after a LayerNorm, dense after the attention,
+    h_to_4h after a LayerNorm) launched early under PDL with their whole K range as one tile loaded
+    before the wait (fast_decode.EARLY_LINEARS, cuda_kernels ONE_TILE), batch 1, in the whole CUDA-graph
+    decode step: greedily per linear, early with today's config and early / not early with each
+    preload config (checked against float64 first); then the choice against today's, alternating.
+    Reported, not adopted. Returns the chosen {name: (early, cfg)}."""
+    cap = ck._capability(torch.device("cuda"))
+    model = build(bits)
+    key = (bits, "small")
+    early0 = fd.EARLY_LINEARS.get(key, ())
+    names = ("dense", "qkv", "h_to_4h")
+    base = {name: (name in early0, dict(ck._GEMV_SHAPE_CFG.get((cap, bits, *GEMV_SHAPES[name]))
+                                        or ck._GEMV_CFG[(bits, GEMV_SHAPES[name][0] <= ck._SMALL_N, False)]))
+            for name in names}
+    saved = {name: ck._GEMV_SHAPE_CFG.get((cap, bits, *GEMV_SHAPES[name])) for name in names}
+
+    def measure(choice, tag):
+        for name, (early, cfg) in choice.items():
+            N, K = GEMV_SHAPES[name]
+            ck._GEMV_SHAPE_CFG[(cap, bits, N, K)] = dict(cfg)
+        fd.EARLY_LINEARS[key] = tuple(n for n, (e, _) in choice.items() if e)
+        release(model)
+        t, run = graph_decode(model, 1, steps=steps)
+        ms = round(t * 1e3, 4)
+        log(event="sweep_preload", bits=bits, tag=tag, ms=ms, early=fd.EARLY_LINEARS[key],
+            cfgs={n: c for n, (_, c) in choice.items()})
+        return ms, run
+
+    try:
+        best, _ = measure(base, "start")
+        cur = dict(base)
+        for name in names:
+            N, K = GEMV_SHAPES[name]
+            trials = [(True, base[name][1])]
+            for cfg in preload_candidates(bits, K):
+                err = _linear_ok("gemv", dict(cfg), N, K, bits)
+                if not err < 2e-3:
+                    raise RuntimeError(f"{name} {cfg}: rel err {err}")
+                trials += [(True, cfg), (False, cfg)]
+            for trial in trials:
+                cand = dict(cur, **{name: trial})
+                ms, _ = measure(cand, f"{name} early={trial[0]} {trial[1]}")
+                if ms < best:
+                    best, cur = ms, cand
+        pairs = []
+        for _ in range(3):
+            pairs.append((measure(base, "confirm start")[0], measure(cur, "confirm chosen")[0]))
+        _, run = measure(cur, "breakdown chosen")
+        log(event="sweep_preload_choice", bits=bits, choice=cur, start_ms=[a for a, _ in pairs],
+            chosen_ms=[b for _, b in pairs], breakdown=kernel_breakdown(model, run))
+    finally:
+        for name, cfg in saved.items():
+            shape = (cap, bits, *GEMV_SHAPES[name])
+            if cfg is None:
+                ck._GEMV_SHAPE_CFG.pop(shape, None)
+            else:
+                ck._GEMV_SHAPE_CFG[shape] = cfg
+        fd.EARLY_LINEARS[key] = early0
+        release(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return cur
+
+
 def memory_2048(model):
     """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
     out = {}
@@ -903,6 +976,9 @@ def main():
     ap.add_argument("--sweep-mma", default=None, metavar="BITS[,...]",
                     help="only choose the tensor-core GEMV configs (cuda_mma.py) and PDL mode at batch 1 in the "
                          "decode graph for these weights, e.g. 4,8; with a per-shape micro-benchmark (no table)")
+    ap.add_argument("--sweep-preload", default=None, metavar="BITS[,...]",
+                    help="only time, at batch 1 in the decode graph, the linears after small kernels launched early "
+                         "with their whole K range loaded before the PDL wait, against today's (no table)")
     ap.add_argument("--mid-batches", default=None, metavar="BATCH[,...]",
                     help="only time the decode step at these batches of 17-64 rows for --bits (8 and 4), "
                          "current 17..64-row linear configs against the former ones (no table)")
@@ -943,8 +1019,10 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, wide_batches=got, log=LOG), indent=1))
         return
-    if args.sweep_mma or args.sweep_linear:
-        if args.sweep_mma:
+    if args.sweep_mma or args.sweep_linear or args.sweep_preload:
+        if args.sweep_preload:
+            choice = {b: sweep_preload(int(b)) for b in args.sweep_preload.split(",")}
+        elif args.sweep_mma:
             choice = {b: sweep_mma(int(b)) for b in args.sweep_mma.split(",")}
         else:
             choice = {pair: sweep_linear(*(int(v) for v in pair.split(":"))) for pair in args.sweep_linear.split(",")}

@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import _package  # noqa: E402  (repo root as package chatglm6b; the child-process helper)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CASES = ("raw", "half_to", "device_map")
@@ -140,12 +142,7 @@ def child(case: str, folder: str, device: str) -> None:
 
 
 def run_case(case: str, folder: Path, device: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", case, str(folder), "--device", device],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{case} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return _package.run_child([__file__, "--child", case, folder, "--device", device], what=case)
 
 
 def make(folder: Path, preset: str, bits: int, fmt: str) -> float:

@@ -285,6 +285,10 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
     ("gemv", 1, 77, 1000, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")),
     ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
     ("gemv", 1, 77, 1024, dict(BLOCK_N=4, BLOCK_KW=64, PREFETCH=False, num_warps=2, SPLIT_K=2, CM=".cg")),
+    # a program's whole K range as one tile (ONE_TILE): ragged, whole rows, and one tile per K slice
+    ("gemv", 1, 77, 1000, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")),
+    ("gemv", 1, 77, 2048, dict(BLOCK_N=2, BLOCK_KW=512, PREFETCH=True, num_warps=4, XVEC=2)),
+    ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3)),
     ("qmm", 16, 130, 4096, dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=4, SPLIT_K=4)),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3, XT=1)),
@@ -432,6 +436,24 @@ def test_gemv_l2_prefetch_under_pdl(gpu, bits):
         for act in (0, 1):
             got = ck._run_gemv(x, q, scale, bias, bits, dict(base, L2_FRACTION=frac), act=act, pdl=2)
             assert torch.equal(got, ck.gelu_(want.clone()) if act else want), (frac, act)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_whole_rows_before_the_pdl_wait(gpu, bits):
+    # A program's whole K range as its first tile (ONE_TILE, loaded before the PDL wait): right against
+    # float64, and the same bits whichever way it is launched, with and without the GELU epilogue.
+    N, K = 300, 4096
+    q, scale, bias = make_weight(N, K, bits, seed=5)
+    x = torch.randn(1, K, device=gpu, dtype=torch.float16)
+    kw = K // (4 if bits == 8 else 8)
+    cfg = dict(BLOCK_N=4 if bits == 4 else 2, BLOCK_KW=kw, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")
+    want = ck._run_gemv(x, q, scale, bias, bits, cfg)
+    check_close(want, x, q, scale, bias, bits)
+    for level in ([0, 1, 2] if ck.pdl_supported(gpu) else [0]):
+        assert torch.equal(ck._run_gemv(x, q, scale, bias, bits, cfg, pdl=level), want), level
+        got = ck._run_gemv(x, q, scale, bias, bits, cfg, act=1, pdl=level)
+        assert torch.equal(got, ck.gelu_(want.clone())), level
 
 
 @pytest.mark.cuda

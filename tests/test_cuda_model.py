@@ -742,8 +742,9 @@ def test_torch_dequant_linears_inside_the_graph(models, golden):
 
 
 def test_pdl_modes_give_identical_steps(models, golden):
-    """Programmatic dependent launch only changes when kernels start: every mode gives the same
-    per-step logits and ids, bit for bit (INT8 and INT4, batch 1)."""
+    """Programmatic dependent launch only changes when kernels start: every mode, and the linears after
+    small kernels launched early on their own (fast_decode.EARLY_LINEARS), gives the same per-step
+    logits and ids, bit for bit (INT8 and INT4, batch 1)."""
     for tag in TAGS:
         model = models[tag]
         fd = fd_of(model)
@@ -752,18 +753,21 @@ def test_pdl_modes_give_identical_steps(models, golden):
             pytest.skip("programmatic dependent launch needs sm_90+")
         ids = prompt_ids(golden, tag, 0, model.device)
         bits = int(tag[3:])
-        old = dict(fd.PDL_MODE)
+        old, old_early = dict(fd.PDL_MODE), dict(fd.EARLY_LINEARS)
         runs = []
         try:
-            for mode in ("off", "small", "all"):
+            for mode, early in (("off", ()), ("small", ()), ("all", ()), ("small", ("qkv", "dense", "h_to_4h"))):
                 fd.PDL_MODE[(bits, "small")] = mode
+                fd.EARLY_LINEARS[(bits, "small")] = early
                 fd.release(model)
                 with debug_logits(model) as st:
                     out = fast_greedy(model, ids, 12)
-                    runs.append((mode, out, st.last_logits.clone()))
+                    runs.append(((mode, early), out, st.last_logits.clone()))
         finally:
             fd.PDL_MODE.clear()
             fd.PDL_MODE.update(old)
+            fd.EARLY_LINEARS.clear()
+            fd.EARLY_LINEARS.update(old_early)
             fd.release(model)
         for mode, out, logits in runs[1:]:
             assert torch.equal(out, runs[0][1]), (tag, mode)
