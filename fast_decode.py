@@ -115,11 +115,12 @@ _MAX_SPLITS = 16
 # two H100 calls): 2.136 / 2.069 / 2.253, so "small" there now.
 PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
             (8, "large"): "small", (4, "large"): "small", (16, "large"): "small"}
-# Linears launched early (PDL level 2) whatever the mode says, by (weight bits, batch class): names among
-# "qkv", "dense", "h_to_4h", "4h_to_h". Meant for a linear that follows a small kernel (LayerNorm,
-# attention) and whose programs' whole K range is one prefetched tile (cuda_kernels ONE_TILE): it
-# streams its weights while that kernel runs.
-EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {}
+# Linears launched early (PDL level 2) where the mode launches linears normally, by (weight bits, batch
+# class): names among "qkv", "dense", "h_to_4h", "4h_to_h". Chosen in the whole INT4 decode graph at batch 1
+# (bench_gpu.py --sweep-preload 4, H100, 2026-12-06): dense_h_to_4h early (its first weight tile loads while
+# the post-attention LayerNorm runs) 2.045 -> 2.000 ms/token (three alternating pairs); qkv early +0.055,
+# dense early +0.010; whole-row tiles loaded before the wait (cuda_kernels ONE_TILE) +0.015..+0.19 for each.
+EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h",)}
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
 
