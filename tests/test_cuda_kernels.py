@@ -285,8 +285,8 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
     ("gemv", 1, 77, 1000, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")),
     ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=128, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
     ("gemv", 1, 77, 1024, dict(BLOCK_N=4, BLOCK_KW=64, PREFETCH=False, num_warps=2, SPLIT_K=2, CM=".cg")),
-    # a program's whole K range as one tile (ONE_TILE): ragged, whole rows, and one tile per K slice
-    ("gemv", 1, 77, 1000, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, XVEC=2, EV="evict_first")),
+    # a program's whole K range as one tile (ONE_TILE; the ragged K = 1000 entry above is one too):
+    # whole rows, and one tile per K slice
     ("gemv", 1, 77, 2048, dict(BLOCK_N=2, BLOCK_KW=512, PREFETCH=True, num_warps=4, XVEC=2)),
     ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3)),
