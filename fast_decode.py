@@ -121,6 +121,7 @@ PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
 # the post-attention LayerNorm runs) 2.045 -> 2.000 ms/token (three alternating pairs); qkv early +0.055,
 # dense early +0.010; whole-row tiles loaded before the wait (cuda_kernels ONE_TILE) +0.015..+0.19 for each.
 EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h",)}
+_LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")  # a block's linears, in decode-step order
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
 
@@ -1055,9 +1056,6 @@ def _pdl_levels(state: _State, slot: _Slot) -> Tuple[Dict[str, int], int]:
     lin, small = {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[PDL_MODE.get(key, "off")]
     early = EARLY_LINEARS.get(key, ())
     return {n: (2 if n in early and small else lin) for n in _LINEAR_NAMES}, small
-
-
-_LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")
 
 
 def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):

@@ -375,8 +375,9 @@ def sweep_layernorm():
 GEMV_SHAPES = {"qkv": (12288, 4096), "dense": (4096, 4096), "h_to_4h": (16384, 4096), "4h_to_h": (4096, 16384)}
 
 
-def _linear_ok(kind, cfg, N, K, bits=8, M=1):
-    """Relative error of one kernel config against a float64 reference (fresh random data)."""
+def _require_linear_ok(what, kind, cfg, N, K, bits=8, M=1):
+    """Check one kernel config against a float64 reference (fresh random data): raises unless the
+    relative error is below 2e-3 (a sweep stops rather than time a wrong kernel)."""
     g = torch.Generator(device="cuda").manual_seed(N + K + M)
     KQ = K if bits == 8 else K // 2
     q = torch.randint(-127, 128, (N, KQ), dtype=torch.int8, device="cuda", generator=g)
@@ -387,8 +388,15 @@ def _linear_ok(kind, cfg, N, K, bits=8, M=1):
     w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
     ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
     run = {"gemv": ck._run_gemv, "plain": ck._run_qmm, "asm": ck._run_qmm_asm, "mma": mm.gemv}[kind]
-    y = run(x, q, scale, bias, bits, cfg)
-    return ((y.double() - ref).norm() / ref.norm()).item()
+    y = run(x, q, scale, bias, bits, dict(cfg))
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    if not err < 2e-3:
+        raise RuntimeError(f"{what} {cfg}: rel err {err}")
+
+
+def _gemv_cfg(cap, bits, N, K) -> dict:
+    """The batch-1 GEMV config cuda_kernels uses for this shape now (per-shape entry, else the generic one)."""
+    return dict(ck._GEMV_SHAPE_CFG.get((cap, bits, N, K)) or ck._GEMV_CFG[(bits, N <= ck._SMALL_N, K >= ck._BIG_K)])
 
 
 def _sweep_candidates(bits: int, batch: int):
@@ -451,8 +459,7 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
 
     def current(N, K):
         if batch == 1:
-            got = ck._GEMV_SHAPE_CFG.get((cap, bits, N, K))
-            return dict(got or ck._GEMV_CFG[(bits, N <= ck._SMALL_N, K >= ck._BIG_K)])
+            return _gemv_cfg(cap, bits, N, K)
         kind, cfg = ck._DECODE_SHAPE_CFG.get((cap, bits, N, K)) or ck._DECODE_CFG[(bits, N <= ck._SMALL_N)]
         return kind, dict(cfg)
 
@@ -467,9 +474,7 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
         apply(cfgs)
         for name, (N, K) in shapes.items():
             kind, cfg = ("gemv", cfgs[name]) if batch == 1 else cfgs[name]
-            err = _linear_ok(kind, dict(cfg), N, K, bits, batch)
-            if not err < 2e-3:
-                raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
+            _require_linear_ok(name, kind, cfg, N, K, bits, batch)
         release(model)
         t, _ = graph_decode(model, batch, steps=steps)
         ms = round(t * 1e3, 4)
@@ -677,9 +682,7 @@ def sweep_mma(bits=4, steps=128, budget_s=float(os.environ.get("SWEEP_BUDGET_S",
         for name, (N, K) in shapes.items():
             if cfgs is not None:
                 mm._SHAPE_CFG[(cap, bits, N, K)] = dict(cfgs[name])
-                err = _linear_ok("mma", dict(cfgs[name]), N, K, bits)
-                if not err < 2e-3:
-                    raise RuntimeError(f"{name} {cfgs[name]}: rel err {err}")
+                _require_linear_ok(name, "mma", cfgs[name], N, K, bits)
         release(model)
         t, _ = graph_decode(model, 1, steps=steps)
         ms = round(t * 1e3, 4)
@@ -742,9 +745,7 @@ def sweep_preload(bits=4, steps=128):
     key = (bits, "small")
     early0 = fd.EARLY_LINEARS.get(key, ())
     names = ("dense", "qkv", "h_to_4h")
-    base = {name: (name in early0, dict(ck._GEMV_SHAPE_CFG.get((cap, bits, *GEMV_SHAPES[name]))
-                                        or ck._GEMV_CFG[(bits, GEMV_SHAPES[name][0] <= ck._SMALL_N, False)]))
-            for name in names}
+    base = {name: (name in early0, _gemv_cfg(cap, bits, *GEMV_SHAPES[name])) for name in names}
     saved = {name: ck._GEMV_SHAPE_CFG.get((cap, bits, *GEMV_SHAPES[name])) for name in names}
 
     def measure(choice, tag):
@@ -766,9 +767,7 @@ def sweep_preload(bits=4, steps=128):
             N, K = GEMV_SHAPES[name]
             trials = [(True, base[name][1])]
             for cfg in preload_candidates(bits, K):
-                err = _linear_ok("gemv", dict(cfg), N, K, bits)
-                if not err < 2e-3:
-                    raise RuntimeError(f"{name} {cfg}: rel err {err}")
+                _require_linear_ok(name, "gemv", cfg, N, K, bits)
                 trials += [(True, cfg), (False, cfg)]
             for trial in trials:
                 cand = dict(cur, **{name: trial})
