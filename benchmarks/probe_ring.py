@@ -27,7 +27,9 @@ previous phase — wrong numbers, the ring's own streaming rate). Each config ru
 Math of a slot: weights become f16 pairs with LOP3 (as cuda_mma.py), products summed with f16x2
 FMAs over one 16-byte chunk (16 products per half), then in fp32. The f16 partial sums round
 differently from the Triton GEMV's fp32 FMAs, so the outputs are compared with a tolerance against
-the launches and against float64 (layer 1), not bit for bit; this is a timing probe.
+the launches and against float64 (layer 1), not bit for bit; this is a timing probe. F32ACC=1 turns
+each f16 code into fp32 and multiplies-adds in fp32 (the product's numerics, ~3 instructions per
+value instead of ~1.5): whether the consumers can afford exact sums.
 
 History: a first version (not kept) gave each consumer warp whole slots in turn, staged the
 activations in shared memory at every phase start and counted every finished slot with a global
@@ -166,15 +168,28 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
     const int c0 = WIDE ? t % CH : t;
     const int rg = WIDE ? t / CH : 0;
     const int wsub = WIDE ? (t % CH) >> 5 : warp;
-    u32 xb[CPT][16];
+#if F32ACC
+    float xf[CPT][32];  /* fp32 activations, natural order */
+#else
+    u32 xb[CPT][16];    /* f16 pairs in the order the bit tricks produce: (x1 x5) (x0 x4) (x3 x7) (x2 x6) */
+#endif
     #pragma unroll
     for (int k = 0; k < CPT; ++k) {
         const u16* xp = xin + (c0 + k * NT) * 32;
         #pragma unroll
         for (int q = 0; q < 4; ++q) {
             uint4 xx = ld_cg(xp + 8 * q);
+#if F32ACC
+            const u32 xw[4] = {xx.x, xx.y, xx.z, xx.w};
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                xf[k][8 * q + 2 * i] = h2f((u16)(xw[i] & 0xffffu));
+                xf[k][8 * q + 2 * i + 1] = h2f((u16)(xw[i] >> 16));
+            }
+#else
             xb[k][4 * q + 0] = prmt(xx.x, xx.z, 0x7632); xb[k][4 * q + 1] = prmt(xx.x, xx.z, 0x5410);
             xb[k][4 * q + 2] = prmt(xx.y, xx.w, 0x7632); xb[k][4 * q + 3] = prmt(xx.y, xx.w, 0x5410);
+#endif
         }
     }
     for (int u = a; u < e; ++u, ++s) {
@@ -190,6 +205,25 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
             for (int k = 0; k < CPT; ++k) {
                 uint4 w = *(const uint4*)(slot + r * RB + (c0 + k * NT) * 16);
                 u32 ws[4] = {w.x, w.y, w.z, w.w};
+#if F32ACC
+                float acc = 0.f;  /* each code exact in f16 and in f32: fp32 products and sums */
+                #pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    u32 v = ws[q];
+                    #pragma unroll
+                    for (int h = 0; h < 2; ++h) {  /* bytes 0, 2 then 1, 3: columns 2b (high nibble), 2b + 1 */
+                        u32 lo = hsub2(lop3_and_xor(v, 0x000f000fu, 0x64086408u), 0x64086408u);
+                        u32 hi = hfma2(lop3_and_xor(v, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+                        const float* xq = &xf[k][8 * q + 2 * h];
+                        acc = fmaf(h2f((u16)(hi & 0xffffu)), xq[0], acc);
+                        acc = fmaf(h2f((u16)(lo & 0xffffu)), xq[1], acc);
+                        acc = fmaf(h2f((u16)(hi >> 16)), xq[4], acc);
+                        acc = fmaf(h2f((u16)(lo >> 16)), xq[5], acc);
+                        v >>= 8;
+                    }
+                }
+                sum[j] += acc;
+#else
                 u32 acc = 0u;
                 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
@@ -205,6 +239,7 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
                     acc = hfma2(hi, xb[k][4 * q + 3], acc);
                 }
                 sum[j] += h2f((u16)(acc & 0xffffu)) + h2f((u16)(acc >> 16));
+#endif
             }
         }
         #pragma unroll
@@ -337,7 +372,11 @@ def configs():
            dict(C=16, NS=6, SB=32768, EVICT_FIRST=0, NOWAIT=0),
            dict(C=16, NS=8, SB=16384, EVICT_FIRST=0, NOWAIT=0),
            dict(C=16, NS=12, SB=16384, EVICT_FIRST=1, NOWAIT=0),
-           dict(C=4, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0)]
+           dict(C=4, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0),
+           # fp32 products and sums (exact codes; ~3 instructions per value instead of ~1.5)
+           dict(C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0, F32ACC=1)]
+    for cfg in out:
+        cfg.setdefault("F32ACC", 0)
     return out
 
 
