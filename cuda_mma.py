@@ -100,12 +100,10 @@ _SHAPE_CFG: Dict[tuple, dict] = {  # chosen in the whole decode graph (bench_gpu
 # tanhf is not bit-equal to the libdevice tanh the Triton kernels and the eager GELU agree on, so a
 # linear with act="gelu" keeps the Triton GEMV.)
 
-_SOURCE = r"""
+# Bit-level helpers shared with benchmarks/probe_ring.py (prepended to its kernel source).
+DEVICE_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
-
-#define KSTEP (BITS == 4 ? 128 : 64)        /* k values per warp step: 16 bytes per lane per row */
-#define XPAD(k) ((k) + ((k) >> 6) * 8)       /* halves: 16 bytes of padding after every 128 bytes */
 
 __device__ __forceinline__ u32 lop3_and_xor(u32 a, u32 b, u32 c) {
     u32 d;
@@ -127,17 +125,13 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+/* INT4 word (byte i: column 2i in the high nibble, 2i + 1 in the low one, two's complement) as f16
+   pairs: low nibbles of bytes 0 and 2 -> (q1, q5); high nibbles -> (q0, q4). On w >> 8: (q3, q7), (q2, q6). */
+__device__ __forceinline__ u32 int4_lo_pair(u32 w) {
+    return hsub2(lop3_and_xor(w, 0x000f000fu, 0x64086408u), 0x64086408u);
 }
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+__device__ __forceinline__ u32 int4_hi_pair(u32 w) {
+    return hfma2(lop3_and_xor(w, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
 }
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -150,6 +144,24 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+"""
+
+_SOURCE = DEVICE_HELPERS + r"""
+#define KSTEP (BITS == 4 ? 128 : 64)        /* k values per warp step: 16 bytes per lane per row */
+#define XPAD(k) ((k) + ((k) >> 6) * 8)       /* halves: 16 bytes of padding after every 128 bytes */
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
 /* y[r] = sum * scale[r] + bias[r] rounded to fp16 (rows past N are not stored). */
 __device__ __forceinline__ void store_row(u16* y, const u16* scale, const u16* bias, int r, int N, float sum) {
     if (r >= N) return;
@@ -172,17 +184,17 @@ __device__ __forceinline__ void step_math(float (*acc)[2][4], const uint4* w, co
         #pragma unroll
         for (int t = 0; t < MT; ++t) {
             u32 w0 = ((const u32*)&w[2 * t])[j], w1 = ((const u32*)&w[2 * t + 1])[j];
-            u32 lo0 = hsub2(lop3_and_xor(w0, 0x000f000fu, 0x64086408u), 0x64086408u);
-            u32 lo1 = hsub2(lop3_and_xor(w1, 0x000f000fu, 0x64086408u), 0x64086408u);
-            u32 hi0 = hfma2(lop3_and_xor(w0, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
-            u32 hi1 = hfma2(lop3_and_xor(w1, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+            u32 lo0 = int4_lo_pair(w0);
+            u32 lo1 = int4_lo_pair(w1);
+            u32 hi0 = int4_hi_pair(w0);
+            u32 hi1 = int4_hi_pair(w1);
             mma(acc[t][0], lo0, lo1, hi0, hi1, b15, b04);
             w0 >>= 8;
             w1 >>= 8;
-            lo0 = hsub2(lop3_and_xor(w0, 0x000f000fu, 0x64086408u), 0x64086408u);
-            lo1 = hsub2(lop3_and_xor(w1, 0x000f000fu, 0x64086408u), 0x64086408u);
-            hi0 = hfma2(lop3_and_xor(w0, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
-            hi1 = hfma2(lop3_and_xor(w1, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+            lo0 = int4_lo_pair(w0);
+            lo1 = int4_lo_pair(w1);
+            hi0 = int4_hi_pair(w0);
+            hi1 = int4_hi_pair(w1);
             mma(acc[t][1], lo0, lo1, hi0, hi1, b37, b26);
         }
     }

@@ -60,9 +60,7 @@ ck = importlib.import_module("chatglm6b.cuda_kernels")
 
 HIDDEN, INNER, LAYERS = pp.HIDDEN, pp.INNER, pp.LAYERS
 
-SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
+SOURCE = mma.DEVICE_HELPERS + r"""
 typedef unsigned long long u64;
 
 #define K1 4096
@@ -79,21 +77,6 @@ typedef unsigned long long u64;
 #define PS 16                     /* partial sums per row (max warps sharing a row) */
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ u32 lop3_and_xor(u32 a, u32 b, u32 c) {
-    u32 d; asm("lop3.b32 %0, %1, %2, %3, 0x6a;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
-}
-__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
-    u32 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
-}
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-
 __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
 }
@@ -212,8 +195,8 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
                     u32 v = ws[q];
                     #pragma unroll
                     for (int h = 0; h < 2; ++h) {  /* bytes 0, 2 then 1, 3: columns 2b (high nibble), 2b + 1 */
-                        u32 lo = hsub2(lop3_and_xor(v, 0x000f000fu, 0x64086408u), 0x64086408u);
-                        u32 hi = hfma2(lop3_and_xor(v, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+                        u32 lo = int4_lo_pair(v);
+                        u32 hi = int4_hi_pair(v);
                         const float* xq = &xf[k][8 * q + 2 * h];
                         acc = fmaf(h2f((u16)(hi & 0xffffu)), xq[0], acc);
                         acc = fmaf(h2f((u16)(lo & 0xffffu)), xq[1], acc);
@@ -228,13 +211,13 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
                 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     u32 v = ws[q];
-                    u32 lo = hsub2(lop3_and_xor(v, 0x000f000fu, 0x64086408u), 0x64086408u);
-                    u32 hi = hfma2(lop3_and_xor(v, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+                    u32 lo = int4_lo_pair(v);
+                    u32 hi = int4_hi_pair(v);
                     acc = hfma2(lo, xb[k][4 * q + 0], acc);
                     acc = hfma2(hi, xb[k][4 * q + 1], acc);
                     v >>= 8;
-                    lo = hsub2(lop3_and_xor(v, 0x000f000fu, 0x64086408u), 0x64086408u);
-                    hi = hfma2(lop3_and_xor(v, 0x00f000f0u, 0x64806480u), 0x2c002c00u, 0xd480d480u);
+                    lo = int4_lo_pair(v);
+                    hi = int4_hi_pair(v);
                     acc = hfma2(lo, xb[k][4 * q + 2], acc);
                     acc = hfma2(hi, xb[k][4 * q + 3], acc);
                 }
