@@ -33,13 +33,14 @@ value instead of ~1.5): whether the consumers can afford exact sums.
 
 History: a first version (not kept) gave each consumer warp whole slots in turn, staged the
 activations in shared memory at every phase start and counted every finished slot with a global
-atomic (2048 per phase). H100, 2026-12-06: C=4, NS=6 / 8 / 11 slots of 16 KB: 1018 / 1024 / 1019 us
+atomic (2048 per phase), and its waits read the watchdog flag from global memory at their first miss
+(an L2 round trip on the critical path of every slot that was not there yet). H100, 2026-12-06: C=4, NS=6 / 8 / 11 slots of 16 KB: 1018 / 1024 / 1019 us
 against 888 / 891 / 1037 us for the launches (PDL 0 / 1 / 2) and 684 us for the 2-GEMV floor, outputs
 within 1.5e-5 of the launches; C=8 faulted (with more warps than slots a warp could wait on a slot's
 "full" barrier two rounds ahead, where the phase parity reads as done). This version (every warp on
 every slot, in order, so a barrier is never waited on more than one round ahead; activations in
-registers; one counter update per CTA per phase) was compiled but not yet run on a GPU: the device
-starts of that session failed.
+registers; one counter update per CTA per phase; the flag read only after a 1 ms wait) was compiled
+but not yet run on a GPU: the device starts of that session failed.
 
 Run (H100):   python3 benchmarks/probe_ring.py --json $OUT/ring.json
 """
@@ -87,7 +88,16 @@ __device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ u64 now_ns() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
-/* Wait for an mbarrier phase; gives up after ~0.5 s and sets the watchdog flag (results then invalid). */
+/* Watchdog for a wait that started at t0 (ns): after 1 ms it reads the global flag (another wait gave
+   up: stop too), after 0.5 s it sets it (results then invalid). Nothing global is read before 1 ms:
+   a flag read on every wait would put an L2 round trip on the critical path (the first version did). */
+__device__ __forceinline__ bool give_up(u64 t0, u32* flag) {
+    const u64 waited = now_ns() - t0;
+    if (waited < 1000000ull) return false;
+    if (*(volatile u32*)flag || waited > 500000000ull) { atomicExch(flag, 1u); return true; }
+    return false;
+}
+/* Wait for an mbarrier phase (watchdog: give_up). */
 __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity, u32* flag) {
     u32 ok = 0;
     u64 t0 = 0;
@@ -95,8 +105,8 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity, u32* flag) {
         asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
                      : "=r"(ok) : "r"(bar), "r"(parity) : "memory");
         if (ok) return;
-        if (t0 == 0) { if (*(volatile u32*)flag) return; t0 = now_ns(); }
-        else if (now_ns() - t0 > 500000000ull) { atomicExch(flag, 1u); return; }
+        if (t0 == 0) t0 = now_ns();
+        else if (give_up(t0, flag)) return;
     }
 }
 __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar, u64 policy) {
@@ -121,12 +131,12 @@ __device__ __forceinline__ uint4 ld_cg(const void* p) {
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "r"(NT) : "memory"); }
 
-/* Wait until *p >= target; gives up after ~0.5 s and sets the watchdog flag (results then invalid). */
+/* Wait until *p >= target (watchdog: give_up). */
 __device__ void wait_count(const u32* p, u32 target, u32* flag) {
-    if (ld_acquire(p) >= target || *(volatile u32*)flag) return;
-    u64 t0 = now_ns();
+    if (ld_acquire(p) >= target) return;
+    const u64 t0 = now_ns();
     while (ld_acquire(p) < target) {
-        if (now_ns() - t0 > 500000000ull) { atomicExch(flag, 1u); return; }
+        if (give_up(t0, flag)) return;
     }
 }
 
