@@ -33,6 +33,7 @@ mc = importlib.import_module("chatglm6b.modeling_chatglm")
 fd = importlib.import_module("chatglm6b.fast_decode")
 ck = importlib.import_module("chatglm6b.cuda_kernels")
 mm = importlib.import_module("chatglm6b.cuda_mma")
+quant = importlib.import_module("chatglm6b.quantization")
 mk = importlib.import_module("chatglm6b.tools.make_checkpoint")
 GiB = 1024 ** 3
 LOG = []
@@ -384,9 +385,7 @@ def _require_linear_ok(what, kind, cfg, N, K, bits=8, M=1):
     scale = (torch.rand(N, device="cuda", generator=g) * 0.01 + 0.001).half()
     bias = torch.randn(N, device="cuda", generator=g).half()
     x = torch.randn(M, K, device="cuda", generator=g).half()
-    v = q.to(torch.int32)
-    w = v if bits == 8 else torch.stack([v >> 4, ((v & 15) ^ 8) - 8], -1).reshape(N, K)
-    ref = (x.double() @ (w.double() * scale.double()[:, None]).t()) + bias.double()
+    ref = x.double() @ quant.dequantize_weight(q, scale, bits, torch.float64).t() + bias.double()
     run = {"gemv": ck._run_gemv, "plain": ck._run_qmm, "asm": ck._run_qmm_asm, "mma": mm.gemv}[kind]
     y = run(x, q, scale, bias, bits, dict(cfg))
     err = ((y.double() - ref).norm() / ref.norm()).item()

@@ -108,17 +108,18 @@ def gemv_cfg(bits, N, K, cap):
 
 
 def make_weights(bits, layers, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """The chain's stacked weights, drawn on `device` (1.9 GB for 28 INT4 layers: far quicker on a GPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     per = 8 // bits
 
     def one(N, K):
-        q = torch.randint(-128, 128, (layers * N, K // per), dtype=torch.int8, generator=g).to(device)
+        q = torch.randint(-128, 128, (layers * N, K // per), dtype=torch.int8, generator=g, device=device)
         # scale ~ 1 / qmax (x 1 for INT4, 1/16 for INT8): INT8 codes are 16x the INT4 ones, and with
         # INT4's scales the 28-layer chain (no residual, no LayerNorm) grew 2-3x per layer, past fp16's
         # range at layer 10 -> NaN (H100, 2026-12-06)
-        s = (torch.rand(layers * N, generator=g) * 0.02 / (HIDDEN ** 0.5) + 1e-4) * (8 / 2 ** (bits - 1))
-        s = s.half().to(device)
-        b = (torch.randn(layers * N, generator=g) * 0.01).half().to(device)
+        s = (torch.rand(layers * N, generator=g, device=device) * 0.02 / (HIDDEN ** 0.5) + 1e-4) * (8 / 2 ** (bits - 1))
+        s = s.half()
+        b = (torch.randn(layers * N, generator=g, device=device) * 0.01).half()
         return q, s, b
     return one(INNER, HIDDEN) + one(HIDDEN, INNER)
 

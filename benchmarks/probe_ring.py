@@ -16,7 +16,7 @@ into registers, then per slot multiplies its chunks of the slot's rows, reduces 
 and leaves a partial per (row, warp) in shared memory; at the phase end each of the CTA's rows is
 summed in a fixed order, scaled, biased (GELU after W1) and stored, and the CTA counts itself done.
 
-Chain (as probe_persistent.py, 28 layers, 56 dependent GEMVs, INT4, batch 1; data drawn on the GPU):
+Chain (as probe_persistent.py, its weights, 28 layers, 56 dependent GEMVs, INT4, batch 1):
     mid = gelu(W1 x + b1)    W1 16384 x 4096
     x   = W2 mid + b2        W2 4096 x 16384
 Contenders, each one CUDA graph, timed by replay: the product's Triton launches (PDL 0 / 1 / 2),
@@ -58,6 +58,7 @@ import probe_persistent as pp
 
 mma = importlib.import_module("chatglm6b.cuda_mma")
 ck = importlib.import_module("chatglm6b.cuda_kernels")
+quant = importlib.import_module("chatglm6b.quantization")
 
 HIDDEN, INNER, LAYERS = pp.HIDDEN, pp.INNER, pp.LAYERS
 
@@ -373,27 +374,11 @@ def configs():
     return out
 
 
-def pp_dequant(q, s):
-    """INT4 [N, K/2] (even column in the high nibble) x per-row scale -> float64 [N, K]."""
-    hi = (q.to(torch.int16) >> 4)
-    lo = ((q.to(torch.int16) << 12) >> 12)
-    w = torch.stack((hi, lo), dim=-1).reshape(q.shape[0], -1).double()
-    return w * s.double()[:, None]
-
-
 def setup(dev):
-    """probe_persistent's INT4 chain data, drawn on the GPU (faster than its CPU generator)."""
+    """probe_persistent's INT4 chain weights and a first activation row."""
     bits = 4
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def one(N, K):
-        q = torch.randint(-128, 128, (LAYERS * N, K // 2), dtype=torch.int8, generator=g, device=dev)
-        s = (torch.rand(LAYERS * N, generator=g, device=dev) * 0.02 / (HIDDEN ** 0.5) + 1e-4).half()
-        b = (torch.randn(LAYERS * N, generator=g, device=dev) * 0.01).half()
-        return q, s, b
-    weights = one(INNER, HIDDEN) + one(HIDDEN, INNER)
-    x0 = (torch.randn(1, HIDDEN, generator=g, device=dev) * 0.5).half()
-    return bits, weights, x0
+    x0 = (torch.randn(1, HIDDEN, generator=torch.Generator(device=dev).manual_seed(1), device=dev) * 0.5).half()
+    return bits, pp.make_weights(bits, LAYERS, dev), x0
 
 
 def one(cfg):
@@ -403,8 +388,8 @@ def one(cfg):
     q1, s1, b1, q2, s2, b2 = weights
     ref_x, ref_m = pp.run_launches(x0.clone(), weights, bits)
     one_m = pp.run_launches(x0.clone(), weights, bits, layers=1)[1]
-    r64m = torch.nn.functional.gelu(x0.double() @ pp_dequant(q1[:INNER], s1[:INNER]).T + b1[:INNER].double(),
-                                    approximate="tanh")
+    w64 = quant.dequantize_weight(q1[:INNER], s1[:INNER], bits, torch.float64)
+    r64m = torch.nn.functional.gelu(x0.double() @ w64.T + b1[:INNER].double(), approximate="tanh")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = full_cfg(cfg, sms)
     row = dict(event="ring", **cfg, grid=sms, smem=smem_bytes(cfg))
