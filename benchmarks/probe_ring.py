@@ -65,16 +65,18 @@ HIDDEN, INNER, LAYERS = pp.HIDDEN, pp.INNER, pp.LAYERS
 SOURCE = mma.DEVICE_HELPERS + r"""
 typedef unsigned long long u64;
 
-#define K1 4096
-#define N1 16384
-#define K2 16384
-#define N2 4096
-#define RB1 (K1 / 2)              /* bytes per W1 row (INT4) */
-#define RB2 (K2 / 2)
-#define R1 (SB / RB1)             /* rows per slot */
-#define R2 (SB / RB2)
-#define U1 (N1 / R1)              /* slots per phase */
-#define U2 (N2 / R2)
+/* The phases of one layer: CHAIN 2 = the MLP (W1 16384 x 4096 + GELU, W2 4096 x 16384); CHAIN 4 = a
+   decode layer's four linears (qkv 12288 x 4096, dense 4096 x 4096 reading qkv's first 4096 values in
+   place of the attention, then the MLP). Bytes per row (INT4): K / 2. */
+#if CHAIN == 4
+#define NPH 4
+__device__ __forceinline__ int ph_n(int p) { return p == 0 ? 12288 : p == 2 ? 16384 : 4096; }
+__device__ __forceinline__ int ph_rb(int p) { return p == 3 ? 8192 : 2048; }
+#else
+#define NPH 2
+__device__ __forceinline__ int ph_n(int p) { return p == 0 ? 16384 : 4096; }
+__device__ __forceinline__ int ph_rb(int p) { return p == 1 ? 8192 : 2048; }
+#endif
 #define NT (C * 32)               /* consumer threads */
 #define PS 16                     /* partial sums per row (max warps sharing a row) */
 
@@ -262,9 +264,21 @@ __device__ __forceinline__ void phase_run(const unsigned char* ring, u32 full0, 
     consumers_sync();
 }
 
+/* One phase's table entry (int64 words): weight bytes, scales, biases, input, output; layer 0's, the
+   layers follow each other (weight + layer N K / 2 bytes, scales / biases + layer N). */
+struct Phase { const unsigned char* w; const u16* s; const u16* b; const u16* in; u16* out; };
+
+template <int RB, int GELU>
+__device__ __forceinline__ void phase_at(const Phase& P, int N, int layer, const unsigned char* ring, u32 full0,
+                                         u32 empty0, u32& s, float* part, u32* flag) {
+    constexpr int R = SB / RB;
+    const int U = N / R, G = gridDim.x, cta = blockIdx.x;
+    phase_run<RB, R, GELU>(ring, full0, empty0, s, cta * U / G, (cta + 1) * U / G, P.in, P.out,
+                           P.s + (u64)layer * N, P.b + (u64)layer * N, part, flag);
+}
+
 extern "C" __global__ void __launch_bounds__(NT + 32, 1)
-ring_mlp(u16* x, u16* m, const unsigned char* w1, const u16* s1, const u16* b1, const unsigned char* w2,
-         const u16* s2, const u16* b2, u32* done, u32* flag, int layers) {
+ring_chain(const Phase* tab, u32* done, u32* flag, int layers) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ring = smem;                                  /* NS slots of SB bytes */
     float* part = (float*)(smem + NS * SB);                      /* MAXROWS x PS partial sums */
@@ -277,8 +291,6 @@ ring_mlp(u16* x, u16* m, const unsigned char* w1, const u16* s1, const u16* b1, 
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    const int a1 = cta * U1 / G, e1 = (cta + 1) * U1 / G;   /* this CTA's slots of a phase */
-    const int a2 = cta * U2 / G, e2 = (cta + 1) * U2 / G;
 
     if (warp == C) {  /* producer: all of this CTA's weight slots, in order, into the ring */
         if (lane == 0) {
@@ -288,10 +300,10 @@ ring_mlp(u16* x, u16* m, const unsigned char* w1, const u16* s1, const u16* b1, 
 #endif
             u32 s = 0;
             for (int layer = 0; layer < layers; ++layer) {
-                for (int ph = 0; ph < 2; ++ph) {
-                    const unsigned char* base = ph == 0 ? w1 + (u64)layer * N1 * RB1 : w2 + (u64)layer * N2 * RB2;
-                    const int a = ph == 0 ? a1 : a2, e = ph == 0 ? e1 : e2;
-                    for (int u = a; u < e; ++u, ++s) {
+                for (int ph = 0; ph < NPH; ++ph) {
+                    const int N = ph_n(ph), RB = ph_rb(ph), U = N / (SB / RB);
+                    const unsigned char* base = tab[ph].w + (u64)layer * N * RB;
+                    for (int u = cta * U / G; u < (cta + 1) * U / G; ++u, ++s) {
                         const u32 idx = s % NS, round = s / NS;
                         if (round > 0) mbar_wait(empty0 + 8 * idx, (round - 1) & 1, flag);
                         mbar_expect(full0 + 8 * idx, SB);
@@ -307,15 +319,21 @@ ring_mlp(u16* x, u16* m, const unsigned char* w1, const u16* s1, const u16* b1, 
     u32 s = 0;
     int phase = 0;
     for (int layer = 0; layer < layers; ++layer) {
-        for (int ph = 0; ph < 2; ++ph, ++phase) {
+        for (int ph = 0; ph < NPH; ++ph, ++phase) {
             if (phase > 0) {
                 if (threadIdx.x == 0 && !NOWAIT) wait_count(done + phase - 1, G, flag);
                 consumers_sync();
             }
-            if (ph == 0)
-                phase_run<RB1, R1, 1>(ring, full0, empty0, s, a1, e1, x, m, s1 + layer * N1, b1 + layer * N1, part, flag);
-            else
-                phase_run<RB2, R2, 0>(ring, full0, empty0, s, a2, e2, m, x, s2 + layer * N2, b2 + layer * N2, part, flag);
+            const Phase P = tab[ph];
+#if CHAIN == 4
+            if (ph == 0) phase_at<2048, 0>(P, 12288, layer, ring, full0, empty0, s, part, flag);
+            else if (ph == 1) phase_at<2048, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
+            else if (ph == 2) phase_at<2048, 1>(P, 16384, layer, ring, full0, empty0, s, part, flag);
+            else phase_at<8192, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
+#else
+            if (ph == 0) phase_at<2048, 1>(P, 16384, layer, ring, full0, empty0, s, part, flag);
+            else phase_at<8192, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
+#endif
             if (threadIdx.x == 0) { __threadfence(); red_release(done + phase, 1); }
         }
     }
@@ -323,11 +341,20 @@ ring_mlp(u16* x, u16* m, const unsigned char* w1, const u16* s1, const u16* b1, 
 """
 
 
+QKV = 3 * HIDDEN
+
+
+def shapes(chain):
+    """(N, K, GELU) of each phase of one layer (as the kernel's ph_n / ph_rb)."""
+    mlp = [(INNER, HIDDEN, True), (HIDDEN, INNER, False)]
+    return mlp if chain == 2 else [(QKV, HIDDEN, False), (HIDDEN, HIDDEN, False)] + mlp
+
+
 def full_cfg(cfg, grid):
     """The kernel's -D defines: cfg plus MAXROWS (rows of one CTA in one phase, at most)."""
     sb = cfg["SB"]
     most = 0
-    for n, k in ((INNER, HIDDEN), (HIDDEN, INNER)):
+    for n, k, _ in shapes(cfg["CHAIN"]):
         rows = sb // (k // 2)
         slots = n // rows
         most = max(most, -(-slots // grid) * rows)
@@ -346,16 +373,39 @@ def kernel(cfg, dev):
     if key not in _KERNELS:
         cap = torch.cuda.get_device_capability(dev)
         cubin = mma.compile_cubin(SOURCE, f"sm_{cap[0]}{cap[1]}", cfg)
-        _KERNELS[key] = mma._Kernel(cubin, "ring_mlp", dev, pdl=False)
+        _KERNELS[key] = mma._Kernel(cubin, "ring_chain", dev, pdl=False)
     return _KERNELS[key]
 
 
-def run_ring(x, m, weights, done, flag, cfg, grid, layers=LAYERS):
-    q1, s1, b1, q2, s2, b2 = weights
-    k = kernel(cfg, x.device)
-    args = [ctypes.c_void_p(t.data_ptr()) for t in (x, m, q1, s1, b1, q2, s2, b2, done, flag)]
-    args.append(ctypes.c_int(layers))
+def buffers(chain, x):
+    """Activation buffers: x (in / out) and each phase's output; phase p reads buffer p's first K values."""
+    dev = x.device
+    outs = [torch.empty(1, n, dtype=torch.float16, device=dev) for n, _, _ in shapes(chain)[:-1]]
+    return [x] + outs + [x]
+
+
+def table(phases, bufs):
+    """The kernel's Phase table: per phase (weights, scales, biases, input, output) as int64 words."""
+    rows = [[t.data_ptr() for t in (q, s, b, bufs[p], bufs[p + 1])] for p, (q, s, b) in enumerate(phases)]
+    return torch.tensor(rows, dtype=torch.int64, device=bufs[0].device)
+
+
+def run_ring(tab, done, flag, cfg, grid, layers=LAYERS):
+    k = kernel(cfg, tab.device)
+    args = [ctypes.c_void_p(t.data_ptr()) for t in (tab, done, flag)] + [ctypes.c_int(layers)]
     k.launch(grid, 32 * (cfg["C"] + 1), smem_bytes(cfg), args)
+
+
+def run_launches(x, phases, chain, pdl=0, layers=LAYERS):
+    """The product's Triton GEMVs, phase by phase: (final x, first phase's output of the last layer)."""
+    first = None
+    for layer in range(layers):
+        for p, ((q, s, b), (n, k, gelu)) in enumerate(zip(phases, shapes(chain))):
+            r = slice(layer * n, (layer + 1) * n)
+            x = ck.linear(x[:, :k], q[r], s[r], b[r], 4, act="gelu" if gelu else None, pdl=pdl)
+            if p == 0:
+                first = x
+    return x, first
 
 
 def configs():
@@ -368,41 +418,55 @@ def configs():
            dict(C=16, NS=12, SB=16384, EVICT_FIRST=1, NOWAIT=0),
            dict(C=4, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0),
            # fp32 products and sums (exact codes; ~3 instructions per value instead of ~1.5)
-           dict(C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0, F32ACC=1)]
+           dict(C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0, F32ACC=1),
+           # a decode layer's four linears (qkv, dense, h_to_4h, 4h_to_h): 112 dependent GEMVs
+           dict(CHAIN=4, C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0),
+           dict(CHAIN=4, C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=1),
+           dict(CHAIN=4, C=8, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0),
+           dict(CHAIN=4, C=16, NS=12, SB=16384, EVICT_FIRST=0, NOWAIT=0, F32ACC=1)]
     for cfg in out:
         cfg.setdefault("F32ACC", 0)
+        cfg.setdefault("CHAIN", 2)
     return out
 
 
-def setup(dev):
-    """probe_persistent's INT4 chain weights and a first activation row."""
-    bits = 4
+def setup(dev, chain):
+    """The chain's INT4 weights (probe_persistent's MLP; for CHAIN 4 qkv and dense drawn the same way,
+    another seed) as [(q, s, b)] per phase, and a first activation row."""
     x0 = (torch.randn(1, HIDDEN, generator=torch.Generator(device=dev).manual_seed(1), device=dev) * 0.5).half()
-    return bits, pp.make_weights(bits, LAYERS, dev), x0
+    w = pp.make_weights(4, LAYERS, dev)
+    if chain == 4:
+        w = pp.make_weights(4, LAYERS, dev, seed=1, shapes=((QKV, HIDDEN), (HIDDEN, HIDDEN))) + w
+    return [w[i:i + 3] for i in range(0, len(w), 3)], x0
 
 
 def one(cfg):
     """Correctness and time of one ring config (own process: a faulting config cannot poison the next)."""
     dev = torch.device("cuda")
-    bits, weights, x0 = setup(dev)
-    q1, s1, b1, q2, s2, b2 = weights
-    ref_x, ref_m = pp.run_launches(x0.clone(), weights, bits)
-    one_m = pp.run_launches(x0.clone(), weights, bits, layers=1)[1]
-    w64 = quant.dequantize_weight(q1[:INNER], s1[:INNER], bits, torch.float64)
-    r64m = torch.nn.functional.gelu(x0.double() @ w64.T + b1[:INNER].double(), approximate="tanh")
+    chain = cfg.get("CHAIN", 2)
+    phases, x0 = setup(dev, chain)
+    ref_x, _ = run_launches(x0.clone(), phases, chain)
+    one_x, one_first = run_launches(x0.clone(), phases, chain, layers=1)
+    (q, s, b), (n, _, gelu) = phases[0], shapes(chain)[0]
+    r64 = x0.double() @ quant.dequantize_weight(q[:n], s[:n], 4, torch.float64).T + b[:n].double()
+    if gelu:
+        r64 = torch.nn.functional.gelu(r64, approximate="tanh")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     cfg = full_cfg(cfg, sms)
     row = dict(event="ring", **cfg, grid=sms, smem=smem_bytes(cfg))
-    x, m = x0.clone(), torch.empty(1, INNER, dtype=torch.float16, device=dev)
-    done = torch.zeros(2 * LAYERS, dtype=torch.int32, device=dev)
+    x = x0.clone()
+    bufs = buffers(chain, x)
+    tab = table(phases, bufs)
+    done = torch.zeros(len(phases) * LAYERS, dtype=torch.int32, device=dev)
     flag = torch.zeros(1, dtype=torch.int32, device=dev)
-    run_ring(x, m, weights, done, flag, cfg, sms, layers=1)
+    run_ring(tab, done, flag, cfg, sms, layers=1)
     torch.cuda.synchronize()
-    row["l1_err_ring"] = float((m.double() - r64m).abs().max())
-    row["l1_err_launch"] = float((one_m.double() - r64m).abs().max())
-    row["l1_ref_max"] = float(r64m.abs().max())
+    row["l1_first_err_ring"] = float((bufs[1].double() - r64).abs().max())
+    row["l1_first_err_launch"] = float((one_first.double() - r64).abs().max())
+    row["l1_first_ref_max"] = float(r64.abs().max())
+    row["l1_x_diff"] = float((x.float() - one_x.float()).abs().max())
     x.copy_(x0); done.zero_(); flag.zero_()
-    run_ring(x, m, weights, done, flag, cfg, sms)
+    run_ring(tab, done, flag, cfg, sms)
     torch.cuda.synchronize()
     row["watchdog"] = int(flag.item())
     row["counts_ok"] = bool((done == sms).all())
@@ -412,7 +476,7 @@ def one(cfg):
         def fn():
             done.zero_()
             x.copy_(x0)
-            run_ring(x, m, weights, done, flag, cfg, sms)
+            run_ring(tab, done, flag, cfg, sms)
         row["us"] = round(pp.graph_us(fn), 1)
     return row
 
@@ -434,27 +498,28 @@ def main():
     def log(**kw):
         print(json.dumps(kw), flush=True)
         out["rows"].append(kw)
-    bits, weights, x0 = setup(dev)
-    launches = {p: round(pp.graph_us(lambda p=p: pp.run_launches(x0.clone(), weights, bits, pdl=p)), 1)
-                for p in (0, 1, 2)}
-    log(event="launches", us=launches)
-    q1, s1, b1, q2, s2, b2 = weights
-    xm = torch.randn(1, INNER, device=dev).half()
-    floor = round(pp.graph_us(lambda: (ck.linear(x0, q1, s1, b1, bits), ck.linear(xm, q2, s2, b2, bits))), 1)
-    log(event="floor", us=floor)
-    del weights, q1, s1, b1, q2, s2, b2
-    torch.cuda.empty_cache()
+    base = {}
+    for chain in sorted({cfg["CHAIN"] for cfg in configs()}):
+        phases, x0 = setup(dev, chain)
+        launches = {p: round(pp.graph_us(lambda p=p: run_launches(x0.clone(), phases, chain, pdl=p)), 1)
+                    for p in (0, 1, 2)}
+        log(event="launches", chain=chain, us=launches)
+        xs = [torch.randn(1, k, device=dev).half() for _, k, _ in shapes(chain)]
+        floor = round(pp.graph_us(lambda: [ck.linear(xi, q, s, b, 4) for xi, (q, s, b) in zip(xs, phases)]), 1)
+        log(event="floor", chain=chain, us=floor)
+        base[chain] = min(launches.values())
+        del phases
+        torch.cuda.empty_cache()
     for cfg in configs():
         try:
             row = _package.run_child([__file__, "--one", json.dumps(cfg)], what=f"ring {cfg}")
             if "us" in row:
-                row["saved_us_per_gemv"] = round((min(launches.values()) - row["us"]) / (2 * LAYERS), 2)
+                row["saved_us_per_gemv"] = round((base[cfg["CHAIN"]] - row["us"]) / (cfg["CHAIN"] * LAYERS), 2)
         except Exception as exc:
             row = dict(event="ring", **cfg, error=str(exc)[-1500:])
         log(**row)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -528,8 +528,8 @@ def test_stub_builds_what_the_gpu_builds():
 # the opt-in tensor-core GEMV (cuda_mma.py, CUDA C compiled by NVRTC at load; sm_80+)
 
 def test_ring_probe_builds(monkeypatch):
-    """benchmarks/probe_ring.py (a persistent MLP chain whose weights stream through a shared-memory
-    ring by bulk copies; for a device session) builds with NVRTC for sm_90 in every config it runs;
+    """benchmarks/probe_ring.py (a persistent chain of dependent GEMVs — the MLP, or a decode layer's
+    four linears — whose weights stream through a shared-memory ring by bulk copies; for a device session) builds with NVRTC for sm_90 in every config it runs;
     each config's shared memory fits Hopper's 227 KB per block and its per-CTA row buffer holds the
     most rows the kernel's split of a phase (slots cta * U / G .. (cta + 1) * U / G) gives one CTA,
     on 132 SMs (H100 SXM) and 114 (H100 PCIe); sm_80 has no bulk copies: NVRTC refuses it."""
@@ -543,7 +543,7 @@ def test_ring_probe_builds(monkeypatch):
         for grid in (132, 114):
             full = probe.full_cfg(cfg, grid)
             assert probe.smem_bytes(full) <= 227 * 1024, (cfg, grid)
-            for n, k in ((probe.INNER, probe.HIDDEN), (probe.HIDDEN, probe.INNER)):
+            for n, k, _ in probe.shapes(cfg.get("CHAIN", 2)):
                 rows = cfg["SB"] // (k // 2)
                 slots = n // rows
                 assert slots * rows == n
@@ -552,7 +552,7 @@ def test_ring_probe_builds(monkeypatch):
                 assert all(e == a2 for (_, e), (a2, _) in zip(split, split[1:]))
                 assert max(e - a for a, e in split) * rows <= full["MAXROWS"], (cfg, grid, n)
         cubin = mm.compile_cubin(probe.SOURCE, "sm_90", probe.full_cfg(cfg, 132))
-        assert cubin[:4] == b"\x7fELF" and b"ring_mlp" in cubin, cfg
+        assert cubin[:4] == b"\x7fELF" and b"ring_chain" in cubin, cfg
     with pytest.raises(RuntimeError, match=r"requires \.target sm_90"):
         mm.compile_cubin(probe.SOURCE, "sm_80", probe.full_cfg(probe.configs()[0], 132))
 
