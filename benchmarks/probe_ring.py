@@ -487,6 +487,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", help="(internal) run one config, given as JSON")
+    ap.add_argument("--first", type=int, default=0, help="run only the first N configs (0: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("probe_ring.py needs an NVIDIA GPU (sm_90: bulk copies)")
@@ -500,8 +501,9 @@ def main():
     def log(**kw):
         print(json.dumps(kw), flush=True)
         out["rows"].append(kw)
+    todo = configs()[:args.first or None]
     base = {}
-    for chain in sorted({cfg["CHAIN"] for cfg in configs()}):
+    for chain in sorted({cfg["CHAIN"] for cfg in todo}):
         phases, x0 = setup(dev, chain)
         launches = {p: round(pp.graph_us(lambda p=p: run_launches(x0.clone(), phases, chain, pdl=p)), 1)
                     for p in (0, 1, 2)}
@@ -512,7 +514,7 @@ def main():
         base[chain] = min(launches.values())
         del phases
         torch.cuda.empty_cache()
-    for cfg in configs():
+    for cfg in todo:
         try:
             row = _package.run_child([__file__, "--one", json.dumps(cfg)], what=f"ring {cfg}")
             if "us" in row:
