@@ -16,11 +16,15 @@ into registers, then per slot multiplies its chunks of the slot's rows, reduces 
 and leaves a partial per (row, warp) in shared memory; at the phase end each of the CTA's rows is
 summed in a fixed order, scaled, biased (GELU after W1) and stored, and the CTA counts itself done.
 
-Chain (as probe_persistent.py, its weights, 28 layers, 56 dependent GEMVs, INT4, batch 1):
+Chains (28 layers, INT4, batch 1). CHAIN=2, as probe_persistent.py (its weights), 56 dependent GEMVs:
     mid = gelu(W1 x + b1)    W1 16384 x 4096
     x   = W2 mid + b2        W2 4096 x 16384
+CHAIN=4, a decode layer's four linears, 112 dependent GEMVs (qkv and dense drawn the same way):
+    qkv = Wq x + bq          Wq 12288 x 4096
+    h   = Wd qkv[:4096] + bd Wd 4096 x 4096   (in place of the attention)
+    then the MLP on h as above
 Contenders, each one CUDA graph, timed by replay: the product's Triton launches (PDL 0 / 1 / 2),
-the same bytes as 2 GEMVs (the streaming floor), and this kernel over a few configs (consumer warps,
+the same bytes as one GEMV per shape (the streaming floor), and this kernel over a few configs (consumer warps,
 ring slots, slot size, L2 evict-first hint on the weight copies; NOWAIT=1 skips the wait for the
 previous phase — wrong numbers, the ring's own streaming rate). Each config runs in its own process.
 
@@ -40,9 +44,9 @@ within 1.5e-5 of the launches; C=8 faulted (with more warps than slots a warp co
 "full" barrier two rounds ahead, where the phase parity reads as done). This version (every warp on
 every slot, in order, so a barrier is never waited on more than one round ahead; activations in
 registers; one counter update per CTA per phase; the flag read only after a 1 ms wait) was compiled
-but not yet run on a GPU: the device starts of that session failed.
+but not yet run on a GPU: the device starts of that session failed, and of the whole next one.
 
-Run (H100):   python3 benchmarks/probe_ring.py --json $OUT/ring.json
+Run (H100):   cd benchmarks && python3 probe_ring.py [--first N] --json $OUT/ring.json
 """
 import argparse
 import ctypes
