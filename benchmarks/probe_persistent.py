@@ -144,15 +144,26 @@ def run_persistent(x, m, weights, bar, bits, cfg1, cfg2, nprog, xcm=".cg", layer
         **(dict(launch_cooperative_grid=True) if cooperative else {}))
 
 
-def run_launches(x, weights, bits, pdl=0, layers=LAYERS):
-    q1, s1, b1, q2, s2, b2 = weights
-    m = None
+MLP_SHAPES = ((INNER, HIDDEN, True), (HIDDEN, INNER, False))  # (N, K, GELU) per phase of a layer
+
+
+def run_chain(x, phases, shapes, bits, pdl=0, layers=LAYERS):
+    """The product's GEMV launches (`cuda_kernels.linear`), layer by layer and phase by phase: phase p
+    multiplies the first K values of the previous output by its (q, s, b) rows of this layer (stacked
+    over layers), GELU where shapes says so. Returns (final x, first phase's output of the last layer)."""
+    first = None
     for layer in range(layers):
-        r1 = slice(layer * INNER, (layer + 1) * INNER)
-        r2 = slice(layer * HIDDEN, (layer + 1) * HIDDEN)
-        m = ck.linear(x, q1[r1], s1[r1], b1[r1], bits, act="gelu", pdl=pdl)
-        x = ck.linear(m, q2[r2], s2[r2], b2[r2], bits, pdl=pdl)
-    return x, m
+        for p, ((q, s, b), (n, k, gelu)) in enumerate(zip(phases, shapes)):
+            r = slice(layer * n, (layer + 1) * n)
+            x = ck.linear(x[:, :k], q[r], s[r], b[r], bits, act="gelu" if gelu else None, pdl=pdl)
+            if p == 0:
+                first = x
+    return x, first
+
+
+def run_launches(x, weights, bits, pdl=0, layers=LAYERS):
+    """The MLP chain by launches: (x, mid of the last layer)."""
+    return run_chain(x, (weights[:3], weights[3:]), MLP_SHAPES, bits, pdl, layers)
 
 
 def resident_per_sm(bits, cfg1, cfg2, x, m, weights, bar):

@@ -329,14 +329,14 @@ ring_chain(const Phase* tab, u32* done, u32* flag, int layers) {
                 consumers_sync();
             }
             const Phase P = tab[ph];
+            const int N = ph_n(ph);  /* row bytes and GELU are template arguments: one branch per kind */
 #if CHAIN == 4
-            if (ph == 0) phase_at<2048, 0>(P, 12288, layer, ring, full0, empty0, s, part, flag);
-            else if (ph == 1) phase_at<2048, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
-            else if (ph == 2) phase_at<2048, 1>(P, 16384, layer, ring, full0, empty0, s, part, flag);
-            else phase_at<8192, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
+            if (ph < 2) phase_at<2048, 0>(P, N, layer, ring, full0, empty0, s, part, flag);
+            else if (ph == 2) phase_at<2048, 1>(P, N, layer, ring, full0, empty0, s, part, flag);
+            else phase_at<8192, 0>(P, N, layer, ring, full0, empty0, s, part, flag);
 #else
-            if (ph == 0) phase_at<2048, 1>(P, 16384, layer, ring, full0, empty0, s, part, flag);
-            else phase_at<8192, 0>(P, 4096, layer, ring, full0, empty0, s, part, flag);
+            if (ph == 0) phase_at<2048, 1>(P, N, layer, ring, full0, empty0, s, part, flag);
+            else phase_at<8192, 0>(P, N, layer, ring, full0, empty0, s, part, flag);
 #endif
             if (threadIdx.x == 0) { __threadfence(); red_release(done + phase, 1); }
         }
@@ -350,7 +350,7 @@ QKV = 3 * HIDDEN
 
 def shapes(chain):
     """(N, K, GELU) of each phase of one layer (as the kernel's ph_n / ph_rb)."""
-    mlp = [(INNER, HIDDEN, True), (HIDDEN, INNER, False)]
+    mlp = list(pp.MLP_SHAPES)
     return mlp if chain == 2 else [(QKV, HIDDEN, False), (HIDDEN, HIDDEN, False)] + mlp
 
 
@@ -402,14 +402,7 @@ def run_ring(tab, done, flag, cfg, grid, layers=LAYERS):
 
 def run_launches(x, phases, chain, pdl=0, layers=LAYERS):
     """The product's Triton GEMVs, phase by phase: (final x, first phase's output of the last layer)."""
-    first = None
-    for layer in range(layers):
-        for p, ((q, s, b), (n, k, gelu)) in enumerate(zip(phases, shapes(chain))):
-            r = slice(layer * n, (layer + 1) * n)
-            x = ck.linear(x[:, :k], q[r], s[r], b[r], 4, act="gelu" if gelu else None, pdl=pdl)
-            if p == 0:
-                first = x
-    return x, first
+    return pp.run_chain(x, phases, shapes(chain), 4, pdl, layers)
 
 
 def configs():
