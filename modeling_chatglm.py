@@ -17,7 +17,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -423,25 +423,19 @@ class PrefixEncoder(nn.Module):
 # Models.
 
 # The cache field carries the running transformers' name: `cache` on 5.x (whose ModelOutput maps the old
-# `past_key_values` onto it, with a deprecation warning), `past_key_values` before.
-if _CACHE_KW == "cache":
-    @dataclass
-    class ChatGLMOutput(ModelOutput):
-        loss: Optional[torch.Tensor] = None
-        logits: Optional[torch.Tensor] = None
-        cache: Optional[GLMCache] = None
-        hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-        attentions: Optional[Tuple[torch.Tensor, ...]] = None
-        last_hidden_state: Optional[torch.Tensor] = None
-else:
-    @dataclass
-    class ChatGLMOutput(ModelOutput):
-        loss: Optional[torch.Tensor] = None
-        logits: Optional[torch.Tensor] = None
-        past_key_values: Optional[GLMCache] = None
-        hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-        attentions: Optional[Tuple[torch.Tensor, ...]] = None
-        last_hidden_state: Optional[torch.Tensor] = None
+# `past_key_values` onto it, with a deprecation warning), `past_key_values` before. One field list, the
+# class built from it (make_dataclass: a field name chosen at import time).
+_OUTPUT_FIELDS = (
+    ("loss", Optional[torch.Tensor]),
+    ("logits", Optional[torch.Tensor]),
+    (_CACHE_KW, Optional[GLMCache]),
+    ("hidden_states", Optional[Tuple[torch.Tensor, ...]]),
+    ("attentions", Optional[Tuple[torch.Tensor, ...]]),
+    ("last_hidden_state", Optional[torch.Tensor]),
+)
+ChatGLMOutput = make_dataclass(
+    "ChatGLMOutput", [(name, kind, field(default=None)) for name, kind in _OUTPUT_FIELDS], bases=(ModelOutput,),
+    namespace={"__module__": __name__, "__doc__": "Output of the ChatGLM models (every field optional)."})
 
 
 def _cache_of(output) -> Optional[GLMCache]:
