@@ -43,10 +43,15 @@ against 888 / 891 / 1037 us for the launches (PDL 0 / 1 / 2) and 684 us for the 
 within 1.5e-5 of the launches; C=8 faulted (with more warps than slots a warp could wait on a slot's
 "full" barrier two rounds ahead, where the phase parity reads as done). This version (every warp on
 every slot, in order, so a barrier is never waited on more than one round ahead; activations in
-registers; one counter update per CTA per phase; the flag read only after a 1 ms wait) was compiled
-but not yet run on a GPU: the device starts of that session failed, and of the whole next one.
+registers; one counter update per CTA per phase; the flag read only after a 1 ms wait) ran on H100s
+on 2026-12-07 (13 configs; results/gpu.md, twentieth round). Best, C=4 and 12 slots of 16 KB: MLP chain
+806 us waiting / 733 NOWAIT against 882 (launches) and 670 (floor); decode chain 1312 / 1161 against
+1371 / 1010; more consumer warps are slower (C=16: 888 / 805 and 1555 / 1323); F32ACC slower than the
+launches. The consumers stream above the floor even without waits, each phase wait costs ~1.3 us inside
+the kernel, and the saving on the decode chain is 0.53 us per GEMV: the megakernel this probe was for
+was not built.
 
-Run (H100):   cd benchmarks && python3 probe_ring.py [--first N] --json $OUT/ring.json
+Run (H100):   cd benchmarks && python3 probe_ring.py [--first N | --configs '[{"C": 8, "NOWAIT": 1}]'] --json $OUT/ring.json
 """
 import argparse
 import ctypes
@@ -485,6 +490,7 @@ def main():
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", help="(internal) run one config, given as JSON")
     ap.add_argument("--first", type=int, default=0, help="run only the first N configs (0: all)")
+    ap.add_argument("--configs", help="run these configs instead (JSON list of dicts; keys as configs())")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("probe_ring.py needs an NVIDIA GPU (sm_90: bulk copies)")
@@ -498,7 +504,9 @@ def main():
     def log(**kw):
         print(json.dumps(kw), flush=True)
         out["rows"].append(kw)
-    todo = configs()[:args.first or None]
+    todo = json.loads(args.configs) if args.configs else configs()
+    base_cfg = configs()[0]
+    todo = [dict(base_cfg, **cfg) for cfg in todo][:args.first or None]
     base = {}
     for chain in sorted({cfg["CHAIN"] for cfg in todo}):
         phases, x0 = setup(dev, chain)
