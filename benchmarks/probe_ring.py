@@ -44,7 +44,7 @@ within 1.5e-5 of the launches; C=8 faulted (with more warps than slots a warp co
 "full" barrier two rounds ahead, where the phase parity reads as done). This version (every warp on
 every slot, in order, so a barrier is never waited on more than one round ahead; activations in
 registers; one counter update per CTA per phase; the flag read only after a 1 ms wait) ran on H100s
-on 2026-12-07 (13 configs; results/gpu.md, twentieth round). Best, C=4 and 12 slots of 16 KB: MLP chain
+on 2026-12-07 (20 configs; results/gpu.md, twentieth round). Best, C=4 and 12 slots of 16 KB: MLP chain
 806 us waiting / 733 NOWAIT against 882 (launches) and 670 (floor); decode chain 1312 / 1161 against
 1371 / 1010; more consumer warps are slower (C=16: 888 / 805 and 1555 / 1323); F32ACC slower than the
 launches. The consumers stream above the floor even without waits, each phase wait costs ~1.3 us inside
