@@ -1033,9 +1033,11 @@ def jit_helper(triton, fn):
 
 
 def jit_helpers() -> SimpleNamespace:
-    """The jitted helpers (PDL start / wait, the eager-rounded GELU) for kernels of other modules."""
+    """The jitted helpers (PDL start / wait, the eager-rounded GELU, the batch-1 GEMV's main loop) for
+    kernels of other modules."""
     _build()
-    return SimpleNamespace(pdl_start=_pdl_start, pdl_wait=_pdl_wait, gelu_f32=_gelu_f32, use_libdevice=_USE_LIBDEVICE)
+    return SimpleNamespace(pdl_start=_pdl_start, pdl_wait=_pdl_wait, gelu_f32=_gelu_f32, gemv_rows=_gemv_rows,
+                           use_libdevice=_USE_LIBDEVICE)
 
 
 def pdl_supported(device) -> bool:

@@ -62,7 +62,8 @@ import torch
 from torch.nn import functional as F
 
 from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, compiling_ahead, dequantize_group, \
-    dequantizes, gelu_ as _ck_gelu, jit as ck_jit, jit_helpers, launch_options as _launch, on_device, \
+    dequantizes, gelu_ as _ck_gelu, jit as ck_jit, jit_helper as ck_jit_helper, jit_helpers, \
+    launch_options as _launch, on_device, \
     pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
@@ -78,6 +79,7 @@ __all__ = [
 
 tl = None  # triton.language, bound by _build()
 _pdl_start = _pdl_wait = None  # cuda_kernels' jitted PDL helpers, bound by _build()
+_gemv_rows = None  # cuda_kernels' jitted batch-1 GEMV main loop, bound by _build()
 _KERNELS = None
 _BUILD_LOCK = threading.Lock()
 
@@ -128,11 +130,14 @@ MAX_EOS = 8  # eos ids a call may give (more: eager path)
 # ---------------------------------------------------------------------------------------------
 # Triton kernels (plain functions here; _build() jits them once Triton is imported).
 
-def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
-               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False):
+def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
+               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
+               NORMS: tl.constexpr = False):
     # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
     # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
     # GATHER: row i of a is a[ids[i]] (the embedding lookup, rounded to y's dtype as `.to(dtype)`).
+    # NORMS: also nrm[2 row] = sum y^2, nrm[2 row + 1] = sum |y| of the rounded outputs (fp32; the
+    # screened LM head's error bound, below).
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -158,6 +163,10 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, N, stride_a, stride_r
     rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd * w + b
     tl.store(y_ptr + row * stride_y + cols, y.to(dt), mask=m)
+    if NORMS:
+        yr = tl.where(m, y.to(dt).to(tl.float32), 0.0)
+        tl.store(nrm_ptr + row * 2, tl.sum(yr * yr, 0))
+        tl.store(nrm_ptr + row * 2 + 1, tl.sum(tl.abs(yr), 0))
 
 
 def _prefill_rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
@@ -328,28 +337,180 @@ def _pick_kernel(l_ptr, key_ptr, flag_ptr, V, stride_l, BLOCK: tl.constexpr, CHE
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < V
     x = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
-    bits = x.to(tl.int32, bitcast=True)
-    k32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    k32 = tl.where(x == 0.0, 0, k32)  # -0.0 like +0.0
-    k32 = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, k32)  # NaN
-    key = (k32.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
-    key = tl.where(m, key, (tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32))
+    key = tl.where(m, _argmax_key(x, cols), (tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32))
     tl.atomic_max(key_ptr + row, tl.max(key, 0), sem="relaxed")
     if CHECK:
-        bad = tl.max(((bits & 0x7F800000) == 0x7F800000).to(tl.int32), 0)  # exponent all ones: inf or NaN
+        bad = tl.max(_non_finite(x).to(tl.int32), 0)
         if bad != 0:
             tl.atomic_max(flag_ptr, bad, sem="relaxed")
 
 
+def _f32_order(x):
+    # fp32 values -> int32 keys in the same order (negative values: magnitude bits flipped); the map
+    # is its own inverse on the bit patterns.
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _non_finite(x):
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000  # exponent all ones: inf or NaN
+
+
+def _argmax_key(x, cols):
+    # int64 keys of fp32 values x at indices cols whose maximum is torch.argmax's choice: the value's
+    # order in the high half (NaN above everything, -0.0 equal to +0.0), 2^31 - 1 - index in the low
+    # half (the first index among equals).
+    k32 = _f32_order(x)
+    k32 = tl.where(x == 0.0, 0, k32)  # -0.0 like +0.0
+    k32 = tl.where((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, k32)  # NaN
+    return (k32.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The screened LM head (batch-1 greedy decode). The fp16 head is 1.07 GB of the 3.9 GB an INT4 token
+# reads. A copy quantized to INT8 per row (q, fp32 scale s) is read instead, with a bound per row:
+# |fl16(w.x) - s q.x| <= E = ||w - s q||_2 ||x||_2 (Cauchy-Schwarz) + the fp32 summation error of
+# both dot products (<= 2.5 K u max|w| ||x||_1, u = 2^-24) + the output rounding (2^-10 of the value
+# for fp16, 2^-7 bf16), inflated. With lo = s q.x - E and hi = s q.x + E per row and T = max lo, every
+# row with hi < T has a logit below another row's: only rows with hi >= T (a few dozen on random
+# weights) have their exact logits computed, from the fp16 rows, by the same code that computes the
+# whole head when the screen cannot decide (a non-finite value, a possible fp16 overflow, too many
+# candidates in one block). The token is the argmax of those exact logits: the same token as the
+# whole head's argmax computed by that code, tie-breaking by the first index included.
+
+def _head_rows(w_ptr, x_ptr, rows, K, stride_w, R: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr):
+    # fp32 dot products of the fp16/bf16 weight rows `rows` ([R], in range) with x [K], in an order that
+    # depends on neither R nor the layout: lane j of a BLOCK_K-wide accumulator takes columns j,
+    # j + BLOCK_K, ... by FMA in that order, then lanes are added pairwise (j + half onto j, halving).
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    base = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + cols
+        m = c < K
+        w = tl.load(base + c[None, :], mask=m[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + c, mask=m, other=0.0).to(tl.float32)
+        acc = tl.fma(w, x[None, :], acc)
+    for i in tl.static_range(LOG_K):
+        acc = tl.sum(tl.reshape(acc, (R, 2, BLOCK_K >> (i + 1))), axis=1)
+    return tl.reshape(acc, (R,))
+
+
+def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr, hi_ptr, scr_ptr, V, KW,
+                   coef, fac, rel, big, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr,
+                   PREFETCH: tl.constexpr, EV: tl.constexpr, XVEC: tl.constexpr, ASM: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    # Rows [pid * BLOCK_N, +BLOCK_N) of the INT8 copy: l = s * (q . x) by the batch-1 GEMV's main loop
+    # (ASM; else plain loads, for Triton's CPU interpreter), the bound E from the row's residual norm
+    # rn, its max |w| (mx) and x's norms (nrm: sum x^2, sum |x|, from the final LayerNorm); hi = l + E
+    # to hi_ptr, max(l - E) into scr[0] (atomic max of _f32_order keys), scr[1] = 1 when a row's l or
+    # E is not finite or |l| + E reaches `big` (the whole head must run).
+    _pdl_start(PDL)
+    blk = tl.program_id(0)
+    if ASM:
+        acc, rows, rows_c = _gemv_rows(blk, 0, tl.cdiv(KW, BLOCK_KW), x_ptr, xv_ptr, q_ptr, V, KW, 1, KW, 1, 8,
+                                       BLOCK_N, BLOCK_KW, EVEN_K, PREFETCH, EV, PDL, 0, "", XVEC, None, 0, False,
+                                       "", False)
+    else:
+        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_c = tl.minimum(rows, V - 1)
+        _pdl_wait(PDL)
+        K = KW * 4
+        cols = tl.arange(0, 4 * BLOCK_KW)
+        a = tl.zeros((BLOCK_N, 4 * BLOCK_KW), dtype=tl.float32)
+        for k0 in range(0, K, 4 * BLOCK_KW):
+            c = k0 + cols
+            m = c < K
+            w = tl.load(q8_ptr + rows_c.to(tl.int64)[:, None] * K + c[None, :], mask=m[None, :], other=0)
+            a += w.to(tl.float32) * tl.load(x_ptr + c, mask=m, other=0.0).to(tl.float32)[None, :]
+        acc = tl.sum(a, 1)
+    valid = rows < V
+    l = acc * tl.load(s_ptr + rows_c)
+    n2 = tl.sqrt(tl.load(nrm_ptr)) * fac
+    n1 = tl.load(nrm_ptr + 1) * fac
+    base = tl.load(rn_ptr + rows_c) * n2 + coef * tl.load(mx_ptr + rows_c) * n1
+    e = (base + rel * (tl.abs(l) + base)) * 1.000001 + 1e-7
+    tl.store(hi_ptr + rows, l + e, mask=valid)
+    lo = tl.where(valid, _f32_order(l - e), -2147483648)
+    tl.atomic_max(scr_ptr, tl.max(lo, 0), sem="relaxed")
+    bad = tl.max((valid & ((tl.abs(l) + e < big) == 0)).to(tl.int32), 0)  # (NaN compares false: bad)
+    if bad != 0:
+        tl.atomic_max(scr_ptr + 1, bad, sem="relaxed")
+
+
+def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, V, K, stride_w, SPAN: tl.constexpr,
+                 MAX_LOCAL: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr, PDL: tl.constexpr = False):
+    # Vocabulary entries [pid * SPAN, +SPAN): those with hi >= T (scr[0]) are candidates; each one's exact
+    # logit (_head_rows, rounded to x's dtype) competes for key[0] (_argmax_key, atomic max). More than
+    # MAX_LOCAL candidates here: scr[1] = 1 and the whole head decides (_head_kernel, COND).
+    _pdl_start(PDL)
+    cols = tl.program_id(0) * SPAN + tl.arange(0, SPAN)
+    valid = cols < V
+    _pdl_wait(PDL)
+    t = _f32_order(tl.load(scr_ptr).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
+    h = tl.load(hi_ptr + cols, mask=valid, other=0.0)
+    cand = valid & (h >= t)
+    n = tl.sum(cand.to(tl.int32), 0)
+    if n > MAX_LOCAL:
+        tl.atomic_max(scr_ptr + 1, 1, sem="relaxed")
+    n = tl.where((n > MAX_LOCAL) | (tl.load(scr_ptr + 1) != 0), 0, n)
+    best = (tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32)
+    for _ in range(n):
+        idx = tl.min(tl.where(cand, cols, V), 0)
+        cand = cand & (cols != idx)
+        row = tl.zeros([1], dtype=tl.int32) + idx
+        v = _head_rows(w_ptr, x_ptr, row, K, stride_w, 1, BLOCK_K, LOG_K).to(x_ptr.dtype.element_ty)
+        best = tl.maximum(best, _argmax_key(v.to(tl.float32), row))
+    if n > 0:
+        tl.atomic_max(key_ptr + tl.arange(0, 1), best, sem="relaxed")
+
+
+def _head_kernel(x_ptr, w_ptr, y_ptr, key_ptr, bad_ptr, scr_ptr, V, K, stride_w, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, LOG_K: tl.constexpr, STORE: tl.constexpr, PICK: tl.constexpr,
+                 CHECK: tl.constexpr, COND: tl.constexpr, PDL: tl.constexpr = False):
+    # The whole head for one row x, blocks of BLOCK_N rows taken grid-stride: logits (_head_rows,
+    # rounded to x's dtype) to y (STORE) and/or their argmax into key[0] (PICK; CHECK: bad[0] = 1 if a
+    # logit is not finite, InvalidScoreLogitsProcessor's condition). COND: only when scr[1] != 0 (the
+    # screen could not decide); else every program finds no block to do.
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
+    nblk = tl.cdiv(V, BLOCK_N)
+    if COND:
+        nblk = tl.where(tl.load(scr_ptr + 1) != 0, nblk, 0)
+    best = (tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32)
+    bad = tl.zeros([1], dtype=tl.int32)
+    for blk in range(tl.program_id(0), nblk, tl.num_programs(0)):
+        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = rows < V
+        v = _head_rows(w_ptr, x_ptr, tl.minimum(rows, V - 1), K, stride_w, BLOCK_N, BLOCK_K, LOG_K)
+        v = v.to(x_ptr.dtype.element_ty)
+        if STORE:
+            tl.store(y_ptr + rows, v, mask=m)
+        if PICK:
+            f = v.to(tl.float32)
+            key = tl.where(m, _argmax_key(f, rows), (tl.full([BLOCK_N], -2147483648, tl.int32).to(tl.int64) << 32))
+            best = tl.maximum(best, tl.max(key, 0))
+            if CHECK:
+                bad = tl.maximum(bad, tl.max((m & _non_finite(f)).to(tl.int32), 0))
+    if PICK:
+        tl.atomic_max(key_ptr + tl.arange(0, 1), best, sem="relaxed")
+        if CHECK:
+            tl.atomic_max(bad_ptr + tl.arange(0, 1), bad, sem="relaxed")
+
+
 def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos_ptr, cur_ptr, alive_ptr,
-                     genlen_ptr, key_ptr, flag_ptr, B, stride_ids, NEOS: tl.constexpr, BLOCK_B: tl.constexpr,
-                     KEYS: tl.constexpr = 0):
+                     genlen_ptr, key_ptr, flag_ptr, scr_ptr, B, stride_ids, NEOS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, KEYS: tl.constexpr = 0, SCREEN: tl.constexpr = False):
     # After choosing `nxt` for every row (one program): finished rows get pad; the token goes to
     # ids[:, cur + 1]; rows that produced an eos id finish; gen_len counts the step if any row was
     # still running; the next step's input token, position (block position + 1) and cache slot.
     # KEYS 1: nxt comes from _pick_kernel's keys (which are reset here); 2: also token 5 for every
-    # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset.
+    # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset. SCREEN: the screened
+    # head's threshold and fallback flag (scr) are reset too.
     r = tl.arange(0, BLOCK_B)
+    if SCREEN:
+        two = tl.arange(0, 2)
+        tl.store(scr_ptr + two, tl.where(two == 0, -2147483648, 0))
     m = r < B
     unf = tl.load(unf_ptr + r, mask=m, other=0) != 0
     if KEYS:
@@ -383,7 +544,8 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
 
 
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
-                 _bookkeep_kernel)
+                 _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel)
+_HELPER_FUNCS = (_f32_order, _non_finite, _argmax_key, _head_rows)  # jitted, rebound under their names
 
 
 def available() -> bool:
@@ -402,6 +564,11 @@ def _build():
             tl = importlib.import_module("triton.language")
             helpers = jit_helpers()
             _pdl_start, _pdl_wait = helpers.pdl_start, helpers.pdl_wait
+            g = globals()
+            g["_gemv_rows"] = helpers.gemv_rows  # (the screened head's INT8 main loop)
+            for fn in _HELPER_FUNCS:
+                if not isinstance(g[fn.__name__], triton.runtime.JITFunction):
+                    g[fn.__name__] = ck_jit_helper(triton, fn)
             jitted = {}
             for fn in _KERNEL_FUNCS:
                 jitted[fn.__name__.strip("_")] = ck_jit(triton, fn)
@@ -418,10 +585,12 @@ def _pow2(n: int) -> int:
 
 def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
                alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0,
-               ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+               ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+               norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given.
     ids (contiguous integer tensor): the rows are ``a[ids.flatten()].to(dtype)`` instead (a = the
     embedding table; no residual), output [ids.numel(), N] in dtype (default a's).
+    norms (fp32 [rows, 2]): also receives each output row's sum of squares and sum of magnitudes.
     pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only)."""
     k = _build()
     n = a.shape[1]
@@ -435,9 +604,10 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
         out = torch.empty_like(a) if out is None else out
     r = residual if residual is not None else a
     block = _pow2(n)
-    k["ln_kernel"][(rows,)](a, r, weight, bias, out, ids if ids is not None else a, n, a.stride(0), r.stride(0),
+    k["ln_kernel"][(rows,)](a, r, weight, bias, out, ids if ids is not None else a,
+                            norms if norms is not None else out, n, a.stride(0), r.stride(0),
                             out.stride(0), float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
-                            GATHER=ids is not None,
+                            GATHER=ids is not None, NORMS=norms is not None,
                             num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4),
                             **_launch(pdl))
     return out
@@ -446,6 +616,160 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
 def gelu_(x: torch.Tensor, pdl=0) -> torch.Tensor:
     """In-place tanh GELU with the eager rounding (x contiguous); cuda_kernels.gelu_."""
     return _ck_gelu(x, pdl=pdl)
+
+
+# The screened LM head (kernels above): "auto" runs it for INT4 models (batch-1 greedy decode steps),
+# "1" for every model, "0" never; model.config.screen_lm_head (True / False / "auto") overrides. Not
+# by default for INT8: its copy adds 0.5 GB (the head's rows at one byte each) to the INT8 model's
+# footprint, against the 7.5 GiB goal at a 2048-token context.
+SCREEN_HEAD = os.environ.get("CHATGLM_SCREEN_HEAD", "auto")
+SCREEN_CFG = dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4)  # the INT8 GEMV's
+SCREEN_SPAN = 1024  # vocabulary entries per candidate program
+SCREEN_MAX_LOCAL = 32  # candidates one program computes; more: the whole head runs instead
+HEAD_BLOCK_N = 8  # rows per block of the whole head (fallback)
+_SCREEN_CHUNK = 2048  # rows per step when building the copy (float64 temporaries)
+
+
+def _head_block_k(K: int) -> int:
+    return min(512, _pow2(K))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _head_programs(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class ScreenHead:
+    """The LM head's INT8 copy and per-row bounds for the screened greedy pick (kernels above): q [V, K]
+    int8 with a per-row fp32 scale s = max|w| / 127, the residual norm rn = ||w - s q||_2 (float64,
+    rounded up) and mx = max|w|. Built on the head's device from its fp16/bf16 weight w [V, K]."""
+
+    def __init__(self, w: torch.Tensor):
+        V, K = w.shape
+        dev = w.device
+        self.shape = (V, K)
+        self.ptr = w.data_ptr()
+        self.q = torch.empty(V, K, dtype=torch.int8, device=dev)
+        self.s = torch.empty(V, dtype=torch.float32, device=dev)
+        self.rn = torch.empty(V, dtype=torch.float32, device=dev)
+        self.mx = torch.empty(V, dtype=torch.float32, device=dev)
+        self.fill(w)
+
+    @torch.no_grad()
+    def fill(self, w: torch.Tensor):
+        """(Re)compute the copy from w in place (captured graphs keep reading these buffers)."""
+        for i in range(0, self.shape[0], _SCREEN_CHUNK):
+            wc = w[i:i + _SCREEN_CHUNK].double()
+            mx = wc.abs().amax(dim=1)
+            s = (mx / 127).float()
+            sd = s.double()
+            q = torch.round(wc / torch.where(sd > 0, sd, 1.0)[:, None]).clamp_(-127, 127)
+            rn = torch.linalg.vector_norm(wc - q * sd[:, None], dim=1)
+            self.q[i:i + _SCREEN_CHUNK] = q.to(torch.int8)
+            self.s[i:i + _SCREEN_CHUNK] = s
+            self.rn[i:i + _SCREEN_CHUNK] = (rn * (1 + 1e-6)).float()
+            self.mx[i:i + _SCREEN_CHUNK] = mx.float()
+        self.version = w._version
+
+    def pick(self, x: torch.Tensor, w: torch.Tensor, key, flag, scr, hi, norms, check: bool = False,
+             pdl_screen=0, pdl=0):
+        """Greedy pick for one row x [1, K] (contiguous; norms [1, 2] = its sum x^2, sum |x|, e.g. from
+        layer_norm(norms=)): key[0] gets the _argmax_key of the token (atomic max; reset by the caller),
+        flag[0] = 1 when check and a logit is not finite (only the whole head can see one: the screen
+        sends every such step there); scr = [INT32_MIN, 0] on entry, hi: fp32 [V] scratch."""
+        k = _build()
+        V, K = self.shape
+        cfg = dict(SCREEN_CFG)
+        block_n, block_kw = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_KW")
+        KW = K // 4
+        xvec = 2 if x.dtype == torch.float16 else 1
+        xv = torch.as_strided(x, (K,), (1,)).view(torch.int64)
+        dt = x.dtype
+        u = 2.0 ** -24
+        rel = 2.0 ** -_MANTISSA[dt]  # twice the output rounding's relative half-ulp
+        k["screen_kernel"][(triton_cdiv(V, block_n),)](
+            x, xv, self.q.view(torch.int32), self.q, self.s, self.rn, self.mx, norms, hi, scr, V, KW,
+            2.5 * K * u, 1.0 + 4.0 * K * u + 1e-6, rel, float(torch.finfo(dt).max), BLOCK_N=block_n,
+            BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not _interpreting(), **cfg,
+            **_launch(pdl_screen))
+        bk = _head_block_k(K)
+        k["cand_kernel"][(triton_cdiv(V, SCREEN_SPAN),)](
+            hi, scr, x, w, key, V, K, w.stride(0), SPAN=SCREEN_SPAN, MAX_LOCAL=SCREEN_MAX_LOCAL, BLOCK_K=bk,
+            LOG_K=bk.bit_length() - 1, num_warps=4, **_launch(pdl))
+        _run_head(x, w, None, key, flag, scr, check=check, cond=True, pdl=pdl)
+
+
+_MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def _run_head(x, w, y, key, flag, scr, check=False, cond=False, pdl=0):
+    k = _build()
+    V, K = w.shape
+    bk = _head_block_k(K)
+    grid = (max(1, min(triton_cdiv(V, HEAD_BLOCK_N), _head_programs(x.device))),)
+    k["head_kernel"][grid](x, w, y if y is not None else x, key if key is not None else x,
+                           flag if flag is not None else x, scr if scr is not None else x, V, K, w.stride(0),
+                           BLOCK_N=HEAD_BLOCK_N, BLOCK_K=bk, LOG_K=bk.bit_length() - 1, STORE=y is not None,
+                           PICK=key is not None, CHECK=check, COND=cond, num_warps=4, **_launch(pdl))
+
+
+def head_logits(x: torch.Tensor, w: torch.Tensor, key: Optional[torch.Tensor] = None,
+                flag: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The whole head for one row x [1, K] by the kernel the screen falls back to (and whose per-row
+    arithmetic computes its candidates): logits [1, V] in x's dtype; with key / flag, also its greedy
+    key (atomic max into key[0]) and non-finite flag."""
+    y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
+    _run_head(x, w, y, key, flag, None, check=flag is not None)
+    return y
+
+
+def _screen_setting(model):
+    value = getattr(model.config, "screen_lm_head", None)
+    if value is None:
+        value = SCREEN_HEAD
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"screen_lm_head / CHATGLM_SCREEN_HEAD must be auto, 1 or 0 (got {value!r})")
+
+
+def _screen_wanted(model, state: "_State") -> bool:
+    setting = _screen_setting(model)
+    if setting == "auto":
+        setting = state.weight_kind == 4
+    w = model.lm_head.weight
+    return bool(setting) and w.dim() == 2 and w.shape[1] % 4 == 0 and w.stride(1) == 1 and \
+        w.dtype in (torch.float16, torch.bfloat16) and w.dtype == state.dtype and w.device == state.device
+
+
+def _refresh_screen(model, state: "_State"):
+    """Build, refresh (the head's weight changed in place) or drop the model's screened head."""
+    want = _screen_wanted(model, state)
+    w = model.lm_head.weight
+    scr = state.screen
+    if scr is not None and (not want or scr.ptr != w.data_ptr() or scr.shape != tuple(w.shape)):
+        state.drop_screen()
+        scr = None
+    if want:
+        if scr is None:
+            state.screen = ScreenHead(w.detach())
+        elif scr.version != w._version:
+            scr.fill(w.detach())
+
+
+def _screens(state: "_State", slot, plan_key) -> bool:
+    """This step picks its token with the screened head: greedy, batch 1, no logits kept for debugging."""
+    return state.screen is not None and slot.batch == 1 and plan_key[0] == "greedy" and not state.debug_logits
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -791,6 +1115,10 @@ class _Slot:
         self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
         self.pick_key = torch.full((batch,), _KEY_EMPTY, dtype=torch.long, device=dev)  # greedy (_pick_kernel)
         self.pick_flag = torch.zeros(1, dtype=torch.int32, device=dev)
+        if batch == 1:  # the screened LM head's buffers: x's norms, hi per row, [threshold key, fallback flag]
+            self.norms = torch.zeros(1, 2, dtype=torch.float32, device=dev)
+            self.hi = torch.empty(cfg.vocab_size, dtype=torch.float32, device=dev)
+            self.scr = torch.tensor([-(1 << 31), 0], dtype=torch.int32, device=dev)
         self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
         self.splits = attention_splits(batch, state.heads, length)
         self.scratch = attention_scratch(batch, state.heads, state.head_dim, self.splits, dev) \
@@ -829,6 +1157,7 @@ class _State:
         self.pdl = pdl_supported(self.device)
         q = [m for m in model.modules() if type(m) is QuantizedLinear]
         self.weight_kind = q[0].bits if q else 16
+        self.screen: Optional[ScreenHead] = None  # the INT8 copy of the LM head (batch-1 greedy steps)
         self.kernel_error = ""  # set when a kernel failed to build: the eager path runs from then on
         self.prefill_compiled_ahead = False  # (cuda_kernels.compile_ahead, opt-in)
 
@@ -864,6 +1193,14 @@ class _State:
         for slot in self.slots.values():
             slot.free()
         self.slots.clear()
+        self.screen = None
+
+    def drop_screen(self):
+        """Forget the screened head and the graphs that read it."""
+        for slot in self.slots.values():
+            for key in [k for k in slot.graphs if k[-1]]:
+                slot.graphs.pop(key).reset()
+        self.screen = None
 
 
 def _signature(model):
@@ -1068,6 +1405,7 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     ln = layers[0].input_layernorm
     x1 = layer_norm(tr.word_embeddings.weight, ln.weight, ln.bias, ln.eps, pdl=pdl, ids=slot.tok, dtype=state.dtype)
     cache = slot.cache
+    screen = state.screen if _screens(state, slot, plan_key) else None
     for i, block in enumerate(layers):
         att = block.attention
         denom, coeff = _scale_for(att.layer_index, state.head_dim)
@@ -1079,8 +1417,15 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
         x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl)
         h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin["h_to_4h"])  # GELU in the epilogue
         m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin["4h_to_h"])
-        ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else tr.final_layernorm
-        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl)
+        last = i + 1 == len(layers)
+        ln = tr.final_layernorm if last else layers[i + 1].input_layernorm
+        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl,
+                        norms=slot.norms if screen is not None and last else None)
+    if screen is not None:  # greedy, batch 1: the screened head picks the token (into slot.pick_key)
+        screen.pick(x1, model.lm_head.weight, slot.pick_key, slot.pick_flag, slot.scr, slot.hi, slot.norms,
+                    check=bool(processors), pdl_screen=pdl_lin["qkv"], pdl=pdl)
+        _bookkeep(slot, 2 if processors else 1, screen=True)
+        return
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
     if state.debug_logits:
         slot.logits.copy_(logits)
@@ -1128,15 +1473,17 @@ def warp(scores, plan_key, inv_temperature, top_p_cut):
     return scores
 
 
-def _bookkeep(slot: _Slot, nxt):
+def _bookkeep(slot: _Slot, nxt, screen: bool = False):
     """Record the step's tokens (pad for finished rows), update eos state, advance one position.
-    nxt: the tokens [b], or _choose's KEYS mode (greedy: the tokens are in slot.pick_key)."""
+    nxt: the tokens [b], or _choose's KEYS mode (greedy: the tokens are in slot.pick_key).
+    screen: the step ran the screened head (its threshold / flag in slot.scr are reset)."""
     k = _build()
     keys = nxt if isinstance(nxt, int) else 0
     k["bookkeep_kernel"][(1,)](slot.pick_key if keys else nxt, slot.unfinished, slot.eos, slot.pad_id, slot.ids,
                                slot.tok, slot.pos, slot.cache.pos, slot.alive, slot.gen_len, slot.pick_key,
-                               slot.pick_flag, slot.batch, slot.ids.stride(0), NEOS=MAX_EOS,
-                               BLOCK_B=_pow2(slot.batch), KEYS=keys, num_warps=1)
+                               slot.pick_flag, slot.scr if screen else slot.pick_flag, slot.batch,
+                               slot.ids.stride(0), NEOS=MAX_EOS, BLOCK_B=_pow2(slot.batch), KEYS=keys,
+                               SCREEN=screen, num_warps=1)
 
 
 def _bookkeep_torch(slot: _Slot, nxt: torch.Tensor):
@@ -1152,14 +1499,15 @@ def _bookkeep_torch(slot: _Slot, nxt: torch.Tensor):
     slot.cache.pos += 1
 
 
-def _graph_key(plan_key, processors, debug: bool):
-    # every allowed processor is the (idempotent) InvalidScore fix-up: only whether there is one matters
-    return plan_key + (bool(processors), bool(debug))
+def _graph_key(plan_key, processors, debug: bool, screen: bool = False):
+    # every allowed processor is the (idempotent) InvalidScore fix-up: only whether there is one matters;
+    # last: whether the step runs the screened head (State.drop_screen looks for it there)
+    return plan_key + (bool(processors), bool(debug), bool(screen))
 
 
 def _graph_for(model, state: _State, slot: _Slot, plan_key, processors):
     """The slot's CUDA graph for this sampling mode, captured on first use (None if capture fails)."""
-    key = _graph_key(plan_key, processors, state.debug_logits)
+    key = _graph_key(plan_key, processors, state.debug_logits, _screens(state, slot, plan_key))
     g = slot.graphs.get(key)
     if g is not None or key in slot.broken:
         return g
@@ -1241,7 +1589,10 @@ class _Run:
         slot.pad.copy_(pads.to(torch.int32))
         slot.pick_key.fill_(_KEY_EMPTY)  # (the bookkeeping kernel resets them after every step)
         slot.pick_flag.zero_()
+        if slot.batch == 1:
+            slot.scr.copy_(torch.tensor([-(1 << 31), 0], dtype=torch.int32))
         state.rotary_tables(model, slot.length + 2)
+        _refresh_screen(model, state)
         steps = plan.limit - s - 1
         self.graph = _graph_for(model, state, slot, self.key, plan.processors) if steps > 0 and use_graph else None
         # prefill + first token (eager)
@@ -1368,7 +1719,8 @@ def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple[
                         _set_decision(model, "graph")
                         return state, run
                     reason = "graph capture failed: " + run.slot.broken.get(
-                        _graph_key(run.key, plan.processors, state.debug_logits), "")
+                        _graph_key(run.key, plan.processors, state.debug_logits,
+                                   _screens(state, run.slot, run.key)), "")
     except BaseException:
         state.lock.release()
         raise

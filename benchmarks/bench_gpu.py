@@ -25,8 +25,10 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch.nn import functional as F
 
 import _package  # noqa: E402,F401  (registers the repo root as package `chatglm6b`)
 mc = importlib.import_module("chatglm6b.modeling_chatglm")
@@ -794,6 +796,94 @@ def sweep_preload(bits=4, steps=128):
     return cur
 
 
+def screen_ab(bits: int, steps=128, pairs=3, trials=200):
+    """The screened LM head (fast_decode.ScreenHead) against the fp16 head in the batch-1 greedy decode
+    graph, alternating; then, on the model's head with random activations shaped like the final
+    LayerNorm's, the screen alone: candidates per step, steps sent to the whole head, tokens equal to
+    the whole head's argmax (same kernel) and to cuBLAS's, and each head's time in a CUDA graph."""
+    model = build(bits)
+    out = dict(bits=bits)
+    try:
+        times = {True: [], False: []}
+        tokens = {}
+        for _ in range(pairs):
+            for on in (False, True):
+                model.config.screen_lm_head = on
+                release(model)
+                t, run = graph_decode(model, 1, steps=steps)
+                times[on].append(round(t * 1e3, 4))
+                tokens[on] = run.slot.ids[0, :run.s + run.produced].tolist()
+                log(event="screen_ab", bits=bits, screen=on, ms=times[on][-1])
+        out["ms_off"], out["ms_on"] = times[False], times[True]
+        same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
+        out["tokens_equal"] = f"{same}/{len(tokens[False])}"
+        model.config.screen_lm_head = True
+        release(model)
+        t, run = graph_decode(model, 1, steps=steps)
+        out["breakdown_on_us"] = kernel_breakdown(model, run)
+        del run
+        release(model)
+        w = model.lm_head.weight
+        V, K = w.shape
+        t0 = time.time()
+        head = fd.ScreenHead(w)
+        sync()
+        out["build_s"] = round(time.time() - t0, 3)
+        ln = model.transformer.final_layernorm
+        g = torch.Generator(device="cuda").manual_seed(1)
+        counts, fallbacks, eq_kernel, eq_cublas = [], 0, 0, 0
+        key = torch.empty(1, dtype=torch.long, device="cuda")
+        flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+        scr = torch.empty(2, dtype=torch.int32, device="cuda")
+        scr0 = torch.tensor([-(1 << 31), 0], dtype=torch.int32, device="cuda")
+        hi = torch.empty(V, dtype=torch.float32, device="cuda")
+        norms = torch.empty(1, 2, dtype=torch.float32, device="cuda")
+        for i in range(trials):
+            a = torch.randn(1, K, generator=g, device="cuda", dtype=w.dtype) * (1 + 3 * (i % 4))
+            key.fill_(fd._KEY_EMPTY)
+            scr.copy_(scr0)
+            x = fd.layer_norm(a, ln.weight, ln.bias, ln.eps, norms=norms)
+            head.pick(x, w, key, flag, scr, hi, norms)
+            tok = 0x7FFFFFFF - (int(key) & 0xFFFFFFFF)
+            tk = scr[:1].clone()
+            if int(tk) < 0:
+                tk ^= 0x7FFFFFFF  # (the order key of a negative float: magnitude bits flipped)
+            T = tk.view(torch.float32).item()
+            counts.append(int((hi >= T).sum()))
+            fallbacks += int(scr[1]) != 0
+            eq_kernel += tok == int(fd.head_logits(x, w).float().argmax())
+            eq_cublas += tok == int(F.linear(x, w).float().argmax())
+        counts.sort()
+        out.update(trials=trials, candidates_median=counts[len(counts) // 2], candidates_max=counts[-1],
+                   fallbacks=fallbacks, equal_whole_head_kernel=eq_kernel, equal_cublas=eq_cublas)
+
+        def screened():
+            key.fill_(fd._KEY_EMPTY)
+            scr.copy_(scr0)
+            head.pick(x, w, key, flag, scr, hi, norms)
+
+        slot = SimpleNamespace(pick_key=key, pick_flag=flag)
+
+        def cublas():
+            key.fill_(fd._KEY_EMPTY)
+            fd._choose(F.linear(x, w), slot, ("greedy",), [])
+
+        def whole():
+            key.fill_(fd._KEY_EMPTY)
+            fd._run_head(x, w, None, key, flag, scr, check=True)
+
+        for name, fn in (("screened", screened), ("cublas_and_pick", cublas), ("whole_head_kernel", whole)):
+            out[f"{name}_us"] = round(_graph_time(fn) * 1e6, 1)
+        log(event="screen_head", **out)
+    finally:
+        model.config.screen_lm_head = None
+        release(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def memory_2048(model):
     """Peak memory of one generation that fills a 2048-token context (prompt 1536, greedy to 2048)."""
     out = {}
@@ -983,6 +1073,9 @@ def main():
     ap.add_argument("--wide-batches", default=None, metavar="BATCH[,...]",
                     help="only time the decode step at these batches of 65-256 rows for --bits (8 and 4), the "
                          "current plan against dequantize + cuBLAS everywhere and WIDE_CANDIDATES (no table)")
+    ap.add_argument("--screen-ab", default=None, metavar="BITS[,...]",
+                    help="only time the batch-1 greedy decode graph with the screened LM head against the fp16 "
+                         "head (alternating), and the screen alone on the model's head (no table)")
     ap.add_argument("--no-candidates", action="store_true",
                     help="with --wide-batches: only the current plan and the former one")
     args = ap.parse_args()
@@ -1003,6 +1096,11 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=best, confirm=confirm, log=LOG),
                                                   indent=1))
+        return
+    if args.screen_ab:
+        got = [screen_ab(int(b)) for b in args.screen_ab.split(",")]
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, screen_ab=got, log=LOG), indent=1))
         return
     if args.mid_batches:
         bits = [int(b) for b in args.bits.split(",") if int(b) in (4, 8)]

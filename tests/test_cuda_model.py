@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import model_folder
 
@@ -772,3 +773,139 @@ def test_pdl_modes_give_identical_steps(models, golden):
         for mode, out, logits in runs[1:]:
             assert torch.equal(out, runs[0][1]), (tag, mode)
             assert torch.equal(logits, runs[0][2]), (tag, mode, rel_err(logits, runs[0][2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the screened LM head (fast_decode.ScreenHead; CPU-interpreter checks in tests/test_screen_head.py)
+
+def _token(key):
+    return 0x7FFFFFFF - (int(key) & 0xFFFFFFFF)
+
+
+def _threshold(scr):
+    tk = int(scr[0])
+    tk = tk ^ 0x7FFFFFFF if tk < 0 else tk
+    return torch.tensor([tk], dtype=torch.int32).view(torch.float32).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_screened_pick_on_a_full_size_head(gpu, models, dtype):
+    """The compiled kernels on ChatGLM-6B's head shape (130528 x 4096, random): for activations from the
+    final LayerNorm kernel (its norms checked too), the screened token is the whole-head kernel's argmax,
+    and cuBLAS's unless two logits are within a few ulps; every row's exact logit is within the bound
+    around the INT8 estimate; the undecided cases run the whole head."""
+    fd = fd_of(models["int8"])
+    g = torch.Generator(device=gpu).manual_seed(3)
+    V, K = 130528, 4096
+    w = (torch.randn(V, K, generator=g, device=gpu) * 0.02).to(dtype)
+    head = fd.ScreenHead(w)
+    ln_w = (1 + 0.1 * torch.randn(K, generator=g, device=gpu)).to(dtype)
+    ln_b = (0.1 * torch.randn(K, generator=g, device=gpu)).to(dtype)
+    key = torch.empty(1, dtype=torch.long, device=gpu)
+    flag = torch.zeros(1, dtype=torch.int32, device=gpu)
+    scr0 = torch.tensor([-(1 << 31), 0], dtype=torch.int32, device=gpu)
+    scr = scr0.clone()
+    hi = torch.empty(V, dtype=torch.float32, device=gpu)
+    norms = torch.empty(1, 2, dtype=torch.float32, device=gpu)
+    l_est = None
+
+    def pick(x, check=True):
+        key.fill_(fd._KEY_EMPTY)
+        scr.copy_(scr0)
+        flag.zero_()
+        head.pick(x, w, key, flag, scr, hi, norms, check=check)
+        return _token(key)
+
+    counts = []
+    for i in range(30):
+        a = (torch.randn(1, K, generator=g, device=gpu) * (1 + i)).to(dtype)
+        x = fd.layer_norm(a, ln_w, ln_b, 1e-5, norms=norms)
+        xf = x.double()
+        torch.testing.assert_close(norms.double()[0], torch.stack([(xf * xf).sum(), xf.abs().sum()]), rtol=1e-5, atol=0)
+        tok = pick(x)
+        y = fd.head_logits(x, w).float()[0]
+        assert int(scr[1]) == 0 and int(flag[0]) == 0
+        assert tok == int(y.argmax())
+        T = _threshold(scr)
+        assert bool((hi >= y).all()) and float(y[tok]) >= T
+        l_est = head.s.double() * (head.q.double() @ xf.T)[:, 0]
+        assert bool(((y.double() - l_est).abs() <= (hi.double() - l_est) * (1 + 1e-6) + 1e-6).all())
+        counts.append(int((hi >= T).sum()))
+        cub = F.linear(x, w).float()[0]
+        top2 = cub.topk(2).values
+        if float(top2[0] - top2[1]) > 8 * 2.0 ** -fd._MANTISSA[dtype] * float(top2[0].abs()):
+            assert tok == int(cub.argmax())
+    counts.sort()
+    print(f"{dtype}: candidates per pick median {counts[len(counts) // 2]}, max {counts[-1]}")
+    assert counts[-1] <= 2000
+    # undecided: 40 equal best rows in one candidate block; a NaN; logits past fp16's range
+    tok = pick(x)
+    w2 = w.clone()
+    start = (tok // fd.SCREEN_SPAN) * fd.SCREEN_SPAN
+    w2[start:start + 40] = w[tok]
+    head = fd.ScreenHead(w2)
+    w, saved = w2, w
+    assert pick(x) == start and int(scr[1]) == 1
+    w = saved
+    head = fd.ScreenHead(w)
+    xn = x.clone()
+    xn[0, 7] = float("nan")
+    assert pick(xn) == 0 and int(scr[1]) == 1 and int(flag[0]) == 1
+    if dtype == torch.float16:
+        xo = (x.float() * 3000).half()
+        y = fd.head_logits(xo, w).float()[0]
+        assert not bool(torch.isfinite(y).all())
+        assert pick(xo) == int(y.argmax()) and int(scr[1]) == 1 and int(flag[0]) == 1
+        assert pick(xo, check=False) == int(y.argmax()) and int(flag[0]) == 0
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_screened_head_in_the_decode_graph(models, golden, tag):
+    """Batch-1 greedy decoding with the screened head (the INT4 default; forced on for INT8 here) gives
+    the fp16 head's ids except at near ties, under every PDL mode the same ids; off, no copy is kept."""
+    model = models[tag]
+    fd = fd_of(model)
+    ids = prompt_ids(golden, tag, 2, model.device)
+    s = ids.shape[1]
+    ref, margin = eager_greedy(model, ids, 24)
+    bits = int(tag[3:])
+    old_mode = dict(fd.PDL_MODE)
+    outs = {}
+    try:
+        for on in (False, True):
+            model.config.screen_lm_head = on
+            fd.release(model)
+            outs[on] = fast_greedy(model, ids, 24)
+            st = fd._state(model)
+            assert (st.screen is not None) is on
+            assert any(key[-1] is on for slot in st.slots.values() for key in slot.graphs)
+        assert_same_until_tie(outs[True], ref, margin, s, DELTA_EAGER, "screened graph vs eager")
+        assert_same_until_tie(outs[True], outs[False], margin, s, DELTA_EAGER, "screened vs fp16 head")
+        model.config.screen_lm_head = True
+        if ck_of(model).pdl_supported(model.device):
+            for mode in ("off", "small", "all"):
+                fd.PDL_MODE[(bits, "small")] = mode
+                fd.release(model)
+                assert torch.equal(fast_greedy(model, ids, 24), outs[True]), mode
+        # the head's weight changes in place: the next generation refills the copy (same buffers, so the
+        # captured graphs stay valid) before its steps run
+        st = fd._state(model)
+        w = model.lm_head.weight
+        saved = w[7].clone()
+        q_ptr = st.screen.q.data_ptr()
+        with torch.no_grad():
+            w[7] = w[int(outs[True][0, s])] * 4
+        try:
+            fast_greedy(model, ids, 3)
+            row = w[7].double()
+            scale = (row.abs().max() / 127).float()
+            assert st.screen.q.data_ptr() == q_ptr and float(st.screen.s[7]) == float(scale)
+            assert torch.equal(st.screen.q[7], torch.round(row / scale.double()).clamp(-127, 127).to(torch.int8))
+        finally:
+            with torch.no_grad():
+                w[7] = saved
+    finally:
+        fd.PDL_MODE.clear()
+        fd.PDL_MODE.update(old_mode)
+        model.config.screen_lm_head = None
+        fd.release(model)

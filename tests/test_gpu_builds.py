@@ -241,12 +241,41 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         mode = fd._choose(logits, slot, ("greedy",), processors)
         fd._bookkeep(slot, mode)
     fd._bookkeep(slot, torch.zeros(2, dtype=torch.long))  # sampled tokens
+    # the screened LM head of batch-1 greedy steps (INT8 screen on the batch-1 GEMV's main loop, candidates,
+    # the whole head when undecided, the final LayerNorm's norms) and the bookkeeping that resets it
+    for dtype in (torch.float16, torch.bfloat16):
+        w, head = _screen_head(dtype)
+        x = torch.randn(1, HIDDEN, dtype=dtype)
+        norms = torch.zeros(1, 2)
+        ln_w = torch.ones(HIDDEN, dtype=dtype)
+        x = fd.layer_norm(x, ln_w, ln_w, 1e-5, residual=x, alpha=7.48, pdl=pdl, norms=norms)
+        scr = torch.tensor([-(1 << 31), 0], dtype=torch.int32)
+        for check in (False, True):
+            head.pick(x, w, slot.pick_key[:1], slot.pick_flag, scr, torch.empty(w.shape[0]), norms, check=check,
+                      pdl_screen=min(pdl, 1), pdl=pdl)
+        fd.head_logits(x, w)
+    one = SimpleNamespace(**{**vars(slot), "batch": 1, "pick_key": slot.pick_key[:1], "unfinished": slot.unfinished[:1],
+                             "ids": slot.ids[:1], "tok": slot.tok[:1], "pos": slot.pos[:1],
+                             "scr": torch.zeros(2, dtype=torch.int32)})
+    fd._bookkeep(one, 2, screen=True)
     # (built by this test, or already by an earlier one for this target: Triton keeps one build per device
     # and specialization, e.g. the GELU kernel that a linear's prompt path runs after cuBLAS)
     names = set(_loaded_since(stub, 0))
     want = {"_ln_kernel", "_gelu_kernel", "_prefill_rotary_kernel", "_decode_attn_kernel", "_attn_combine_kernel",
-            "_pick_kernel", "_bookkeep_kernel"}
+            "_pick_kernel", "_bookkeep_kernel", "_screen_kernel", "_cand_kernel", "_head_kernel"}
     assert want <= names, want - names
+
+
+_SCREEN_HEADS = {}
+
+
+def _screen_head(dtype):
+    """(head weight, its fast_decode.ScreenHead): a 4096-row slice of the vocabulary (the kernels' specialisation
+    is that of the full 130528 rows: both multiples of 16), built once per dtype."""
+    if dtype not in _SCREEN_HEADS:
+        w = (torch.randn(4096, HIDDEN) * 0.02).to(dtype)
+        _SCREEN_HEADS[dtype] = (w, fd.ScreenHead(w))
+    return _SCREEN_HEADS[dtype]
 
 
 def test_volta_linears_are_opt_in(monkeypatch):
