@@ -242,7 +242,9 @@ def kernel_breakdown(model, run, steps=20):
                 t = getattr(ev, "cuda_time_total", 0)
             key = ("gemv" if "gemv" in name else "qmm" if "qmm" in name else "splitk_reduce" if "splitk" in name
                    else "attention" if ("decode_attn" in name or "combine" in name) else "layernorm" if "ln_kernel" in name
-                   else "gelu" if "gelu" in name else "lm_head/cublas" if ("gemm" in name.lower() or "gemv" in name.lower()
+                   else "gelu" if "gelu" in name else "screen" if "screen_kernel" in name
+                   else "candidates" if "cand_kernel" in name else "whole_head" if "head_kernel" in name
+                   else "bookkeep" if "bookkeep" in name else "lm_head/cublas" if ("gemm" in name.lower() or "gemv" in name.lower()
                    or "cutlass" in name.lower() or "sm90" in name.lower()) else "other")
             fam.setdefault(key, [0.0, 0])
             fam[key][0] += t / steps
@@ -822,7 +824,16 @@ def screen_ab(bits: int, steps=128, pairs=3, trials=200):
         t, run = graph_decode(model, 1, steps=steps)
         out["breakdown_on_us"] = kernel_breakdown(model, run)
         del run
+        ck.PDL = False  # kernel times without programmatic dependent launch add up to the step
         release(model)
+        try:
+            t, run = graph_decode(model, 1, steps=steps)
+            out["nopdl_ms_on"] = round(t * 1e3, 4)
+            out["breakdown_nopdl_on_us"] = kernel_breakdown(model, run)
+            del run
+        finally:
+            ck.PDL = True
+            release(model)
         w = model.lm_head.weight
         V, K = w.shape
         t0 = time.time()
