@@ -439,10 +439,12 @@ def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr,
 
 
 def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, V, K, stride_w, SPAN: tl.constexpr,
-                 MAX_LOCAL: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr, PDL: tl.constexpr = False):
-    # Vocabulary entries [pid * SPAN, +SPAN): those with hi >= T (scr[0]) are candidates; each one's exact
-    # logit (_head_rows, rounded to x's dtype) competes for key[0] (_argmax_key, atomic max). More than
-    # MAX_LOCAL candidates here: scr[1] = 1 and the whole head decides (_head_kernel, COND).
+                 MAX_LOCAL: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    # Vocabulary entries [pid * SPAN, +SPAN): those with hi >= T (scr[0]) are candidates; their exact
+    # logits (_head_rows on HEAD_BLOCK_N candidates at a time, rounded to x's dtype) compete for key[0]
+    # (_argmax_key, atomic max). More than MAX_LOCAL candidates here: scr[1] = 1 and the whole head
+    # decides (_head_kernel, COND).
     _pdl_start(PDL)
     cols = tl.program_id(0) * SPAN + tl.arange(0, SPAN)
     valid = cols < V
@@ -454,13 +456,15 @@ def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, V, K, stride_w, SPAN: t
     if n > MAX_LOCAL:
         tl.atomic_max(scr_ptr + 1, 1, sem="relaxed")
     n = tl.where((n > MAX_LOCAL) | (tl.load(scr_ptr + 1) != 0), 0, n)
+    pos = tl.cumsum(cand.to(tl.int32), 0) - 1  # each candidate's rank here
     best = (tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32)
-    for _ in range(n):
-        idx = tl.min(tl.where(cand, cols, V), 0)
-        cand = cand & (cols != idx)
-        row = tl.zeros([1], dtype=tl.int32) + idx
-        v = _head_rows(w_ptr, x_ptr, row, K, stride_w, 1, BLOCK_K, LOG_K).to(x_ptr.dtype.element_ty)
-        best = tl.maximum(best, _argmax_key(v.to(tl.float32), row))
+    for t0 in range(0, n, R):
+        j = t0 + tl.arange(0, R)
+        rows = tl.min(tl.where(cand[None, :] & (pos[None, :] == j[:, None]), cols[None, :], V), 1)  # V: none
+        v = _head_rows(w_ptr, x_ptr, tl.minimum(rows, V - 1), K, stride_w, R, BLOCK_K, LOG_K)
+        key = _argmax_key(v.to(x_ptr.dtype.element_ty).to(tl.float32), rows)
+        key = tl.where(rows < V, key, (tl.full([R], -2147483648, tl.int32).to(tl.int64) << 32))
+        best = tl.maximum(best, tl.max(key, 0))
     if n > 0:
         tl.atomic_max(key_ptr + tl.arange(0, 1), best, sem="relaxed")
 
@@ -700,7 +704,8 @@ class ScreenHead:
             **_launch(pdl_screen))
         bk = _head_block_k(K)
         k["cand_kernel"][(triton_cdiv(V, SCREEN_SPAN),)](
-            hi, scr, x, w, key, V, K, w.stride(0), SPAN=SCREEN_SPAN, MAX_LOCAL=SCREEN_MAX_LOCAL, BLOCK_K=bk,
+            hi, scr, x, w, key, V, K, w.stride(0), SPAN=SCREEN_SPAN, MAX_LOCAL=SCREEN_MAX_LOCAL, R=HEAD_BLOCK_N,
+            BLOCK_K=bk,
             LOG_K=bk.bit_length() - 1, num_warps=4, **_launch(pdl))
         _run_head(x, w, None, key, flag, scr, check=check, cond=True, pdl=pdl)
 

@@ -81,6 +81,8 @@ w2 = w.clone(); w2[3] = w[tok]
 res["tie_earlier"] = run(w2, x)
 w2 = w.clone(); w2[V - 1] = w[tok]
 res["tie_later"] = run(w2, x)
+w2 = w.clone(); w2[200:212] = w[tok]
+res["tie_dozen"] = run(w2, x)  # 13 equal best rows in one block: two tiles of candidates
 w2 = w.clone(); w2[100:140] = w[tok]
 res["crowded"] = run(w2, x)  # 40 equal best rows in one candidate block: the whole head decides
 res["overflow"] = run((w.float() * 20).half(), (x.float() * 3000).half())  # logits past 65504
@@ -142,6 +144,10 @@ def test_ties_go_to_the_first_index(res):
     _decided_by_screen(late)
     assert early["token"] == early["whole"] == early["torch_argmax"] == 3
     assert late["token"] == late["whole"] == late["torch_argmax"] == base
+    dozen = res["tie_dozen"]
+    _decided_by_screen(dozen)
+    assert 13 <= dozen["candidates"] <= 32
+    assert dozen["token"] == dozen["whole"] == dozen["torch_argmax"] == min(200, base)
 
 
 @pytest.mark.parametrize("case,want_flag", [("crowded", 0), ("overflow", 1), ("nan", 1)])
