@@ -510,11 +510,15 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     # still running; the next step's input token, position (block position + 1) and cache slot.
     # KEYS 1: nxt comes from _pick_kernel's keys (which are reset here); 2: also token 5 for every
     # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset. SCREEN: the screened
-    # head's threshold and fallback flag (scr) are reset too.
+    # head's threshold and fallback flag (scr[0], scr[1]) are reset, scr[2] counts the steps it sent to
+    # the whole head.
     r = tl.arange(0, BLOCK_B)
-    if SCREEN:
-        two = tl.arange(0, 2)
-        tl.store(scr_ptr + two, tl.where(two == 0, -2147483648, 0))
+    if SCREEN:  # count a step sent to the whole head, reset threshold and flag
+        i = tl.arange(0, 4)
+        s = tl.load(scr_ptr + i, mask=i < 3, other=0)
+        undecided = tl.sum(tl.where(i == 1, (s != 0).to(tl.int32), 0), 0)
+        s = tl.where(i == 0, -2147483648, tl.where(i == 1, 0, s + undecided))
+        tl.store(scr_ptr + i, s, mask=i < 3)
     m = r < B
     unf = tl.load(unf_ptr + r, mask=m, other=0) != 0
     if KEYS:
@@ -711,6 +715,11 @@ class ScreenHead:
 
 
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+_SCR_START = [-(1 << 31), 0, 0]  # a slot's screen state: threshold key, "undecided" flag, undecided steps
+# "auto" switches the screen off for a model whose steps go to the whole head this often (then the screen
+# costs more than it saves): checked after each generation once SCREEN_MIN_STEPS steps were screened.
+SCREEN_MAX_FALLBACK = 0.25
+SCREEN_MIN_STEPS = 64
 
 
 def _run_head(x, w, y, key, flag, scr, check=False, cond=False, pdl=0):
@@ -751,7 +760,7 @@ def _screen_setting(model):
 def _screen_wanted(model, state: "_State") -> bool:
     setting = _screen_setting(model)
     if setting == "auto":
-        setting = state.weight_kind == 4
+        setting = state.weight_kind == 4 and not state.screen_off
     w = model.lm_head.weight
     return bool(setting) and w.dim() == 2 and w.shape[1] % 4 == 0 and w.stride(1) == 1 and \
         w.dtype in (torch.float16, torch.bfloat16) and w.dtype == state.dtype and w.device == state.device
@@ -770,6 +779,29 @@ def _refresh_screen(model, state: "_State"):
             state.screen = ScreenHead(w.detach())
         elif scr.version != w._version:
             scr.fill(w.detach())
+
+
+def _screen_account(model, state: "_State", run: "_Run") -> None:
+    """After a generation: add its screened steps and those sent to the whole head to the model's
+    counts (shown by last_decision); "auto" stops screening a model where the whole head ran too often."""
+    if not run.screened:
+        return
+    steps = run.produced - 1  # (the first token comes from the prompt's logits)
+    if steps <= 0:
+        return
+    undecided = int(run.slot.scr[2])
+    state.screen_steps += steps
+    state.screen_undecided += undecided
+    decision = getattr(model, "_fast_decode_decision", None)
+    if isinstance(decision, dict):
+        decision["screen"] = f"{state.screen_undecided} of {state.screen_steps} screened steps ran the whole head"
+    if _screen_setting(model) == "auto" and state.screen_steps >= SCREEN_MIN_STEPS and \
+            state.screen_undecided > SCREEN_MAX_FALLBACK * state.screen_steps:
+        state.screen_off = True
+        state.drop_screen()
+        warnings.warn(f"chatglm6b: the screened LM head could not decide {state.screen_undecided} of "
+                      f"{state.screen_steps} greedy steps (each then also ran the whole head); it is off for this "
+                      f"model from now on (CHATGLM_SCREEN_HEAD=1 keeps it on)", RuntimeWarning)
 
 
 def _screens(state: "_State", slot, plan_key) -> bool:
@@ -1120,10 +1152,10 @@ class _Slot:
         self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
         self.pick_key = torch.full((batch,), _KEY_EMPTY, dtype=torch.long, device=dev)  # greedy (_pick_kernel)
         self.pick_flag = torch.zeros(1, dtype=torch.int32, device=dev)
-        if batch == 1:  # the screened LM head's buffers: x's norms, hi per row, [threshold key, fallback flag]
+        if batch == 1:  # the screened LM head's: x's norms, hi per row, [threshold key, fallback flag, fallbacks]
             self.norms = torch.zeros(1, 2, dtype=torch.float32, device=dev)
             self.hi = torch.empty(cfg.vocab_size, dtype=torch.float32, device=dev)
-            self.scr = torch.tensor([-(1 << 31), 0], dtype=torch.int32, device=dev)
+            self.scr = torch.tensor(_SCR_START, dtype=torch.int32, device=dev)
         self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
         self.splits = attention_splits(batch, state.heads, length)
         self.scratch = attention_scratch(batch, state.heads, state.head_dim, self.splits, dev) \
@@ -1163,6 +1195,8 @@ class _State:
         q = [m for m in model.modules() if type(m) is QuantizedLinear]
         self.weight_kind = q[0].bits if q else 16
         self.screen: Optional[ScreenHead] = None  # the INT8 copy of the LM head (batch-1 greedy steps)
+        self.screen_steps = self.screen_undecided = 0  # steps screened, and of them sent to the whole head
+        self.screen_off = False  # "auto" gave up on the screen for this model (_screen_account)
         self.kernel_error = ""  # set when a kernel failed to build: the eager path runs from then on
         self.prefill_compiled_ahead = False  # (cuda_kernels.compile_ahead, opt-in)
 
@@ -1595,10 +1629,11 @@ class _Run:
         slot.pick_key.fill_(_KEY_EMPTY)  # (the bookkeeping kernel resets them after every step)
         slot.pick_flag.zero_()
         if slot.batch == 1:
-            slot.scr.copy_(torch.tensor([-(1 << 31), 0], dtype=torch.int32))
+            slot.scr.copy_(torch.tensor(_SCR_START, dtype=torch.int32))
         state.rotary_tables(model, slot.length + 2)
         _refresh_screen(model, state)
         steps = plan.limit - s - 1
+        self.screened = _screens(state, slot, self.key)
         self.graph = _graph_for(model, state, slot, self.key, plan.processors) if steps > 0 and use_graph else None
         # prefill + first token (eager)
         if ahead_workers() > 1 and not state.prefill_compiled_ahead:  # (opt-in; once per model state)
@@ -1787,6 +1822,7 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
             if logs is not None:
                 state.last_logits = torch.stack(logs[:total - run.s], dim=1)
             result = out.clone()
+            _screen_account(model, state, run)
         return result.clone() if result.is_inference() and not torch.is_inference_mode_enabled() else result
     finally:
         state.lock.release()
@@ -1874,7 +1910,9 @@ def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
                 ev.synchronize()
             yield ids
             if not bool(flag[0]) or nxt is None:
-                return
+                break
             current = nxt
+        with torch.inference_mode(), on_device(state.device):
+            _screen_account(run.model, state, run)
     finally:
         state.lock.release()

@@ -878,6 +878,8 @@ def test_screened_head_in_the_decode_graph(models, golden, tag):
             outs[on] = fast_greedy(model, ids, 24)
             st = fd._state(model)
             assert (st.screen is not None) is on
+            assert ("screened steps ran the whole head" in fd.last_decision(model).get("screen", "")) is on
+            print(f"{tag} screen {on}: {fd.last_decision(model)}")
             assert any(key[-1] is on for slot in st.slots.values() for key in slot.graphs)
         assert_same_until_tie(outs[True], ref, margin, s, DELTA_EAGER, "screened graph vs eager")
         assert_same_until_tie(outs[True], outs[False], margin, s, DELTA_EAGER, "screened vs fp16 head")
@@ -897,9 +899,9 @@ def test_screened_head_in_the_decode_graph(models, golden, tag):
             w[7] = w[int(outs[True][0, s])] * 4
         try:
             fast_greedy(model, ids, 3)
-            row = w[7].double()
+            row = w[7].detach().double()
             scale = (row.abs().max() / 127).float()
-            assert st.screen.q.data_ptr() == q_ptr and float(st.screen.s[7]) == float(scale)
+            assert st.screen.q.data_ptr() == q_ptr and float(st.screen.s[7]) == scale.item()
             assert torch.equal(st.screen.q[7], torch.round(row / scale.double()).clamp(-127, 127).to(torch.int8))
         finally:
             with torch.no_grad():

@@ -103,6 +103,19 @@ res["copy"] = dict(q_equal=bool(torch.equal(h.q, q.to(torch.int8))), s_equal=boo
                    mx_equal=bool(torch.equal(h.mx, mx.float())), rn_covers=bool((h.rn.double() >= rn).all()),
                    rn_tight=bool((h.rn.double() <= rn * (1 + 3e-6) + 1e-30).all()),
                    zero_row=[float(h.s[7]), int(h.q[7].abs().sum()), float(h.rn[7])])
+# the bookkeeping kernel after a screened step: the token from the key, threshold and flag reset, an
+# undecided step counted
+from types import SimpleNamespace as NS
+slot = NS(pick_key=torch.tensor([(5 << 32) | (0x7FFFFFFF - 9)], dtype=torch.long), pick_flag=torch.zeros(1, dtype=torch.int32),
+          unfinished=torch.ones(1, dtype=torch.bool), eos=torch.full((fd.MAX_EOS,), -1), pad_id=torch.zeros(1, dtype=torch.long),
+          ids=torch.zeros(1, 65, dtype=torch.long), tok=torch.zeros(1, dtype=torch.long), pos=torch.zeros(1, 2, dtype=torch.long),
+          cache=NS(pos=torch.zeros(1, dtype=torch.int32)), alive=torch.ones(1, dtype=torch.bool),
+          gen_len=torch.zeros(1, dtype=torch.long), batch=1, scr=torch.tensor([12345, 1, 4], dtype=torch.int32))
+fd._bookkeep(slot, 1, screen=True)
+after_undecided, first_token = slot.scr.tolist(), int(slot.tok[0])
+slot.scr[0] = 777
+fd._bookkeep(slot, 1, screen=True)
+res["bookkeep"] = dict(token=first_token, after_undecided=after_undecided, after_decided=slot.scr.tolist())
 print("RESULT " + json.dumps(res))
 """
 
@@ -173,6 +186,12 @@ def test_the_int8_copy_is_what_it_says(res):
     assert c["zero_row"] == [0.0, 0, 0.0], c
 
 
+def test_bookkeeping_resets_the_screen_and_counts_undecided_steps(res):
+    b = res["bookkeep"]
+    assert b["token"] == 9
+    assert b["after_undecided"] == [-(1 << 31), 0, 5] and b["after_decided"] == [-(1 << 31), 0, 5], b
+
+
 # ------------------------------------------------------------------------------------------------
 # When the screen runs, and keeping its copy current (no kernels: plain torch on the CPU)
 
@@ -202,6 +221,8 @@ class _FakeState:
         self.weight_kind, self.dtype, self.device = kind, w.dtype, w.device
         self.screen = None
         self.dropped = 0
+        self.screen_steps = self.screen_undecided = 0
+        self.screen_off = False
 
     def drop_screen(self):
         self.dropped += 1
@@ -239,3 +260,27 @@ def test_copy_follows_in_place_changes_and_is_dropped_when_switched_off(monkeypa
     cfg.screen_lm_head = False
     fd._refresh_screen(model, st)
     assert st.screen is None and st.dropped == 1
+
+
+@pytest.mark.parametrize("setting,undecided,off", [(None, 10, False), (None, 40, True), (True, 40, False)])
+def test_auto_gives_up_where_the_screen_rarely_decides(setting, undecided, off, monkeypatch):
+    """"auto" stops screening a model once more than a quarter of >= 64 screened steps ran the whole head
+    (those steps cost the screen and the whole head): with a warning, and for that model only; "1" keeps it."""
+    import warnings
+
+    fd = _fd()
+    monkeypatch.setattr(fd, "SCREEN_HEAD", "auto")
+    w = torch.nn.Parameter(torch.randn(40, 8).half(), requires_grad=False)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(screen_lm_head=setting),
+                                  lm_head=types.SimpleNamespace(weight=w), _fast_decode_decision={"path": "graph"})
+    st = _FakeState(4, w)
+    fd._refresh_screen(model, st)
+    run = types.SimpleNamespace(screened=True, produced=101, slot=types.SimpleNamespace(scr=torch.tensor([0, 0, undecided])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fd._screen_account(model, st, run)
+    assert model._fast_decode_decision["screen"] == f"{undecided} of 100 screened steps ran the whole head"
+    assert st.screen_off is off and (st.screen is None) is off
+    assert any("screened LM head could not decide" in str(c.message) for c in caught) is off
+    fd._refresh_screen(model, st)
+    assert (st.screen is None) is off  # not rebuilt once given up
