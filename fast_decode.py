@@ -25,7 +25,9 @@ How it runs
   (batch, cache bucket, sampling mode) in a `torch.cuda.CUDAGraph` and replayed. Per block it
   launches 4 linear kernels (cuda_kernels.py; the GELU runs in dense_h_to_4h's epilogue), a fused
   rotary + cache write + attention kernel (split over the sequence, the splits merged in-kernel) and
-  two residual + LayerNorm kernels. On sm_90+ the Triton kernels use programmatic dependent launch
+  two residual + LayerNorm kernels. Batch-1 greedy steps of INT4 models (SCREEN_HEAD) pick the token
+  with the screened LM head (ScreenHead): an INT8 copy of the head and a per-row error bound rule out
+  almost every row, only the rest get exact fp16 logits — the same token as the whole head. On sm_90+ the Triton kernels use programmatic dependent launch
   where it measured faster (PDL_MODE; CHATGLM_PDL=0 turns it off): a kernel's programs start while
   the previous kernel finishes and wait for it before reading activations.
   Attention reads only the filled part of the cache: the current length lives on the GPU.
@@ -382,14 +384,16 @@ def _head_rows(w_ptr, x_ptr, rows, K, stride_w, R: tl.constexpr, BLOCK_K: tl.con
     # fp32 dot products of the fp16/bf16 weight rows `rows` ([R], in range) with x [K], in an order that
     # depends on neither R nor the layout: lane j of a BLOCK_K-wide accumulator takes columns j,
     # j + BLOCK_K, ... by FMA in that order, then lanes are added pairwise (j + half onto j, halving).
+    # (the next tile's weights are loaded before this tile's FMAs: two tiles in flight)
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
     base = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    w_next = tl.load(base + cols[None, :], mask=(cols < K)[None, :], other=0.0)
     for k0 in range(0, K, BLOCK_K):
         c = k0 + cols
-        m = c < K
-        w = tl.load(base + c[None, :], mask=m[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + c, mask=m, other=0.0).to(tl.float32)
+        w = w_next.to(tl.float32)
+        x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+        w_next = tl.load(base + (c + BLOCK_K)[None, :], mask=(c + BLOCK_K < K)[None, :], other=0.0)
         acc = tl.fma(w, x[None, :], acc)
     for i in tl.static_range(LOG_K):
         acc = tl.sum(tl.reshape(acc, (R, 2, BLOCK_K >> (i + 1))), axis=1)
