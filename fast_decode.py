@@ -25,9 +25,10 @@ How it runs
   (batch, cache bucket, sampling mode) in a `torch.cuda.CUDAGraph` and replayed. Per block it
   launches 4 linear kernels (cuda_kernels.py; the GELU runs in dense_h_to_4h's epilogue), a fused
   rotary + cache write + attention kernel (split over the sequence, the splits merged in-kernel) and
-  two residual + LayerNorm kernels. Batch-1 greedy steps of INT4 models (SCREEN_HEAD) pick the token
-  with the screened LM head (ScreenHead): an INT8 copy of the head and a per-row error bound rule out
-  almost every row, only the rest get exact fp16 logits — the same token as the whole head. On sm_90+ the Triton kernels use programmatic dependent launch
+  two residual + LayerNorm kernels. Batch-1 steps of INT4 models (SCREEN_HEAD), greedy or sampling from
+  the top k, use the screened LM head (ScreenHead): an INT8 copy of the head and a per-row error bound
+  rule out almost every row, only the rest get exact fp16 logits — the same token (greedy) or the same
+  top-k logits (sampling) as the whole head. On sm_90+ the Triton kernels use programmatic dependent launch
   where it measured faster (PDL_MODE; CHATGLM_PDL=0 turns it off): a kernel's programs start while
   the previous kernel finishes and wait for it before reading activations.
   Attention reads only the filled part of the cache: the current length lives on the GPU.
@@ -400,15 +401,15 @@ def _head_rows(w_ptr, x_ptr, rows, K, stride_w, R: tl.constexpr, BLOCK_K: tl.con
     return tl.reshape(acc, (R,))
 
 
-def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr, hi_ptr, scr_ptr, V, KW,
+def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr, hi_ptr, lo_ptr, scr_ptr, V, KW,
                    coef, fac, rel, big, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr,
                    PREFETCH: tl.constexpr, EV: tl.constexpr, XVEC: tl.constexpr, ASM: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   STORE_LO: tl.constexpr = False, PDL: tl.constexpr = False):
     # Rows [pid * BLOCK_N, +BLOCK_N) of the INT8 copy: l = s * (q . x) by the batch-1 GEMV's main loop
     # (ASM; else plain loads, for Triton's CPU interpreter), the bound E from the row's residual norm
     # rn, its max |w| (mx) and x's norms (nrm: sum x^2, sum |x|, from the final LayerNorm); hi = l + E
-    # to hi_ptr, max(l - E) into scr[0] (atomic max of _f32_order keys), scr[1] = 1 when a row's l or
-    # E is not finite or |l| + E reaches `big` (the whole head must run).
+    # to hi_ptr (STORE_LO: l - E to lo_ptr), max(l - E) into scr[0] (atomic max of _f32_order keys),
+    # scr[1] = 1 when a row's l or E is not finite or |l| + E reaches `big` (the whole head must run).
     _pdl_start(PDL)
     blk = tl.program_id(0)
     if ASM:
@@ -435,6 +436,8 @@ def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr,
     base = tl.load(rn_ptr + rows_c) * n2 + coef * tl.load(mx_ptr + rows_c) * n1
     e = (base + rel * (tl.abs(l) + base)) * 1.000001 + 1e-7
     tl.store(hi_ptr + rows, l + e, mask=valid)
+    if STORE_LO:
+        tl.store(lo_ptr + rows, l - e, mask=valid)
     lo = tl.where(valid, _f32_order(l - e), -2147483648)
     tl.atomic_max(scr_ptr, tl.max(lo, 0), sem="relaxed")
     bad = tl.max((valid & ((tl.abs(l) + e < big) == 0)).to(tl.int32), 0)  # (NaN compares false: bad)
@@ -442,13 +445,13 @@ def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr,
         tl.atomic_max(scr_ptr + 1, bad, sem="relaxed")
 
 
-def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, V, K, stride_w, SPAN: tl.constexpr,
+def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, V, K, stride_w, SPAN: tl.constexpr,
                  MAX_LOCAL: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 STORE: tl.constexpr = False, PDL: tl.constexpr = False):
     # Vocabulary entries [pid * SPAN, +SPAN): those with hi >= T (scr[0]) are candidates; their exact
     # logits (_head_rows on HEAD_BLOCK_N candidates at a time, rounded to x's dtype) compete for key[0]
-    # (_argmax_key, atomic max). More than MAX_LOCAL candidates here: scr[1] = 1 and the whole head
-    # decides (_head_kernel, COND).
+    # (_argmax_key, atomic max), or (STORE) are written to y at their rows. More than MAX_LOCAL candidates
+    # here: scr[1] = 1 and the whole head decides (_head_kernel, COND).
     _pdl_start(PDL)
     cols = tl.program_id(0) * SPAN + tl.arange(0, SPAN)
     valid = cols < V
@@ -466,10 +469,13 @@ def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, V, K, stride_w, SPAN: t
         j = t0 + tl.arange(0, R)
         rows = tl.min(tl.where(cand[None, :] & (pos[None, :] == j[:, None]), cols[None, :], V), 1)  # V: none
         v = _head_rows(w_ptr, x_ptr, tl.minimum(rows, V - 1), K, stride_w, R, BLOCK_K, LOG_K)
-        key = _argmax_key(v.to(x_ptr.dtype.element_ty).to(tl.float32), rows)
+        v = v.to(x_ptr.dtype.element_ty)
+        if STORE:
+            tl.store(y_ptr + rows, v, mask=rows < V)
+        key = _argmax_key(v.to(tl.float32), rows)
         key = tl.where(rows < V, key, (tl.full([R], -2147483648, tl.int32).to(tl.int64) << 32))
         best = tl.maximum(best, tl.max(key, 0))
-    if n > 0:
+    if (n > 0) & (STORE == 0):
         tl.atomic_max(key_ptr + tl.arange(0, 1), best, sem="relaxed")
 
 
@@ -637,7 +643,9 @@ def gelu_(x: torch.Tensor, pdl=0) -> torch.Tensor:
 SCREEN_HEAD = os.environ.get("CHATGLM_SCREEN_HEAD", "auto")
 SCREEN_CFG = dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=True, EV="evict_first", num_warps=4)  # the INT8 GEMV's
 SCREEN_SPAN = 1024  # vocabulary entries per candidate program
-SCREEN_MAX_LOCAL = 32  # candidates one program computes; more: the whole head runs instead
+SCREEN_MAX_LOCAL = 32  # candidates one program computes (greedy); more: the whole head runs instead
+SCREEN_MAX_K = 256  # sampling steps are screened when they keep the top k <= this (top_k set)
+SCREEN_MAX_LOCAL_TOPK = 128  # the same for those
 HEAD_BLOCK_N = 8  # rows per block of the whole head (fallback)
 _SCREEN_CHUNK = 2048  # rows per step when building the copy (float64 temporaries)
 
@@ -690,11 +698,14 @@ class ScreenHead:
         self.version = w._version
 
     def pick(self, x: torch.Tensor, w: torch.Tensor, key, flag, scr, hi, norms, check: bool = False,
-             pdl_screen=0, pdl=0):
+             pdl_screen=0, pdl=0, top_k: int = 0, lo=None, y=None):
         """Greedy pick for one row x [1, K] (contiguous; norms [1, 2] = its sum x^2, sum |x|, e.g. from
         layer_norm(norms=)): key[0] gets the _argmax_key of the token (atomic max; reset by the caller),
         flag[0] = 1 when check and a logit is not finite (only the whole head can see one: the screen
-        sends every such step there); scr = [INT32_MIN, 0] on entry, hi: fp32 [V] scratch."""
+        sends every such step there); scr = [INT32_MIN, 0, n] on entry, hi: fp32 [V] scratch.
+        top_k > 0 (sampling; key, flag unused): y [1, V] gets the exact logits of every row that may be
+        among the top_k (every row when undecided) and the dtype's lowest finite value elsewhere, which
+        top-k, and whatever follows it, treats as the whole head's logits; lo: fp32 [V] scratch."""
         k = _build()
         V, K = self.shape
         cfg = dict(SCREEN_CFG)
@@ -705,17 +716,25 @@ class ScreenHead:
         dt = x.dtype
         u = 2.0 ** -24
         rel = 2.0 ** -_MANTISSA[dt]  # twice the output rounding's relative half-ulp
+        if top_k:
+            y.fill_(torch.finfo(dt).min)
         k["screen_kernel"][(triton_cdiv(V, block_n),)](
-            x, xv, self.q.view(torch.int32), self.q, self.s, self.rn, self.mx, norms, hi, scr, V, KW,
-            2.5 * K * u, 1.0 + 4.0 * K * u + 1e-6, rel, float(torch.finfo(dt).max), BLOCK_N=block_n,
-            BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not _interpreting(), **cfg,
-            **_launch(pdl_screen))
+            x, xv, self.q.view(torch.int32), self.q, self.s, self.rn, self.mx, norms, hi, lo if top_k else hi, scr,
+            V, KW, 2.5 * K * u, 1.0 + 4.0 * K * u + 1e-6, rel, float(torch.finfo(dt).max), BLOCK_N=block_n,
+            BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not _interpreting(), STORE_LO=bool(top_k),
+            **cfg, **_launch(pdl_screen))
+        if top_k:  # the threshold: the k-th largest lower bound (its order key, as the greedy atomic max leaves)
+            bits = torch.topk(lo, top_k).values[-1:].view(torch.int32)
+            scr[:1].copy_(torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
         bk = _head_block_k(K)
         k["cand_kernel"][(triton_cdiv(V, SCREEN_SPAN),)](
-            hi, scr, x, w, key, V, K, w.stride(0), SPAN=SCREEN_SPAN, MAX_LOCAL=SCREEN_MAX_LOCAL, R=HEAD_BLOCK_N,
-            BLOCK_K=bk,
-            LOG_K=bk.bit_length() - 1, num_warps=4, **_launch(pdl))
-        _run_head(x, w, None, key, flag, scr, check=check, cond=True, pdl=pdl)
+            hi, scr, x, w, key if not top_k else scr, y if top_k else x, V, K, w.stride(0), SPAN=SCREEN_SPAN,
+            MAX_LOCAL=SCREEN_MAX_LOCAL_TOPK if top_k else SCREEN_MAX_LOCAL, R=HEAD_BLOCK_N, BLOCK_K=bk,
+            LOG_K=bk.bit_length() - 1, STORE=bool(top_k), num_warps=4, **_launch(pdl))
+        if top_k:
+            _run_head(x, w, y, None, None, scr, cond=True, pdl=pdl)
+        else:
+            _run_head(x, w, None, key, flag, scr, check=check, cond=True, pdl=pdl)
 
 
 _MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
@@ -809,8 +828,11 @@ def _screen_account(model, state: "_State", run: "_Run") -> None:
 
 
 def _screens(state: "_State", slot, plan_key) -> bool:
-    """This step picks its token with the screened head: greedy, batch 1, no logits kept for debugging."""
-    return state.screen is not None and slot.batch == 1 and plan_key[0] == "greedy" and not state.debug_logits
+    """This step uses the screened head: batch 1, greedy or sampling from the top k <= SCREEN_MAX_K, no
+    logits kept for debugging."""
+    if state.screen is None or slot.batch != 1 or state.debug_logits:
+        return False
+    return plan_key[0] == "greedy" or 0 < plan_key[2] <= SCREEN_MAX_K
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -1160,6 +1182,8 @@ class _Slot:
             self.norms = torch.zeros(1, 2, dtype=torch.float32, device=dev)
             self.hi = torch.empty(cfg.vocab_size, dtype=torch.float32, device=dev)
             self.scr = torch.tensor(_SCR_START, dtype=torch.int32, device=dev)
+            self.lo = torch.empty(cfg.vocab_size, dtype=torch.float32, device=dev)  # (top-k sampling)
+            self.ylogits = torch.empty(1, cfg.vocab_size, dtype=dt, device=dev)
         self.logits = None  # [b, V] copy of each step's logits (debug graphs only)
         self.splits = attention_splits(batch, state.heads, length)
         self.scratch = attention_scratch(batch, state.heads, state.head_dim, self.splits, dev) \
@@ -1464,10 +1488,15 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
         ln = tr.final_layernorm if last else layers[i + 1].input_layernorm
         x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl,
                         norms=slot.norms if screen is not None and last else None)
-    if screen is not None:  # greedy, batch 1: the screened head picks the token (into slot.pick_key)
+    if screen is not None and plan_key[0] == "greedy":  # the screened head picks the token (into pick_key)
         screen.pick(x1, model.lm_head.weight, slot.pick_key, slot.pick_flag, slot.scr, slot.hi, slot.norms,
                     check=bool(processors), pdl_screen=pdl_lin["qkv"], pdl=pdl)
         _bookkeep(slot, 2 if processors else 1, screen=True)
+        return
+    if screen is not None:  # top-k sampling: exact logits where they can make the top k
+        screen.pick(x1, model.lm_head.weight, None, None, slot.scr, slot.hi, slot.norms, pdl_screen=pdl_lin["qkv"],
+                    pdl=pdl, top_k=plan_key[2], lo=slot.lo, y=slot.ylogits)
+        _bookkeep(slot, _choose(slot.ylogits, slot, plan_key, processors), screen=True)
         return
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
     if state.debug_logits:

@@ -800,7 +800,7 @@ def sweep_preload(bits=4, steps=128):
 
 def screen_ab(bits: int, steps=128, pairs=3, trials=200):
     """The screened LM head (fast_decode.ScreenHead) against the fp16 head in the batch-1 greedy decode
-    graph, alternating; then, on the model's head with random activations shaped like the final
+    graph, alternating, and with chat sampling; then, on the model's head with random activations shaped like the final
     LayerNorm's, the screen alone: candidates per step, steps sent to the whole head, tokens equal to
     the whole head's argmax (same kernel) and to cuBLAS's, and each head's time in a CUDA graph."""
     model = build(bits)
@@ -817,6 +817,11 @@ def screen_ab(bits: int, steps=128, pairs=3, trials=200):
                 tokens[on] = run.slot.ids[0, :run.s + run.produced].tolist()
                 log(event="screen_ab", bits=bits, screen=on, ms=times[on][-1])
         out["ms_off"], out["ms_on"] = times[False], times[True]
+        for on in (False, True, False, True):  # chat sampling (T 0.95, top-k 50, top-p 0.7)
+            model.config.screen_lm_head = on
+            release(model)
+            out.setdefault(f"sample_ms_{'on' if on else 'off'}", []).append(
+                round(graph_sampling_decode(model, steps=steps) * 1e3, 4))
         same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
         out["tokens_equal"] = f"{same}/{len(tokens[False])}"
         model.config.screen_lm_head = True

@@ -838,6 +838,21 @@ def test_screened_pick_on_a_full_size_head(gpu, models, dtype):
     counts.sort()
     print(f"{dtype}: candidates per pick median {counts[len(counts) // 2]}, max {counts[-1]}")
     assert counts[-1] <= 2000
+    # sampling from the top k: exact logits wherever they can make the top k, the lowest finite value elsewhere
+    lo = torch.empty(V, dtype=torch.float32, device=gpu)
+    y = torch.empty(1, V, dtype=dtype, device=gpu)
+    fill = torch.finfo(dtype).min
+    for k in (1, 50, 256):
+        scr.copy_(scr0)
+        head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y)
+        full = fd.head_logits(x, w)
+        kept = full.float() >= full.float().topk(k).values[0, -1]
+        assert int(scr[1]) == 0
+        assert bool(((y == full) | (y == fill)).all()) and torch.equal(y[kept], full[kept])
+        key_ = ("sample", True, k, True)
+        inv, cut = torch.tensor([1 / 0.95], device=gpu), torch.tensor([0.3], device=gpu)
+        assert torch.equal(fd.warp(y.float(), key_, inv, cut), fd.warp(full.float(), key_, inv, cut))
+        print(f"{dtype} top-{k}: {int((y != fill).sum())} exact logits")
     # undecided: 40 equal best rows in one candidate block; a NaN; logits past fp16's range
     tok = pick(x)
     w2 = w.clone()
@@ -884,6 +899,19 @@ def test_screened_head_in_the_decode_graph(models, golden, tag):
         assert_same_until_tie(outs[True], ref, margin, s, DELTA_EAGER, "screened graph vs eager")
         assert_same_until_tie(outs[True], outs[False], margin, s, DELTA_EAGER, "screened vs fp16 head")
         model.config.screen_lm_head = True
+        # sampling from the top k (the chat defaults: T 0.95, top-k 50, top-p 0.7) runs screened too:
+        # reproducible under a seed; top-k 1 is the greedy choice
+        sampled = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            sampled.append(model.generate(ids, max_new_tokens=24, do_sample=True, top_k=50, top_p=0.7,
+                                          temperature=0.95))
+            assert "screened steps ran the whole head" in fd.last_decision(model).get("screen", "")
+        assert torch.equal(sampled[0], sampled[1])
+        st = fd._state(model)
+        assert any(key[0] == "sample" and key[-1] for slot in st.slots.values() for key in slot.graphs)
+        top1 = model.generate(ids, max_new_tokens=24, do_sample=True, top_k=1, temperature=0.7)
+        assert torch.equal(top1, outs[True])
         if ck_of(model).pdl_supported(model.device):
             for mode in ("off", "small", "all"):
                 fd.PDL_MODE[(bits, "small")] = mode

@@ -250,9 +250,12 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         ln_w = torch.ones(HIDDEN, dtype=dtype)
         x = fd.layer_norm(x, ln_w, ln_w, 1e-5, residual=x, alpha=7.48, pdl=pdl, norms=norms)
         scr = torch.tensor([-(1 << 31), 0], dtype=torch.int32)
+        hi = torch.empty(w.shape[0])
         for check in (False, True):
-            head.pick(x, w, slot.pick_key[:1], slot.pick_flag, scr, torch.empty(w.shape[0]), norms, check=check,
+            head.pick(x, w, slot.pick_key[:1], slot.pick_flag, scr, hi, norms, check=check,
                       pdl_screen=min(pdl, 1), pdl=pdl)
+        head.pick(x, w, None, None, scr, hi, norms, pdl_screen=min(pdl, 1), pdl=pdl, top_k=50, lo=hi.clone(),
+                  y=torch.empty(1, w.shape[0], dtype=dtype))  # (sampling from the top k)
         fd.head_logits(x, w)
     one = SimpleNamespace(**{**vars(slot), "batch": 1, "pick_key": slot.pick_key[:1], "unfinished": slot.unfinished[:1],
                              "ids": slot.ids[:1], "tok": slot.tok[:1], "pos": slot.pos[:1],

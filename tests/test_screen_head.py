@@ -70,6 +70,28 @@ def run(w, x, check=True):
                                + summed).all()) if finite else None
     return out
 
+def run_topk(w, x, k):
+    head = fd.ScreenHead(w)
+    xf = x.float()
+    norms = torch.stack([(xf * xf).sum(), xf.abs().sum()]).view(1, 2)
+    scr = torch.tensor([-(1 << 31), 0, 0], dtype=torch.int32)
+    V = w.shape[0]
+    hi, lo = torch.full((V,), float("nan")), torch.full((V,), float("nan"))
+    y = torch.full((1, V), 7.0, dtype=w.dtype)
+    head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y)
+    full = fd.head_logits(x, w)
+    kth = full.float().topk(k).values[0, -1]
+    kept = full.float() >= kth
+    fill = torch.finfo(w.dtype).min
+    same = (y == full) | (y == fill) | (torch.isnan(y) & torch.isnan(full))
+    key = ("sample", True, k, True)
+    inv, cut = torch.tensor([1 / 0.95]), torch.tensor([0.3])
+    wy, wf = fd.warp(y.float(), key, inv, cut), fd.warp(full.float(), key, inv, cut)
+    return dict(fallback=int(scr[1]), candidates=int((y != fill).sum()), kept=int(kept.sum()),
+                all_exact_or_fill=bool(same.all()), kept_exact=bool(torch.equal(y[kept], full[kept])),
+                warped_equal=bool(torch.equal(wy, wf)) if bool(torch.isfinite(full).all()) else None,
+                whole=bool(torch.equal(y, full) or bool(torch.isnan(full).all())))
+
 res = {}
 g = torch.Generator().manual_seed(0)
 V, K = 1200, 64
@@ -91,6 +113,13 @@ res["nan"] = run(w, xn)
 res["bf16"] = run(w.bfloat16(), x.bfloat16())
 w3 = (torch.randn(600, 1100, generator=g) * 0.03).half()
 res["multi_tile"] = run(w3, torch.randn(1, 1100, generator=g).half())
+# sampling from the top k: exact logits where they can make the top k, the lowest finite value elsewhere
+res["topk5"] = run_topk(w, x, 5)
+res["topk50"] = run_topk(w, x, 50)
+res["topk50_bf16"] = run_topk(w.bfloat16(), x.bfloat16(), 50)
+w2 = w.clone(); w2[100:240] = w[tok]
+res["topk_crowded"] = run_topk(w2, x, 5)  # 140 candidates in one block: the whole head writes every logit
+res["topk_nan"] = run_topk(w, xn, 5)
 # the INT8 copy itself (a zero row included)
 w4 = w.clone(); w4[7] = 0
 h = fd.ScreenHead(w4)
@@ -177,6 +206,22 @@ def test_undecided_steps_run_the_whole_head(res, case, want_flag):
         assert r["token"] == 0, r
     if case == "overflow":
         assert not r["finite"], r
+
+
+@pytest.mark.parametrize("case", ["topk5", "topk50", "topk50_bf16"])
+def test_top_k_sampling_sees_the_whole_heads_top_k(res, case):
+    """Sampling steps: every logit that can make the top k (ties at the k-th included) is the whole head's,
+    the rest hold the lowest finite value, so temperature / top-k / top-p give the same distribution."""
+    r = res[case]
+    assert r["fallback"] == 0, r
+    assert r["all_exact_or_fill"] and r["kept_exact"] and r["warped_equal"], r
+    assert r["kept"] <= r["candidates"] < 1200, r
+
+
+@pytest.mark.parametrize("case", ["topk_crowded", "topk_nan"])
+def test_top_k_sampling_undecided_writes_the_whole_head(res, case):
+    r = res[case]
+    assert r["fallback"] == 1 and r["whole"], r
 
 
 def test_the_int8_copy_is_what_it_says(res):
