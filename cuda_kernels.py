@@ -840,6 +840,11 @@ def _join_warm_up_at_exit() -> None:
     _warm_up_done(10.0)  # (not torn down mid-import by the interpreter's exit)
 
 
+def interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1): no inline PTX, no libdevice."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def available() -> bool:
     """True when a CUDA GPU is visible and Triton imports. Cached; no compile happens here."""
     global _AVAILABLE
@@ -868,7 +873,7 @@ def _build():
             language = importlib.import_module("triton.language")
             tl = language
             _USE_LIBDEVICE = False
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            if not interpreting():
                 for name in ("triton.language.extra.libdevice", "triton.language.extra.cuda.libdevice"):
                     try:
                         _libdevice = importlib.import_module(name)

@@ -65,9 +65,8 @@ import torch
 from torch.nn import functional as F
 
 from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, compiling_ahead, dequantize_group, \
-    dequantizes, gelu_ as _ck_gelu, jit as ck_jit, jit_helper as ck_jit_helper, jit_helpers, \
-    launch_options as _launch, on_device, \
-    pdl_supported, strict as _strict
+    dequantizes, gelu_ as _ck_gelu, interpreting, jit as ck_jit, jit_helper as ck_jit_helper, jit_helpers, \
+    launch_options as _launch, on_device, pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -340,7 +339,7 @@ def _pick_kernel(l_ptr, key_ptr, flag_ptr, V, stride_l, BLOCK: tl.constexpr, CHE
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < V
     x = tl.load(l_ptr + row * stride_l + cols, mask=m, other=0.0).to(tl.float32)
-    key = tl.where(m, _argmax_key(x, cols), (tl.full([BLOCK], -2147483648, tl.int32).to(tl.int64) << 32))
+    key = tl.where(m, _argmax_key(x, cols), _no_key(BLOCK))
     tl.atomic_max(key_ptr + row, tl.max(key, 0), sem="relaxed")
     if CHECK:
         bad = tl.max(_non_finite(x).to(tl.int32), 0)
@@ -357,6 +356,11 @@ def _f32_order(x):
 
 def _non_finite(x):
     return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000  # exponent all ones: inf or NaN
+
+
+def _no_key(N: tl.constexpr):
+    # [N] keys below every _argmax_key (_KEY_EMPTY): what key slots are reset to
+    return tl.full([N], -2147483648, tl.int32).to(tl.int64) << 32
 
 
 def _argmax_key(x, cols):
@@ -467,7 +471,7 @@ def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, V, K, stride_w, 
         tl.atomic_max(scr_ptr + 1, 1, sem="relaxed")
     n = tl.where((n > MAX_LOCAL) | (tl.load(scr_ptr + 1) != 0), 0, n)
     pos = tl.cumsum(cand.to(tl.int32), 0) - 1  # each candidate's rank here
-    best = (tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32)
+    best = _no_key(1)
     for t0 in range(0, n, R):
         j = t0 + tl.arange(0, R)
         rows = tl.min(tl.where(cand[None, :] & (pos[None, :] == j[:, None]), cols[None, :], V), 1)  # V: none
@@ -476,7 +480,7 @@ def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, V, K, stride_w, 
         if STORE:
             tl.store(y_ptr + rows, v, mask=rows < V)
         key = _argmax_key(v.to(tl.float32), rows)
-        key = tl.where(rows < V, key, (tl.full([R], -2147483648, tl.int32).to(tl.int64) << 32))
+        key = tl.where(rows < V, key, _no_key(R))
         best = tl.maximum(best, tl.max(key, 0))
     if (n > 0) & (STORE == 0):
         tl.atomic_max(key_ptr + tl.arange(0, 1), best, sem="relaxed")
@@ -494,7 +498,7 @@ def _head_kernel(x_ptr, w_ptr, y_ptr, key_ptr, bad_ptr, scr_ptr, V, K, stride_w,
     nblk = tl.cdiv(V, BLOCK_N)
     if COND:
         nblk = tl.where(tl.load(scr_ptr + 1) != 0, nblk, 0)
-    best = (tl.full([1], -2147483648, tl.int32).to(tl.int64) << 32)
+    best = _no_key(1)
     bad = tl.zeros([1], dtype=tl.int32)
     for blk in range(tl.program_id(0), nblk, tl.num_programs(0)):
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -505,7 +509,7 @@ def _head_kernel(x_ptr, w_ptr, y_ptr, key_ptr, bad_ptr, scr_ptr, V, K, stride_w,
             tl.store(y_ptr + rows, v, mask=m)
         if PICK:
             f = v.to(tl.float32)
-            key = tl.where(m, _argmax_key(f, rows), (tl.full([BLOCK_N], -2147483648, tl.int32).to(tl.int64) << 32))
+            key = tl.where(m, _argmax_key(f, rows), _no_key(BLOCK_N))
             best = tl.maximum(best, tl.max(key, 0))
             if CHECK:
                 bad = tl.maximum(bad, tl.max((m & _non_finite(f)).to(tl.int32), 0))
@@ -537,7 +541,7 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     if KEYS:
         key = tl.load(key_ptr + r, mask=m, other=0)
         nxt = 0x7FFFFFFF - (key & 0xFFFFFFFF)
-        tl.store(key_ptr + r, (tl.full([BLOCK_B], -2147483648, tl.int32).to(tl.int64) << 32), mask=m)
+        tl.store(key_ptr + r, _no_key(BLOCK_B), mask=m)
         if KEYS == 2:
             one1 = tl.arange(0, 1)
             flag = tl.max(tl.load(flag_ptr + one1), 0)
@@ -566,7 +570,7 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
 
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
                  _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel)
-_HELPER_FUNCS = (_f32_order, _non_finite, _argmax_key, _head_rows)  # jitted, rebound under their names
+_HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows)  # jitted, rebound by name
 
 
 def available() -> bool:
@@ -639,7 +643,7 @@ def gelu_(x: torch.Tensor, pdl=0) -> torch.Tensor:
     return _ck_gelu(x, pdl=pdl)
 
 
-# The screened LM head (kernels above): "auto" runs it for INT4 models (batch-1 greedy decode steps),
+# The screened LM head (kernels above): "auto" runs it for INT4 models (batch-1 decode steps, greedy or top-k),
 # "1" for every model, "0" never; model.config.screen_lm_head (True / False / "auto") overrides. Not
 # by default for INT8: its copy adds 0.5 GB (the head's rows at one byte each) to the INT8 model's
 # footprint, against the 7.5 GiB goal at a 2048-token context.
@@ -657,10 +661,6 @@ def _head_block_k(K: int) -> int:
     return min(512, _pow2(K))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _head_programs(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
@@ -669,7 +669,7 @@ def _head_programs(device) -> int:
 
 
 class ScreenHead:
-    """The LM head's INT8 copy and per-row bounds for the screened greedy pick (kernels above): q [V, K]
+    """The LM head's INT8 copy and per-row bounds for the screened head (kernels above): q [V, K]
     int8 with a per-row fp32 scale s = max|w| / 127, the residual norm rn = ||w - s q||_2 (float64,
     rounded up) and mx = max|w|. Built on the head's device from its fp16/bf16 weight w [V, K]."""
 
@@ -724,7 +724,7 @@ class ScreenHead:
         k["screen_kernel"][(triton_cdiv(V, block_n),)](
             x, xv, self.q.view(torch.int32), self.q, self.s, self.rn, self.mx, norms, hi, lo if top_k else hi, scr,
             V, KW, 2.5 * K * u, 1.0 + 4.0 * K * u + 1e-6, rel, float(torch.finfo(dt).max), BLOCK_N=block_n,
-            BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not _interpreting(), STORE_LO=bool(top_k),
+            BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not interpreting(), STORE_LO=bool(top_k),
             **cfg, **_launch(pdl_screen))
         if top_k:  # the threshold: the k-th largest lower bound (its order key, as the greedy atomic max leaves)
             bits = torch.topk(lo, top_k).values[-1:].view(torch.int32)
@@ -826,7 +826,7 @@ def _screen_account(model, state: "_State", run: "_Run") -> None:
         state.screen_off = True
         state.drop_screen()
         warnings.warn(f"chatglm6b: the screened LM head could not decide {state.screen_undecided} of "
-                      f"{state.screen_steps} greedy steps (each then also ran the whole head); it is off for this "
+                      f"{state.screen_steps} screened steps (each then also ran the whole head); it is off for this "
                       f"model from now on (CHATGLM_SCREEN_HEAD=1 keeps it on)", RuntimeWarning)
 
 
@@ -1225,7 +1225,7 @@ class _State:
         self.pdl = pdl_supported(self.device)
         q = [m for m in model.modules() if type(m) is QuantizedLinear]
         self.weight_kind = q[0].bits if q else 16
-        self.screen: Optional[ScreenHead] = None  # the INT8 copy of the LM head (batch-1 greedy steps)
+        self.screen: Optional[ScreenHead] = None  # the INT8 copy of the LM head (batch-1 steps, _screens)
         self.screen_steps = self.screen_undecided = 0  # steps screened, and of them sent to the whole head
         self.screen_off = False  # "auto" gave up on the screen for this model (_screen_account)
         self.kernel_error = ""  # set when a kernel failed to build: the eager path runs from then on
@@ -1795,8 +1795,7 @@ def _start(model, input_ids, mask, position_ids, plan: _Plan) -> Optional[Tuple[
                         _set_decision(model, "graph")
                         return state, run
                     reason = "graph capture failed: " + run.slot.broken.get(
-                        _graph_key(run.key, plan.processors, state.debug_logits,
-                                   _screens(state, run.slot, run.key)), "")
+                        _graph_key(run.key, plan.processors, state.debug_logits, run.screened), "")
     except BaseException:
         state.lock.release()
         raise
