@@ -324,7 +324,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr,
                  ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
                  L2_BYTES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, CM: tl.constexpr = "",
-                 XVEC: tl.constexpr = 0, ONE_TILE: tl.constexpr = False):
+                 XVEC: tl.constexpr = 0, ONE_TILE: tl.constexpr = False, LATE: tl.constexpr = False):
     # y[n] = act(s[n] * sum_k x[k] q[n, k] + b[n]) for one activation row.
     # L2_BYTES > 0 (with PDL): before waiting for the previous kernel, have the first L2_BYTES of
     # each of this program's weight rows brought into L2, so that DRAM streams weights while the
@@ -336,8 +336,10 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     # CM: cache modifier of the weight loads. XVEC (x contiguous, viewed as int64 at xv_ptr; unused
     # otherwise): INT8 (x 8-byte aligned) takes the four activations of a word as one 8-byte load
     # instead of four 2-byte loads; INT4 (XVEC 2, fp16 x, 16-byte aligned) takes the eight of a word
-    # as one 16-byte load instead of eight.
-    _pdl_start(PDL)
+    # as one 16-byte load instead of eight. LATE: the next kernel may launch (PDL) once every program
+    # has finished its main loop, instead of from this kernel's start.
+    if not LATE:
+        _pdl_start(PDL)
     num_kt = tl.cdiv(KW, BLOCK_KW)
     kt0 = 0
     kt1 = num_kt
@@ -347,6 +349,8 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     out, rn, rn_c = _gemv_rows(tl.program_id(0), kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
                                stride_wk, BITS, BLOCK_N, BLOCK_KW, EVEN_K, PREFETCH, EV, PDL, L2_BYTES, CM, XVEC,
                                None, 0, False, "", ONE_TILE)
+    if LATE:
+        _pdl_start(PDL)
     if SPLIT_K > 1:
         tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
     else:
@@ -1065,11 +1069,25 @@ def _pdl_level(pdl) -> int:
     return 2 if pdl is True else int(pdl or 0)
 
 
+def _launch_level(pdl) -> int:
+    """The level without the late-trigger variants (3, 4 -> 1, 2)."""
+    level = _pdl_level(pdl)
+    return level - 2 if level >= 3 else level
+
+
+def late_trigger(pdl) -> bool:
+    """Levels 3 / 4 (= 1 / 2): a batch-1 GEMV lets the next kernel launch only after its own main loop
+    (the dependents' programs then take SM slots as this kernel's programs finish, not while later
+    programs of this kernel still need them); other kernels trigger at their start as at 1 / 2."""
+    return _pdl_level(pdl) >= 3
+
+
 def launch_options(pdl) -> dict:
     """Launch keyword arguments of a kernel that takes PDL. pdl: 0/False nothing; 1 the kernel lets
     the next kernel launch early (and waits, a no-op here) but is itself launched normally, so it
-    starts on an idle GPU; 2/True it is also launched with programmatic dependent launch."""
-    level = _pdl_level(pdl)
+    starts on an idle GPU; 2/True it is also launched with programmatic dependent launch; 3 / 4 as
+    1 / 2 (late_trigger)."""
+    level = _launch_level(pdl)
     if level <= 0:
         return {}
     return dict(PDL=True, launch_pdl=True) if level >= 2 else dict(PDL=True)
@@ -1145,6 +1163,8 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
     ws = torch.empty((split_k, N), dtype=torch.float32, device=x2.device) if split_k > 1 else y
     if cfg["PREFETCH"] and _cdiv(KW, block_kw) == split_k:
         cfg["ONE_TILE"] = True  # each program's K range is one tile, loaded before the PDL wait
+    if late_trigger(pdl):
+        cfg["LATE"] = True
     kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
     kernel[(_cdiv(N, block_n), split_k)](
         x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,
@@ -1422,7 +1442,7 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     act_id = _ACTS[act]
     pdl = _pdl_level(pdl)
     if M == 1 and aligned:
-        y = _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl)
+        y = _try_mma_gemv(x2, q, scale, bias, bits, act_id, _launch_level(pdl))
         if y is not None:
             return y.view(*x.shape[:-1], N)
     name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned, _capability(x.device))

@@ -100,8 +100,13 @@ MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) c
 # 2026-12-05): TARGET 128 -> 256 splits a batch of 3-7 rows in two (b=16 still one split), in-kernel
 # merge, 1 stage: µs per layer at b=4, context 1800: 97.0 -> 63.1 (context 120: 9.4 -> 10.4); whole INT8
 # decode step at b=4, contexts 1501-1628: 6.08 -> 5.28 ms (33-160: 3.92-3.95 both; b=16 unchanged).
+# PRE (first tile of cached keys / values loaded before the PDL wait) and CHUNK (at least this many
+# positions per split taking part; a short context runs unsplit), batch 1 (bench_gpu.py --attention-ab,
+# H100, 2026-12-07, two calls, ms/token at contexts 33-160 / 1501-1628): INT4 1.829-1.857 / 2.218 ->
+# PRE 1.805 / 2.093 -> PRE + CHUNK 128 1.768 / 2.091 (256: 1.768 / 2.102; 512: 1.768 / 2.179); INT8
+# 2.770 / 3.094 -> 2.705 / 2.957 -> 2.665 / 2.961.
 ATTN_CFG = {  # by batch: "small" (b <= 2) and "large"
-    "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
+    "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256, PRE=True, CHUNK=128),
     "large": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
 }
 # residual + LayerNorm over 4096: 2.15 / 2.21 / 2.55 / 2.73 µs with 16 / 8 / 4 / 2 warps (H100)
@@ -125,6 +130,9 @@ PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
 # the post-attention LayerNorm runs) 2.045 -> 2.000 ms/token (three alternating pairs); qkv early +0.055,
 # dense early +0.010; whole-row tiles loaded before the wait (cuda_kernels ONE_TILE) +0.015..+0.19 for each.
 EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h",)}
+# Linears (batch-1 GEMVs) that let the next kernel launch only after their main loop instead of from
+# their start (cuda_kernels.late_trigger), by (weight bits, batch class); where PDL is on.
+LATE_TRIGGER: Dict[tuple, Tuple[str, ...]] = {}
 _LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")  # a block's linears, in decode-step order
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
@@ -213,12 +221,18 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
                         H, stride_qkv, stride_cb, stride_ch, stride_cs, stride_out,
                         denom, coeff,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, INLINE: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, PRE: tl.constexpr = False, CHUNK: tl.constexpr = 0):
     # One (row, head, split): rotary on the new q/k (cos/sin of this step's positions in cs_ptr,
     # [b, 2 channels, cos half | sin half]), the new k/v written at cache slot `cur` (split 0), then
     # softmax(q k^T) v over this split's share of the row's context [pad, cur) plus the new token
     # (last split), online softmax in fp32. With SPLITS > 1 the partials (max, sum, acc) are merged
     # by the last split to finish (INLINE: atomic ticket per (row, head)) or by _attn_combine_kernel.
+    # CHUNK > 0 (INLINE only): only ceil(context / CHUNK) of the SPLITS programs take part (at least
+    # one), so a short context is not split at all (its output is stored directly, no merge).
+    # PRE: the split's first tile of cached keys / values is loaded before the PDL wait (then each
+    # next tile while the current one is used). Safe: cur, pad and the slots below cur were written
+    # by earlier steps, which ended before this step's first kernel (a plain launch) began; only
+    # slot cur (this kernel's own write) and qkv / cs come from this step.
     _pdl_start(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -230,80 +244,118 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
     neg = j < (D // 4)
     partner = tl.where(neg, d + D // 4, d - D // 4)
     chan = d // (D // 2)
-    _pdl_wait(PDL)
-    cs_row = cs_ptr + b * (2 * D) + chan * D + j
-    c = tl.load(cs_row).to(tl.float32)
-    s = tl.load(cs_row + D // 2).to(tl.float32)
-    base = qkv_ptr + b * stride_qkv + h * (3 * D)
-    q = tl.load(base + d).to(tl.float32)
-    qp = tl.load(base + partner).to(tl.float32)
-    k = tl.load(base + D + d).to(tl.float32)
-    kp = tl.load(base + D + partner).to(tl.float32)
-    v_new = tl.load(base + 2 * D + d)
-    cur = tl.load(cur_ptr)  # int32: slot of the new token = number of cached slots
-    pad = tl.load(pad_ptr + b)  # int32: left-pad slots of this row
-    qp = tl.where(neg, -qp, qp)
-    q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-    qs = tl.math.div_rn(q, denom).to(dt).to(tl.float32)
-    kp = tl.where(neg, -kp, kp)
-    k_new = ((k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)).to(dt)
     kc = kc_ptr + b * stride_cb + h * stride_ch
     vc = vc_ptr + b * stride_cb + h * stride_ch
-    if split == 0:
-        tl.store(kc + cur * stride_cs + d, k_new)
-        tl.store(vc + cur * stride_cs + d, v_new)
+    if PRE:
+        cur = tl.load(cur_ptr)  # int32: slot of the new token = number of cached slots
+        pad = tl.load(pad_ptr + b)  # int32: left-pad slots of this row
+        eff, lo, hi = _attn_share(cur, pad, split, SPLITS, CHUNK)
+        offs = lo + tl.arange(0, BLOCK_S)
+        kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+    _pdl_wait(PDL)
+    if not PRE:
+        cur = tl.load(cur_ptr)
+        pad = tl.load(pad_ptr + b)
+        eff, lo, hi = _attn_share(cur, pad, split, SPLITS, CHUNK)
+    if split < eff:
+        cs_row = cs_ptr + b * (2 * D) + chan * D + j
+        c = tl.load(cs_row).to(tl.float32)
+        s = tl.load(cs_row + D // 2).to(tl.float32)
+        base = qkv_ptr + b * stride_qkv + h * (3 * D)
+        q = tl.load(base + d).to(tl.float32)
+        qp = tl.load(base + partner).to(tl.float32)
+        k = tl.load(base + D + d).to(tl.float32)
+        kp = tl.load(base + D + partner).to(tl.float32)
+        v_new = tl.load(base + 2 * D + d)
+        qp = tl.where(neg, -qp, qp)
+        q = ((q * c).to(dt).to(tl.float32) + (qp * s).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        qs = tl.math.div_rn(q, denom).to(dt).to(tl.float32)
+        kp = tl.where(neg, -kp, kp)
+        k_new = ((k * c).to(dt).to(tl.float32) + (kp * s).to(dt).to(tl.float32)).to(dt)
+        if split == 0:
+            tl.store(kc + cur * stride_cs + d, k_new)
+            tl.store(vc + cur * stride_cs + d, v_new)
 
-    m_i = tl.zeros([1], tl.float32) - 1.0e30
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    chunk = (cur - pad + SPLITS - 1) // SPLITS
+        m_i = tl.zeros([1], tl.float32) - 1.0e30
+        l_i = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        if PRE:
+            for start in range(lo, hi, BLOCK_S):
+                offs = start + BLOCK_S + tl.arange(0, BLOCK_S)  # the next tile (all masked after the last)
+                kn = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+                vn = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+                m_i, l_i, acc = _attn_tile(kt, vt, offs - BLOCK_S < hi, qs, coeff, m_i, l_i, acc, dt)
+                kt = kn
+                vt = vn
+        else:
+            for start in range(lo, hi, BLOCK_S):
+                offs = start + tl.arange(0, BLOCK_S)
+                valid = offs < hi
+                kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+                vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
+                m_i, l_i, acc = _attn_tile(kt, vt, valid, qs, coeff, m_i, l_i, acc, dt)
+        if split == eff - 1:
+            sn = tl.sum(qs * k_new.to(tl.float32), 0)
+            sn = sn.to(dt).to(tl.float32) * coeff
+            m_new = tl.maximum(m_i, sn)
+            corr = tl.exp(m_i - m_new)
+            pn = tl.exp(sn - m_new)
+            l_i = l_i * corr + pn
+            acc = acc * corr + pn * v_new.to(tl.float32)
+            m_i = m_new
+        if SPLITS == 1:
+            tl.store(out_ptr + b * stride_out + h * D + d, (acc / l_i).to(dt))
+        elif eff == 1:  # (CHUNK: a short context, one split)
+            tl.store(out_ptr + b * stride_out + h * D + d, (acc / l_i).to(dt))
+        else:
+            idx = bh.to(tl.int64) * SPLITS + split
+            one = tl.arange(0, 1)
+            tl.store(pm_ptr + idx + one, m_i)
+            tl.store(pl_ptr + idx + one, l_i)
+            tl.store(pacc_ptr + idx * D + d, acc)
+            if INLINE:
+                tl.debug_barrier()  # every thread's partial stores precede the (release) ticket
+                ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
+                if ticket == eff - 1:  # the last split of this (row, head): merge
+                    sp = tl.arange(0, SPLITS)
+                    first = bh.to(tl.int64) * SPLITS
+                    part = sp < eff
+                    ms = tl.load(pm_ptr + first + sp, mask=part, other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(pl_ptr + first + sp, mask=part, other=0.0, cache_modifier=".cg")
+                    accs = tl.load(pacc_ptr + (first + sp)[:, None] * D + d[None, :], mask=part[:, None], other=0.0,
+                                   cache_modifier=".cg")
+                    mx = tl.max(ms, 0)
+                    w = tl.exp(ms - mx)
+                    o = tl.sum(accs * w[:, None], 0) / tl.sum(ls * w, 0)
+                    tl.store(out_ptr + b * stride_out + h * D + d, o.to(dt))
+                    tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next layer / step
+
+
+def _attn_share(cur, pad, split, SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+    # (programs taking part, first and end slot of this split's share of [pad, cur))
+    n = cur - pad
+    if CHUNK > 0:
+        eff = tl.minimum(tl.maximum((n + CHUNK - 1) // CHUNK, 1), SPLITS)
+    else:
+        eff = n * 0 + SPLITS
+    chunk = (n + eff - 1) // eff
     lo = pad + split * chunk
     hi = tl.minimum(lo + chunk, cur)
-    for start in range(lo, hi, BLOCK_S):
-        offs = start + tl.arange(0, BLOCK_S)
-        valid = offs < hi
-        kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
-        sc = tl.sum(kt.to(tl.float32) * qs[None, :], 1)
-        sc = sc.to(dt).to(tl.float32) * coeff
-        sc = tl.where(valid, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 0))
-        corr = tl.exp(m_i - m_new)
-        pr = tl.exp(sc - m_new)
-        l_i = l_i * corr + tl.sum(pr, 0)
-        acc = acc * corr + tl.sum(pr[:, None] * vt.to(tl.float32), 0)
-        m_i = m_new
-    if split == SPLITS - 1:
-        sn = tl.sum(qs * k_new.to(tl.float32), 0)
-        sn = sn.to(dt).to(tl.float32) * coeff
-        m_new = tl.maximum(m_i, sn)
-        corr = tl.exp(m_i - m_new)
-        pn = tl.exp(sn - m_new)
-        l_i = l_i * corr + pn
-        acc = acc * corr + pn * v_new.to(tl.float32)
-        m_i = m_new
-    if SPLITS == 1:
-        tl.store(out_ptr + b * stride_out + h * D + d, (acc / l_i).to(dt))
-    else:
-        idx = bh.to(tl.int64) * SPLITS + split
-        one = tl.arange(0, 1)
-        tl.store(pm_ptr + idx + one, m_i)
-        tl.store(pl_ptr + idx + one, l_i)
-        tl.store(pacc_ptr + idx * D + d, acc)
-        if INLINE:
-            tl.debug_barrier()  # every thread's partial stores precede the (release) ticket
-            ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLITS - 1:  # the last split of this (row, head): merge
-                sp = tl.arange(0, SPLITS)
-                first = bh.to(tl.int64) * SPLITS
-                ms = tl.load(pm_ptr + first + sp, cache_modifier=".cg")
-                ls = tl.load(pl_ptr + first + sp, cache_modifier=".cg")
-                accs = tl.load(pacc_ptr + (first + sp)[:, None] * D + d[None, :], cache_modifier=".cg")
-                mx = tl.max(ms, 0)
-                w = tl.exp(ms - mx)
-                o = tl.sum(accs * w[:, None], 0) / tl.sum(ls * w, 0)
-                tl.store(out_ptr + b * stride_out + h * D + d, o.to(dt))
-                tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next layer / step
+    return eff, lo, hi
+
+
+def _attn_tile(kt, vt, valid, qs, coeff, m_i, l_i, acc, dt: tl.constexpr):
+    # online softmax over one tile of cached positions (rows of kt / vt where valid)
+    sc = tl.sum(kt.to(tl.float32) * qs[None, :], 1)
+    sc = sc.to(dt).to(tl.float32) * coeff
+    sc = tl.where(valid, sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 0))
+    corr = tl.exp(m_i - m_new)
+    pr = tl.exp(sc - m_new)
+    l_i = l_i * corr + tl.sum(pr, 0)
+    acc = acc * corr + tl.sum(pr[:, None] * vt.to(tl.float32), 0)
+    return m_new, l_i, acc
 
 
 def _attn_combine_kernel(pm_ptr, pl_ptr, pacc_ptr, out_ptr, H, stride_out,
@@ -570,7 +622,7 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
 
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
                  _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel)
-_HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows)  # jitted, rebound by name
+_HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows, _attn_tile, _attn_share)  # jitted, rebound by name
 
 
 def available() -> bool:
@@ -892,6 +944,8 @@ def decode_attention(qkv, k_cache, v_cache, cs, cur, pad, out, denom, coeff, spl
     inline = bool(cfg.pop("INLINE"))
     block_s = cfg.pop("BLOCK_S")
     cfg.pop("TARGET", None)
+    if cfg.get("CHUNK") and not inline:
+        raise ValueError("decode attention: CHUNK (splits that follow the context) needs INLINE (the in-kernel merge)")
     if splits > 1:
         pm, pl, pacc, cnt = scratch
     else:
@@ -1462,7 +1516,9 @@ def _pdl_levels(state: _State, slot: _Slot) -> Tuple[Dict[str, int], int]:
     key = (state.weight_kind, "small" if slot.batch <= 2 else "large")
     lin, small = {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[PDL_MODE.get(key, "off")]
     early = EARLY_LINEARS.get(key, ())
-    return {n: (2 if n in early and small else lin) for n in _LINEAR_NAMES}, small
+    late = LATE_TRIGGER.get(key, ()) if slot.batch == 1 else ()
+    levels = {n: (2 if n in early and small else lin) for n in _LINEAR_NAMES}
+    return {n: (v + 2 if v and n in late else v) for n, v in levels.items()}, small
 
 
 def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):

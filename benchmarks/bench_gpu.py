@@ -254,6 +254,180 @@ def kernel_breakdown(model, run, steps=20):
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _role(name: str, prev: str, lns: int) -> str:
+    """A decode-step kernel's role from its name and the role before it (kernel_timeline)."""
+    if "gemv" in name or "qmm" in name:
+        if prev == "attention":
+            return "dense"
+        if prev in ("h_to_4h", "gelu"):
+            return "4h_to_h"
+        return "qkv" if lns % 2 == 1 else "h_to_4h"
+    for key, role in (("decode_attn", "attention"), ("combine", "attention"), ("ln_kernel", "layernorm"),
+                      ("screen_kernel", "screen"), ("cand_kernel", "candidates"), ("head_kernel", "whole_head"),
+                      ("bookkeep", "bookkeep"), ("pick_kernel", "pick"), ("gelu", "gelu")):
+        if key in name:
+            return role
+    return "lm_head/cublas" if ("gemm" in name.lower() or "cutlass" in name.lower() or "sm90" in name.lower()) \
+        else "other"
+
+
+def kernel_timeline(model, run, steps=10):
+    """Where a decode step's time goes on its critical path: the kernels of each step in the order they
+    end; each one's end minus the previous one's end, summed per role (qkv / dense / h_to_4h / 4h_to_h,
+    attention, layernorm, ...), µs per step. Unlike kernel_breakdown's durations these add up to the
+    step even under programmatic dependent launch (a kernel's time waiting for the previous one is not
+    counted). "step start": from the previous step's last kernel to this step's first one's end."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                run.step()
+            sync()
+        evs = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.end)
+        per_step, cur, prev_end, prev_role, lns, first = [], {}, None, "", 0, True
+        durations = {}
+        for e in evs:
+            role = _role(e.name, prev_role, lns)
+            if role == "layernorm":
+                lns += 1
+            end = e.time_range.end
+            key = "step start" if first else role
+            if prev_end is not None:
+                cur[key] = cur.get(key, 0.0) + (end - prev_end)
+                durations[role] = durations.get(role, 0.0) + e.time_range.elapsed_us()
+            first = False
+            prev_end, prev_role = end, role
+            if role == "bookkeep":  # a step's last kernel
+                per_step.append(cur)
+                cur, lns, first, prev_role = {}, 0, True, ""
+        full = per_step[1:] or per_step  # the first step's start is the profiler's
+        keys = sorted({k for st in full for k in st}, key=lambda k: -sum(st.get(k, 0) for st in full))
+        out = {k: round(sum(st.get(k, 0.0) for st in full) / len(full), 1) for k in keys}
+        out["total"] = round(sum(v for k, v in out.items()), 1)
+        out["durations"] = {k: round(v / max(1, len(per_step)), 1) for k, v in durations.items()}
+        return out
+    except Exception as exc:  # diagnostics only
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _use_decode_settings(model, bits, attn, early):
+    fd.ATTN_CFG["small"] = attn
+    fd.EARLY_LINEARS[(bits, "small")] = tuple(early)
+    release(model)
+
+
+def attention_ab(bits: int, steps=128, rounds=2):
+    """Decode-attention variants in the whole batch-1 decode graph, alternating: today's settings, the
+    first tile of cached keys / values loaded before the PDL wait (PRE), and PRE with the splits following
+    the context (CHUNK positions per split at least); short contexts (33-160), then long ones (1501-1628)
+    and the critical-path timeline (kernel_timeline) of each. Returns the results and the best variant's
+    attention settings (by the sum of its short and long medians)."""
+    model = build(bits)
+    base = dict(fd.ATTN_CFG["small"])
+    early = fd.EARLY_LINEARS.get((bits, "small"), ())
+    variants = {"today": base, "pre": dict(base, PRE=True)}
+    for chunk in (128, 256, 512):
+        variants[f"pre_chunk{chunk}"] = dict(base, PRE=True, CHUNK=chunk)
+    out = dict(bits=bits, ms={k: [] for k in variants}, long_ms={k: [] for k in variants})
+    try:
+        tokens = {}
+        for _ in range(rounds):
+            for name, cfg in variants.items():
+                _use_decode_settings(model, bits, cfg, early)
+                t, run = graph_decode(model, 1, steps=steps)
+                out["ms"][name].append(round(t * 1e3, 4))
+                tokens[name] = run.slot.ids[0, :run.s + run.produced].tolist()
+                log(event="attention_ab", bits=bits, variant=name, ms=out["ms"][name][-1])
+                del run
+        out["tokens_equal_today"] = {k: sum(a == b for a, b in zip(tokens["today"], v)) for k, v in tokens.items()}
+        for name, cfg in variants.items():
+            _use_decode_settings(model, bits, cfg, early)
+            t, run = graph_decode(model, 1, steps=steps)
+            out[f"timeline_{name}"] = kernel_timeline(model, run)
+            log(event="timeline", bits=bits, variant=name, ms=round(t * 1e3, 4), timeline=out[f"timeline_{name}"])
+            del run
+            release(model)
+            t, run = graph_decode(model, 1, prompt_len=1500, steps=steps)
+            out["long_ms"][name].append(round(t * 1e3, 4))
+            log(event="attention_ab", bits=bits, variant=name, context="1501-1628", ms=out["long_ms"][name][-1])
+            del run
+        best = min(variants, key=lambda k: statistics.median(out["ms"][k]) + statistics.median(out["long_ms"][k]))
+        out["best"] = best
+    finally:
+        _use_decode_settings(model, bits, base, early)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out, variants[best]
+
+
+_PDL_COMBOS = {  # (linears launched early, linears whose trigger comes after their main loop)
+    4: [(("h_to_4h",), ()), (("h_to_4h", "4h_to_h"), ("h_to_4h",)), (("h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h")),
+        (("qkv", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h")),
+        (("qkv", "dense", "h_to_4h", "4h_to_h"), ("qkv", "dense", "h_to_4h", "4h_to_h")),
+        (("dense", "h_to_4h", "4h_to_h"), ("qkv", "h_to_4h", "4h_to_h")),
+        (("h_to_4h",), ("qkv", "dense", "4h_to_h"))],
+    8: [((), ()), ((), ("qkv", "dense", "h_to_4h", "4h_to_h")), ((), ("h_to_4h", "4h_to_h")), ((), ("qkv", "h_to_4h")),
+        ((), ("h_to_4h",))],
+}
+
+
+def pdl_ab(bits: int, steps=128, rounds=2):
+    """Which linears launch early (fast_decode.EARLY_LINEARS) and which let the next kernel launch only
+    after their main loop (fast_decode.LATE_TRIGGER), in the whole batch-1 decode graph, alternating;
+    then the critical-path timeline (kernel_timeline) of each; then batch 16 with the attention's keys /
+    values loaded before the wait (PRE) or after it."""
+    model = build(bits)
+    key = (bits, "small")
+    saved = (fd.EARLY_LINEARS.get(key), fd.LATE_TRIGGER.get(key), dict(fd.ATTN_CFG["large"]))
+    names = [f"early={','.join(e) or '-'} late={','.join(l) or '-'}" for e, l in _PDL_COMBOS[bits]]
+    out = dict(bits=bits, mode=fd.PDL_MODE.get(key), ms={n: [] for n in names})
+
+    def use(early, late):
+        if bits == 4:  # (INT8 runs in mode "all": every linear launches early already)
+            fd.EARLY_LINEARS[key] = tuple(early)
+        fd.LATE_TRIGGER[key] = tuple(late)
+        release(model)
+    try:
+        for _ in range(rounds):
+            for name, (early, late) in zip(names, _PDL_COMBOS[bits]):
+                use(early, late)
+                t, run = graph_decode(model, 1, steps=steps)
+                out["ms"][name].append(round(t * 1e3, 4))
+                log(event="pdl_ab", bits=bits, variant=name, ms=out["ms"][name][-1])
+                del run
+        for name, (early, late) in zip(names, _PDL_COMBOS[bits]):
+            use(early, late)
+            t, run = graph_decode(model, 1, steps=steps)
+            out[f"timeline {name}"] = kernel_timeline(model, run)
+            log(event="timeline", bits=bits, variant=name, timeline=out[f"timeline {name}"])
+            del run
+        use(*_PDL_COMBOS[bits][0])
+        large = dict(fd.ATTN_CFG["large"])
+        for _ in range(rounds):
+            for pre in (False, True):
+                fd.ATTN_CFG["large"] = dict(large, PRE=pre)
+                release(model)
+                t, run = graph_decode(model, 16, steps=64)
+                out.setdefault("b16_tok_s", {}).setdefault(f"pre={pre}", []).append(round(16 / t, 1))
+                log(event="pdl_ab", bits=bits, batch=16, pre=pre, tok_s=round(16 / t, 1))
+                del run
+    finally:
+        for table, value in ((fd.EARLY_LINEARS, saved[0]), (fd.LATE_TRIGGER, saved[1])):
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        fd.ATTN_CFG["large"] = saved[2]
+        release(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def _graph_time(fn, reps=20):
     """Median seconds of one replay of a CUDA graph of fn() (fn compiled/warmed by the caller)."""
     side = torch.cuda.Stream()
@@ -1092,6 +1266,12 @@ def main():
     ap.add_argument("--screen-ab", default=None, metavar="BITS[,...]",
                     help="only time the batch-1 greedy decode graph with the screened LM head against the fp16 "
                          "head (alternating), and the screen alone on the model's head (no table)")
+    ap.add_argument("--attention-ab", default=None, metavar="BITS[,...]",
+                    help="batch-1 decode-attention variants (keys / values loaded before the PDL wait, one split) "
+                         "in the whole decode graph, alternating, with the critical-path timeline")
+    ap.add_argument("--pdl-ab", default=None, metavar="BITS[,...]",
+                    help="batch-1 decode: which linears launch early and which trigger the next kernel after their "
+                         "main loop, alternating, with the critical-path timeline; batch 16 with / without PRE")
     ap.add_argument("--no-candidates", action="store_true",
                     help="with --wide-batches: only the current plan and the former one")
     args = ap.parse_args()
@@ -1112,6 +1292,21 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=best, confirm=confirm, log=LOG),
                                                   indent=1))
+        return
+    if args.attention_ab:
+        got = []
+        for b in args.attention_ab.split(","):
+            res, _ = attention_ab(int(b))
+            got.append(res)
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, attention_ab=got, log=LOG), indent=1))
+        return
+    if args.pdl_ab:
+        got = []
+        for b in args.pdl_ab.split(","):
+            got.append(pdl_ab(int(b)))
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, pdl_ab=got, log=LOG), indent=1))
         return
     if args.screen_ab:
         got = [screen_ab(int(b)) for b in args.screen_ab.split(",")]

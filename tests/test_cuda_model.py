@@ -17,6 +17,7 @@ Tolerances, and why:
   DELTA_GOLDEN = 0.5 (fp16 vs fp32: 1.5 x the 1e-2 relative error on logits of norm ~17·sqrt(V)
   concentrated in the top entries); a divergence at a larger margin fails.
 """
+import itertools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -215,8 +216,11 @@ def test_kernels_match_torch(gpu, models, dtype):
     # decode attention (rotary, cache write, padded rows, sequence splits, tile configs) against glm_attention
     L, cur = 512, 300
     cs_table = torch.cat((cos_t, sin_t), dim=-1)
-    configs = [dict(BLOCK_S=bs, num_warps=w, num_stages=st, INLINE=inl)
-               for bs, w, st, inl in ((64, 4, 1, True), (64, 4, 1, False), (32, 4, 3, True), (128, 8, 1, True))]
+    configs = [dict(BLOCK_S=bs, num_warps=w, num_stages=st, INLINE=inl, PRE=pre, CHUNK=chunk)
+               for bs, w, st, inl, pre, chunk in (
+                   (64, 4, 1, True, False, 0), (64, 4, 1, False, False, 0), (32, 4, 3, True, False, 0),
+                   (128, 8, 1, True, False, 0), (128, 4, 1, True, True, 0), (32, 4, 1, False, True, 0),
+                   (64, 4, 3, True, True, 128), (128, 4, 1, True, True, 256), (128, 4, 1, True, False, 512))]
     for splits, cfg in [(sp, c) for sp in (1, 2, 4, 8) for c in configs]:
         kc, vc = rand(B, H, L, D), rand(B, H, L, D)
         kc2, vc2 = kc.clone(), vc.clone()
@@ -744,8 +748,10 @@ def test_torch_dequant_linears_inside_the_graph(models, golden):
 
 def test_pdl_modes_give_identical_steps(models, golden):
     """Programmatic dependent launch only changes when kernels start: every mode, and the linears after
-    small kernels launched early on their own (fast_decode.EARLY_LINEARS), gives the same per-step
-    logits and ids, bit for bit (INT8 and INT4, batch 1)."""
+    small kernels launched early on their own (fast_decode.EARLY_LINEARS), the linears letting the next
+    kernel launch after their main loop (fast_decode.LATE_TRIGGER), and the attention's cached keys /
+    values loaded before its wait or after it (PRE), gives the same per-step logits and ids, bit for
+    bit (INT8 and INT4, batch 1)."""
     for tag in TAGS:
         model = models[tag]
         fd = fd_of(model)
@@ -754,21 +760,28 @@ def test_pdl_modes_give_identical_steps(models, golden):
             pytest.skip("programmatic dependent launch needs sm_90+")
         ids = prompt_ids(golden, tag, 0, model.device)
         bits = int(tag[3:])
-        old, old_early = dict(fd.PDL_MODE), dict(fd.EARLY_LINEARS)
+        old, old_early, old_late = dict(fd.PDL_MODE), dict(fd.EARLY_LINEARS), dict(fd.LATE_TRIGGER)
+        old_attn = dict(fd.ATTN_CFG["small"])
         runs = []
+        every = ("qkv", "dense", "h_to_4h", "4h_to_h")
         try:
-            for mode, early in (("off", ()), ("small", ()), ("all", ()), ("small", ("qkv", "dense", "h_to_4h"))):
+            modes = (("off", (), ()), ("small", (), ()), ("all", (), ()), ("small", ("qkv", "dense", "h_to_4h"), ()),
+                     ("small", ("h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h")), ("all", (), every),
+                     ("small", (), every))
+            for (mode, early, late), pre in itertools.product(modes, (False, True)):
                 fd.PDL_MODE[(bits, "small")] = mode
                 fd.EARLY_LINEARS[(bits, "small")] = early
+                fd.LATE_TRIGGER[(bits, "small")] = late
+                fd.ATTN_CFG["small"] = dict(old_attn, PRE=pre)
                 fd.release(model)
                 with debug_logits(model) as st:
                     out = fast_greedy(model, ids, 12)
-                    runs.append(((mode, early), out, st.last_logits.clone()))
+                    runs.append(((mode, early, late, pre), out, st.last_logits.clone()))
         finally:
-            fd.PDL_MODE.clear()
-            fd.PDL_MODE.update(old)
-            fd.EARLY_LINEARS.clear()
-            fd.EARLY_LINEARS.update(old_early)
+            fd.ATTN_CFG["small"] = old_attn
+            for table, saved in ((fd.PDL_MODE, old), (fd.EARLY_LINEARS, old_early), (fd.LATE_TRIGGER, old_late)):
+                table.clear()
+                table.update(saved)
             fd.release(model)
         for mode, out, logits in runs[1:]:
             assert torch.equal(out, runs[0][1]), (tag, mode)

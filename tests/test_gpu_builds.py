@@ -162,7 +162,7 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
     shape, with and without the fused GELU, and with programmatic dependent launch on sm_90."""
     target = _use(stub, cap)
     n0 = len(stub.loaded)
-    pdl_levels = (0, 1, 2) if target >= (9, 0) else (0,)
+    pdl_levels = (0, 1, 2, 3, 4) if target >= (9, 0) else (0,)  # (3 / 4: the GEMV's late trigger)
     seen = set()
     for name, (N, K) in SHAPES.items():
         q, scale, bias = _weights(bits, N, K, dtype)
@@ -172,7 +172,7 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
             assert aligned
             path, run, cfg = ck._plan(M, N, K, bits, dtype, aligned, target)
             for act in (0, 1):
-                for pdl in pdl_levels:
+                for pdl in (pdl_levels if M == 1 else pdl_levels[:3]):  # (3 / 4 differ only for the GEMV)
                     y = run(x, q, scale, bias, bits, cfg, act=act, pdl=pdl)
                     assert y.shape == (M, N) and y.dtype == dtype
                     seen.add(path)
@@ -216,8 +216,9 @@ def test_prefill_and_decode_kernels_compile(stub, target):
                                             k_out=cache[:, :, :s], v_out=cache.clone()[:, :, :s])
         assert q_out.shape == (bsz, HEADS, s, HEAD_DIM)
         # decode attention at batch 1 and 16, splits merged in the kernel and by the combine kernel
-        for batch, inline in ((1, True), (16, False), (16, True)):
-            cfg = dict(fd._attn_cfg(batch), INLINE=inline)
+        for batch, inline, pre, chunk in ((1, True, False, 0), (1, True, True, 256), (16, False, False, 0),
+                                          (16, True, False, 0)):
+            cfg = dict(fd._attn_cfg(batch), INLINE=inline, PRE=pre, CHUNK=chunk)
             length = 2048
             kc = torch.zeros(batch, HEADS, length, HEAD_DIM, dtype=dtype)
             cs = torch.randn(batch, 2, HEAD_DIM, dtype=torch.float32)
@@ -354,6 +355,38 @@ def test_pdl_instructions_only_where_asked(stub):
             found.setdefault(dev, []).append(("griddepcontrol" in ptx, pdl))
     assert (True, True) in found[90] and (False, False) in found[90], found[90]
     assert all(not has for has, _ in found[80]), found[80]
+
+
+def test_late_trigger_comes_after_the_main_loop(stub):
+    """PDL levels 3 / 4 launch like 1 / 2; the batch-1 GEMV built for them lets the next kernel launch
+    after its main loop (its launch_dependents follows its wait and the loop's FMAs), the others at its
+    start (before the wait)."""
+    assert ck.launch_options(3) == ck.launch_options(1) == dict(PDL=True)
+    assert ck.launch_options(4) == ck.launch_options(2) == dict(PDL=True, launch_pdl=True)
+    assert [ck.late_trigger(p) for p in (0, 1, 2, 3, 4, True)] == [False, False, False, True, True, False]
+    _use(stub, (9, 0))
+    N, K = SHAPES["dense"]
+    order = {}
+    for bits in (8, 4):
+        q, scale, bias = _weights(bits, N, K, torch.float16)
+        x = torch.randn(1, K, dtype=torch.float16)
+        path, run, cfg = ck._plan(1, N, K, bits, torch.float16, True, (9, 0))
+        assert path == "gemv"
+        for pdl in (2, 4):
+            run(x, q, scale, bias, bits, cfg, pdl=pdl)
+    kern = ck._build().gemv_kernel
+    for compiled in kern.device_caches[stub.device][0].values():
+        consts = compiled.src.constants
+        if not consts.get((kern.arg_names.index("PDL"),), False):
+            continue
+        ptx = compiled.asm["ptx"]
+        late = bool(consts.get((kern.arg_names.index("LATE"),), False))
+        bits = consts[(kern.arg_names.index("BITS"),)]
+        fma = ptx.rindex("%gt")  # the main loop's last unpack + FMA (inline PTX; the epilogue has FMAs too)
+        order[(bits, late)] = (ptx.index("griddepcontrol.launch_dependents") > ptx.index("griddepcontrol.wait"),
+                               ptx.index("griddepcontrol.launch_dependents") > fma)
+    assert order == {(8, False): (False, False), (8, True): (True, True),
+                     (4, False): (False, False), (4, True): (True, True)}, order
 
 
 def test_launches_fix_the_compile_options(stub):
