@@ -104,10 +104,11 @@ MAX_SLOTS = int(os.environ.get("CHATGLM_GRAPH_SLOTS", "2"))  # (batch, bucket) c
 # positions per split taking part; a short context runs unsplit), batch 1 (bench_gpu.py --attention-ab,
 # H100, 2026-12-07, two calls, ms/token at contexts 33-160 / 1501-1628): INT4 1.829-1.857 / 2.218 ->
 # PRE 1.805 / 2.093 -> PRE + CHUNK 128 1.768 / 2.091 (256: 1.768 / 2.102; 512: 1.768 / 2.179); INT8
-# 2.770 / 3.094 -> 2.705 / 2.957 -> 2.665 / 2.961.
+# 2.770 / 3.094 -> 2.705 / 2.957 -> 2.665 / 2.961. Batch 16 (one split), PRE: INT4 4188-4195 -> 4247-4249
+# tokens/s, INT8 4140-4148 -> 4251-4253 (bench_gpu.py --pdl-ab).
 ATTN_CFG = {  # by batch: "small" (b <= 2) and "large"
     "small": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256, PRE=True, CHUNK=128),
-    "large": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256),
+    "large": dict(BLOCK_S=128, num_warps=4, num_stages=1, INLINE=True, TARGET=256, PRE=True),
 }
 # residual + LayerNorm over 4096: 2.15 / 2.21 / 2.55 / 2.73 µs with 16 / 8 / 4 / 2 warps (H100)
 LN_WARPS = {"small": 16, "large": 16}
@@ -129,10 +130,17 @@ PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
 # (bench_gpu.py --sweep-preload 4, H100, 2026-12-06): dense_h_to_4h early (its first weight tile loads while
 # the post-attention LayerNorm runs) 2.045 -> 2.000 ms/token (three alternating pairs); qkv early +0.055,
 # dense early +0.010; whole-row tiles loaded before the wait (cuda_kernels ONE_TILE) +0.015..+0.19 for each.
-EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h",)}
+# With the MLP's two linears letting the next kernel launch only after their main loop (LATE_TRIGGER,
+# below), 4h_to_h and qkv early help too (bench_gpu.py --pdl-ab 4, H100, 2026-12-07, alternating pairs,
+# ms/token): h_to_4h early 1.742 / 1.770 -> qkv, h_to_4h, 4h_to_h early with h_to_4h, 4h_to_h late
+# 1.724 / 1.723. The late trigger keeps a kernel launched early from taking SM slots while the linear
+# before it still has programs to run; the critical-path timeline: qkv 355 -> 304 µs per step, 4h_to_h
+# 469 -> 448, the LayerNorm after 4h_to_h (now launched later) 83 -> 109 (57 LayerNorms).
+EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("qkv", "h_to_4h", "4h_to_h")}
 # Linears (batch-1 GEMVs) that let the next kernel launch only after their main loop instead of from
-# their start (cuda_kernels.late_trigger), by (weight bits, batch class); where PDL is on.
-LATE_TRIGGER: Dict[tuple, Tuple[str, ...]] = {}
+# their start (cuda_kernels.late_trigger), by (weight bits, batch class); where PDL is on. INT8 (mode
+# "all"): every late-trigger set measured was slower (2.674 -> 2.708..2.757 ms/token).
+LATE_TRIGGER: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h", "4h_to_h")}
 _LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")  # a block's linears, in decode-step order
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
