@@ -408,13 +408,14 @@ def test_quantized_linear_module_uses_the_kernel(gpu, bits):
 def test_gelu_epilogue_and_pdl_levels(gpu, bits, M, N):
     # act="gelu" rounds the linear output to fp16 and applies the eager-rounded GELU: bit-equal to the
     # GELU kernel on the stored output, on every path (GEMV, tensor-core with and without split-K,
-    # dequantize + cuBLAS). Programmatic dependent launch (levels 1 and 2) changes no bit.
+    # dequantize + cuBLAS). Programmatic dependent launch (levels 1 and 2, and 3 / 4: the GEMV's late
+    # trigger) changes no bit.
     q, scale, bias = make_weight(N, 512, bits, seed=N + M)
     x = torch.randn(M, 512, device=gpu, dtype=torch.float16)
     plain = ck.linear(x, q, scale, bias, bits)
     check_close(plain, x, q, scale, bias, bits)
     want = ck.gelu_(plain.clone())
-    levels = [0, 1, 2] if ck.pdl_supported(gpu) else [0]
+    levels = [0, 1, 2, 3, 4] if ck.pdl_supported(gpu) else [0]
     for level in levels:
         got = ck.linear(x, q, scale, bias, bits, act="gelu", pdl=level)
         assert torch.equal(got, want), (level, int((got != want).sum()))
