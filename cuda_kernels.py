@@ -324,7 +324,7 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
                  BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, EV: tl.constexpr,
                  ACT: tl.constexpr = 0, PDL: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
                  L2_BYTES: tl.constexpr = 0, SPLIT_K: tl.constexpr = 1, CM: tl.constexpr = "",
-                 XVEC: tl.constexpr = 0, ONE_TILE: tl.constexpr = False, LATE: tl.constexpr = False):
+                 XVEC: tl.constexpr = 0, ONE_TILE: tl.constexpr = False, LATE: tl.constexpr = 0):
     # y[n] = act(s[n] * sum_k x[k] q[n, k] + b[n]) for one activation row.
     # L2_BYTES > 0 (with PDL): before waiting for the previous kernel, have the first L2_BYTES of
     # each of this program's weight rows brought into L2, so that DRAM streams weights while the
@@ -337,8 +337,9 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
     # otherwise): INT8 (x 8-byte aligned) takes the four activations of a word as one 8-byte load
     # instead of four 2-byte loads; INT4 (XVEC 2, fp16 x, 16-byte aligned) takes the eight of a word
     # as one 16-byte load instead of eight. LATE: the next kernel may launch (PDL) once every program
-    # has finished its main loop, instead of from this kernel's start.
-    if not LATE:
+    # has finished its main loop (1) or begun the (LATE - 1)-th last step of it (> 1), instead of from
+    # this kernel's start (0).
+    if LATE == 0:
         _pdl_start(PDL)
     num_kt = tl.cdiv(KW, BLOCK_KW)
     kt0 = 0
@@ -348,8 +349,8 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
         kt1 = kt0 + num_kt // SPLIT_K
     out, rn, rn_c = _gemv_rows(tl.program_id(0), kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
                                stride_wk, BITS, BLOCK_N, BLOCK_KW, EVEN_K, PREFETCH, EV, PDL, L2_BYTES, CM, XVEC,
-                               None, 0, False, "", ONE_TILE)
-    if LATE:
+                               None, 0, False, "", ONE_TILE, LATE - 1 if LATE > 1 else 0)
+    if LATE == 1:
         _pdl_start(PDL)
     if SPLIT_K > 1:
         tl.store(ws_ptr + tl.program_id(1) * N + rn, out, mask=rn < N)
@@ -363,7 +364,8 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
 def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn, stride_wk, BITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                EV: tl.constexpr, PDL: tl.constexpr, L2_BYTES: tl.constexpr, CM: tl.constexpr, XVEC: tl.constexpr,
-               bar_ptr, bar_target, BAR: tl.constexpr, XCM: tl.constexpr, ONE_TILE: tl.constexpr = False):
+               bar_ptr, bar_target, BAR: tl.constexpr, XCM: tl.constexpr, ONE_TILE: tl.constexpr = False,
+               TRIG_AT: tl.constexpr = 0):
     # The GEMV's main loop for weight rows [blk * BLOCK_N, +BLOCK_N) over K tiles [kt0, kt1):
     # returns (fp32 sums [BLOCK_N], rows, rows clamped to N - 1); arguments as _gemv_kernel's.
     # Between the first weight tile's load and the loop (which reads x) it waits for the previous
@@ -395,6 +397,9 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
     else:
         _pdl_wait(PDL)
     for kt in range(kt0, kt1):
+        if TRIG_AT > 0:  # PDL: the next kernel may launch from the start of the TRIG_AT-th last step on
+            if kt == tl.maximum(kt1 - TRIG_AT, kt0):
+                _pdl_start(PDL)
         ww = kt * BLOCK_KW + rw
         kmask = ww < KW
         if PREFETCH and ONE_TILE:
@@ -1075,6 +1080,9 @@ def _launch_level(pdl) -> int:
     return level - 2 if level >= 3 else level
 
 
+LATE_STEPS = 0  # late trigger: 0 after the GEMV's main loop, n > 0 at the start of its n-th last step
+
+
 def late_trigger(pdl) -> bool:
     """Levels 3 / 4 (= 1 / 2): a batch-1 GEMV lets the next kernel launch only after its own main loop
     (the dependents' programs then take SM slots as this kernel's programs finish, not while later
@@ -1164,7 +1172,7 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
     if cfg["PREFETCH"] and _cdiv(KW, block_kw) == split_k:
         cfg["ONE_TILE"] = True  # each program's K range is one tile, loaded before the PDL wait
     if late_trigger(pdl):
-        cfg["LATE"] = True
+        cfg["LATE"] = 1 + LATE_STEPS
     kernel = k.gemv_scalar_kernel if cfg.pop("SCALAR", False) else k.gemv_kernel
     kernel[(_cdiv(N, block_n), split_k)](
         x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,

@@ -363,17 +363,16 @@ def attention_ab(bits: int, steps=128, rounds=2):
     return out, variants[best]
 
 
-_PDL_COMBOS = {  # (linears launched early, linears whose trigger comes after their main loop); first: today's
-    4: [(("qkv", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h")), (("h_to_4h",), ()),
-        (("qkv", "dense", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h")),
-        (("qkv", "h_to_4h", "4h_to_h"), ("4h_to_h",)),
-        (("qkv", "h_to_4h", "4h_to_h"), ("dense", "h_to_4h", "4h_to_h"))],
-    8: [((), ()), ((), ("qkv", "dense", "h_to_4h", "4h_to_h")), ((), ("h_to_4h", "4h_to_h")), ((), ("qkv", "h_to_4h")),
-        ((), ("h_to_4h",))],
+_PDL_COMBOS = {  # (linears launched early, linears whose trigger comes late, cuda_kernels.LATE_STEPS: 0 after
+    # the main loop, n at the start of its n-th last step); first: today's
+    4: [(("qkv", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h"), 0),
+        (("qkv", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h"), 2),
+        (("qkv", "h_to_4h", "4h_to_h"), ("h_to_4h", "4h_to_h"), 4)],
+    8: [((), (), 0), ((), ("h_to_4h", "4h_to_h"), 2), ((), ("qkv", "dense", "h_to_4h", "4h_to_h"), 2)],
 }
 
 
-def pdl_ab(bits: int, steps=128, rounds=2):
+def pdl_ab(bits: int, steps=128, rounds=2, timelines=True):
     """Which linears launch early (fast_decode.EARLY_LINEARS) and which let the next kernel launch only
     after their main loop (fast_decode.LATE_TRIGGER), in the whole batch-1 decode graph, alternating;
     then the critical-path timeline (kernel_timeline) of each; then batch 16 with the attention's keys /
@@ -381,31 +380,32 @@ def pdl_ab(bits: int, steps=128, rounds=2):
     model = build(bits)
     key = (bits, "small")
     saved = (fd.EARLY_LINEARS.get(key), fd.LATE_TRIGGER.get(key), dict(fd.ATTN_CFG["large"]))
-    names = [f"early={','.join(e) or '-'} late={','.join(l) or '-'}" for e, l in _PDL_COMBOS[bits]]
+    names = [f"early={','.join(e) or '-'} late={','.join(l) or '-'} steps={n}" for e, l, n in _PDL_COMBOS[bits]]
     out = dict(bits=bits, mode=fd.PDL_MODE.get(key), ms={n: [] for n in names})
 
-    def use(early, late):
+    def use(early, late, steps):
         if bits == 4:  # (INT8 runs in mode "all": every linear launches early already)
             fd.EARLY_LINEARS[key] = tuple(early)
         fd.LATE_TRIGGER[key] = tuple(late)
+        ck.LATE_STEPS = steps
         release(model)
     try:
         for _ in range(rounds):
-            for name, (early, late) in zip(names, _PDL_COMBOS[bits]):
-                use(early, late)
+            for name, combo in zip(names, _PDL_COMBOS[bits]):
+                use(*combo)
                 t, run = graph_decode(model, 1, steps=steps)
                 out["ms"][name].append(round(t * 1e3, 4))
                 log(event="pdl_ab", bits=bits, variant=name, ms=out["ms"][name][-1])
                 del run
-        for name, (early, late) in zip(names, _PDL_COMBOS[bits]):
-            use(early, late)
+        for name, combo in zip(names, _PDL_COMBOS[bits] if timelines else ()):
+            use(*combo)
             t, run = graph_decode(model, 1, steps=steps)
             out[f"timeline {name}"] = kernel_timeline(model, run)
             log(event="timeline", bits=bits, variant=name, timeline=out[f"timeline {name}"])
             del run
         use(*_PDL_COMBOS[bits][0])
         large = dict(fd.ATTN_CFG["large"])
-        for _ in range(rounds):
+        for _ in range(rounds if timelines else 0):
             for pre in (False, True):
                 fd.ATTN_CFG["large"] = dict(large, PRE=pre)
                 release(model)
@@ -420,6 +420,7 @@ def pdl_ab(bits: int, steps=128, rounds=2):
             else:
                 table[key] = value
         fd.ATTN_CFG["large"] = saved[2]
+        ck.LATE_STEPS = 0
         release(model)
         del model
         gc.collect()
@@ -1271,6 +1272,7 @@ def main():
     ap.add_argument("--pdl-ab", default=None, metavar="BITS[,...]",
                     help="batch-1 decode: which linears launch early and which trigger the next kernel after their "
                          "main loop, alternating, with the critical-path timeline; batch 16 with / without PRE")
+    ap.add_argument("--quick", action="store_true", help="with --pdl-ab: the step times only")
     ap.add_argument("--no-candidates", action="store_true",
                     help="with --wide-batches: only the current plan and the former one")
     args = ap.parse_args()
@@ -1303,7 +1305,7 @@ def main():
     if args.pdl_ab:
         got = []
         for b in args.pdl_ab.split(","):
-            got.append(pdl_ab(int(b)))
+            got.append(pdl_ab(int(b), timelines=not args.quick))
             if args.json:
                 Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, pdl_ab=got, log=LOG), indent=1))
         return

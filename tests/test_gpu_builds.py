@@ -374,19 +374,28 @@ def test_late_trigger_comes_after_the_main_loop(stub):
         assert path == "gemv"
         for pdl in (2, 4):
             run(x, q, scale, bias, bits, cfg, pdl=pdl)
+        ck.LATE_STEPS = 2  # (the trigger inside the loop: at the start of its second-to-last step)
+        try:
+            run(x, q, scale, bias, bits, cfg, pdl=4)
+        finally:
+            ck.LATE_STEPS = 0
     kern = ck._build().gemv_kernel
     for compiled in kern.device_caches[stub.device][0].values():
         consts = compiled.src.constants
         if not consts.get((kern.arg_names.index("PDL"),), False):
             continue
         ptx = compiled.asm["ptx"]
-        late = bool(consts.get((kern.arg_names.index("LATE"),), False))
+        late = int(consts.get((kern.arg_names.index("LATE"),), 0))
         bits = consts[(kern.arg_names.index("BITS"),)]
-        fma = ptx.rindex("%gt")  # the main loop's last unpack + FMA (inline PTX; the epilogue has FMAs too)
+        assert ptx.count("griddepcontrol.launch_dependents") == 1
+        lines = ptx.splitlines()
+        at = next(i for i, ln in enumerate(lines) if "griddepcontrol.launch_dependents" in ln)
+        block = next((lines[i] for i in range(at, -1, -1) if lines[i].startswith("$L__BB")), "")
         order[(bits, late)] = (ptx.index("griddepcontrol.launch_dependents") > ptx.index("griddepcontrol.wait"),
-                               ptx.index("griddepcontrol.launch_dependents") > fma)
-    assert order == {(8, False): (False, False), (8, True): (True, True),
-                     (4, False): (False, False), (4, True): (True, True)}, order
+                               "Loop" in block)  # (the PTX marks a loop's blocks "in Loop" / "Loop Header")
+    # at the start (before the wait); after the loop; inside the loop
+    assert order == {(8, 0): (False, False), (8, 1): (True, False), (8, 3): (True, True),
+                     (4, 0): (False, False), (4, 1): (True, False), (4, 3): (True, True)}, order
 
 
 def test_launches_fix_the_compile_options(stub):
