@@ -483,9 +483,12 @@ def sweep_attention():
     best = {}
     for cls, names in (("small", ["b1-ctx120", "b1-ctx1800"]),
                        ("large", ["b16-ctx100", "b16-ctx1800", "b4-ctx120", "b4-ctx1800"])):
+        # (PRE and CHUNK, chosen in the whole decode graph with PDL, stay as they are: PRE only matters
+        # under PDL, and CHUNK needs the in-kernel merge)
+        keep = {k: v for k, v in fd.ATTN_CFG[cls].items() if k in ("PRE", "CHUNK")}
         scored = []
         for tile in tiles:
-            cfg = dict(tile, INLINE=True)
+            cfg = dict(tile, INLINE=True, **keep)
             us = [measure(n, cfg, 256)[0] for n in names]
             rows.append(dict(cls=cls, **cfg, target=256, us=[round(u, 2) for u in us]))
             scored.append((us, tile))
@@ -493,7 +496,7 @@ def sweep_attention():
         scored = []
         for target in (64, 128, 256, 512, 1024):
             for inline in (True, False):
-                cfg = dict(tile, INLINE=inline)
+                cfg = dict(tile, INLINE=inline, **{k: v for k, v in keep.items() if inline or k != "CHUNK"})
                 res = [measure(n, cfg, target) for n in names]
                 rows.append(dict(cls=cls, **cfg, target=target, splits=[r[1] for r in res],
                                  us=[round(r[0], 2) for r in res]))
@@ -1267,11 +1270,12 @@ def main():
                     help="only time the batch-1 greedy decode graph with the screened LM head against the fp16 "
                          "head (alternating), and the screen alone on the model's head (no table)")
     ap.add_argument("--attention-ab", default=None, metavar="BITS[,...]",
-                    help="batch-1 decode-attention variants (keys / values loaded before the PDL wait, one split) "
-                         "in the whole decode graph, alternating, with the critical-path timeline")
+                    help="batch-1 decode-attention variants (keys / values loaded before the PDL wait, splits that "
+                         "follow the context) in the whole decode graph, alternating, short and long contexts, with "
+                         "the critical-path timeline (no table)")
     ap.add_argument("--pdl-ab", default=None, metavar="BITS[,...]",
-                    help="batch-1 decode: which linears launch early and which trigger the next kernel after their "
-                         "main loop, alternating, with the critical-path timeline; batch 16 with / without PRE")
+                    help="batch-1 decode: which linears launch early and which trigger the next kernel late, "
+                         "alternating, with the critical-path timeline; batch 16 with / without PRE (no table)")
     ap.add_argument("--quick", action="store_true", help="with --pdl-ab: the step times only")
     ap.add_argument("--no-candidates", action="store_true",
                     help="with --wide-batches: only the current plan and the former one")
