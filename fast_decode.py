@@ -136,11 +136,13 @@ PDL_MODE = {(8, "small"): "all", (4, "small"): "small", (16, "small"): "off",
 # 1.724 / 1.723. The late trigger keeps a kernel launched early from taking SM slots while the linear
 # before it still has programs to run; the critical-path timeline: qkv 355 -> 304 µs per step, 4h_to_h
 # 469 -> 448, the LayerNorm after 4h_to_h (now launched later) 83 -> 109 (57 LayerNorms).
-EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("qkv", "h_to_4h", "4h_to_h")}
-# Linears (batch-1 GEMVs) that let the next kernel launch only after their main loop instead of from
-# their start (cuda_kernels.late_trigger), by (weight bits, batch class); where PDL is on. INT8 (mode
-# "all"): every late-trigger set measured was slower (2.674 -> 2.708..2.757 ms/token).
-LATE_TRIGGER: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h", "4h_to_h")}
+# Class "b1" (batch 1 only; otherwise the batch's class applies): batch 2 keeps h_to_4h alone, as
+# measured there (3.406 -> 3.390 ms/step); its linears are not GEMVs and have no late trigger.
+EARLY_LINEARS: Dict[tuple, Tuple[str, ...]] = {(4, "small"): ("h_to_4h",), (4, "b1"): ("qkv", "h_to_4h", "4h_to_h")}
+# Batch-1 GEMVs that let the next kernel launch only after their main loop instead of from their start
+# (cuda_kernels.late_trigger), by (weight bits, "b1"); where PDL is on. INT8 (mode "all"): every
+# late-trigger set measured was slower (2.674 -> 2.708..2.757 ms/token).
+LATE_TRIGGER: Dict[tuple, Tuple[str, ...]] = {(4, "b1"): ("h_to_4h", "4h_to_h")}
 _LINEAR_NAMES = ("qkv", "dense", "h_to_4h", "4h_to_h")  # a block's linears, in decode-step order
 MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
@@ -1518,13 +1520,15 @@ def _linear(m, x, act: Optional[str] = None, pdl=0):
 
 def _pdl_levels(state: _State, slot: _Slot) -> Tuple[Dict[str, int], int]:
     """({linear name: level}, small kernels' level): programmatic-dependent-launch levels of this decode
-    step (cuda_kernels.launch_options), from PDL_MODE and EARLY_LINEARS by weight kind and batch."""
+    step (cuda_kernels.launch_options), from PDL_MODE, EARLY_LINEARS and LATE_TRIGGER by weight kind and
+    batch."""
     if not state.pdl:
         return dict.fromkeys(_LINEAR_NAMES, 0), 0
     key = (state.weight_kind, "small" if slot.batch <= 2 else "large")
     lin, small = {"off": (0, 0), "small": (1, 2), "all": (2, 2)}[PDL_MODE.get(key, "off")]
-    early = EARLY_LINEARS.get(key, ())
-    late = LATE_TRIGGER.get(key, ()) if slot.batch == 1 else ()
+    one = (state.weight_kind, "b1")
+    early = EARLY_LINEARS.get(one, EARLY_LINEARS.get(key, ())) if slot.batch == 1 else EARLY_LINEARS.get(key, ())
+    late = LATE_TRIGGER.get(one, ()) if slot.batch == 1 else ()
     levels = {n: (2 if n in early and small else lin) for n in _LINEAR_NAMES}
     return {n: (v + 2 if v and n in late else v) for n, v in levels.items()}, small
 

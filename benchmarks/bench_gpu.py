@@ -314,7 +314,7 @@ def kernel_timeline(model, run, steps=10):
 
 def _use_decode_settings(model, bits, attn, early):
     fd.ATTN_CFG["small"] = attn
-    fd.EARLY_LINEARS[(bits, "small")] = tuple(early)
+    fd.EARLY_LINEARS[(bits, "b1")] = tuple(early)
     release(model)
 
 
@@ -326,7 +326,7 @@ def attention_ab(bits: int, steps=128, rounds=2):
     attention settings (by the sum of its short and long medians)."""
     model = build(bits)
     base = dict(fd.ATTN_CFG["small"])
-    early = fd.EARLY_LINEARS.get((bits, "small"), ())
+    early = fd.EARLY_LINEARS.get((bits, "b1"), fd.EARLY_LINEARS.get((bits, "small"), ()))
     variants = {"today": base, "pre": dict(base, PRE=True)}
     for chunk in (128, 256, 512):
         variants[f"pre_chunk{chunk}"] = dict(base, PRE=True, CHUNK=chunk)
@@ -378,10 +378,10 @@ def pdl_ab(bits: int, steps=128, rounds=2, timelines=True):
     then the critical-path timeline (kernel_timeline) of each; then batch 16 with the attention's keys /
     values loaded before the wait (PRE) or after it."""
     model = build(bits)
-    key = (bits, "small")
+    key = (bits, "b1")  # (the batch-1 entries of the tables)
     saved = (fd.EARLY_LINEARS.get(key), fd.LATE_TRIGGER.get(key), dict(fd.ATTN_CFG["large"]))
     names = [f"early={','.join(e) or '-'} late={','.join(l) or '-'} steps={n}" for e, l, n in _PDL_COMBOS[bits]]
-    out = dict(bits=bits, mode=fd.PDL_MODE.get(key), ms={n: [] for n in names})
+    out = dict(bits=bits, mode=fd.PDL_MODE.get((bits, "small")), ms={n: [] for n in names})
 
     def use(early, late, steps):
         if bits == 4:  # (INT8 runs in mode "all": every linear launches early already)
@@ -922,8 +922,8 @@ def sweep_preload(bits=4, steps=128):
     Reported, not adopted. Returns the chosen {name: (early, cfg)}."""
     cap = ck._capability(torch.device("cuda"))
     model = build(bits)
-    key = (bits, "small")
-    early0 = fd.EARLY_LINEARS.get(key, ())
+    key = (bits, "b1")  # (the batch-1 entry)
+    early0 = fd.EARLY_LINEARS.get(key, fd.EARLY_LINEARS.get((bits, "small"), ()))
     names = ("dense", "qkv", "h_to_4h")
     base = {name: (name in early0, _gemv_cfg(cap, bits, *GEMV_SHAPES[name])) for name in names}
     saved = {name: ck._GEMV_SHAPE_CFG.get((cap, bits, *GEMV_SHAPES[name])) for name in names}

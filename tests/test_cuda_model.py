@@ -770,8 +770,8 @@ def test_pdl_modes_give_identical_steps(models, golden):
                      ("small", (), every))
             for (mode, early, late), pre in itertools.product(modes, (False, True)):
                 fd.PDL_MODE[(bits, "small")] = mode
-                fd.EARLY_LINEARS[(bits, "small")] = early
-                fd.LATE_TRIGGER[(bits, "small")] = late
+                fd.EARLY_LINEARS[(bits, "b1")] = early
+                fd.LATE_TRIGGER[(bits, "b1")] = late
                 fd.ATTN_CFG["small"] = dict(old_attn, PRE=pre)
                 fd.release(model)
                 with debug_logits(model) as st:

@@ -398,6 +398,24 @@ def test_late_trigger_comes_after_the_main_loop(stub):
                      (4, 0): (False, False), (4, 1): (True, False), (4, 3): (True, True)}, order
 
 
+def test_decode_step_launch_levels():
+    """The PDL level of each linear in a decode step (fast_decode._pdl_levels): 0 off; 1 launched
+    normally; 2 launched early; + 2 for the batch-1 GEMV's late trigger. INT4 batch 1 takes the "b1"
+    entries (qkv / h_to_4h / 4h_to_h early, the MLP's two late), batch 2 the "small" class's (h_to_4h
+    early only), INT8 everything early, batch 16 nothing early; PDL off (or not supported) gives 0."""
+    def levels(kind, batch, pdl=True):
+        return fd._pdl_levels(SimpleNamespace(pdl=pdl, weight_kind=kind), SimpleNamespace(batch=batch))
+
+    assert levels(4, 1) == ({"qkv": 2, "dense": 1, "h_to_4h": 4, "4h_to_h": 4}, 2)
+    assert levels(4, 2) == ({"qkv": 1, "dense": 1, "h_to_4h": 2, "4h_to_h": 1}, 2)
+    assert levels(8, 1) == ({"qkv": 2, "dense": 2, "h_to_4h": 2, "4h_to_h": 2}, 2)
+    assert levels(4, 16) == ({"qkv": 1, "dense": 1, "h_to_4h": 1, "4h_to_h": 1}, 2)
+    assert levels(16, 1) == ({"qkv": 0, "dense": 0, "h_to_4h": 0, "4h_to_h": 0}, 0)
+    assert levels(4, 1, pdl=False) == ({"qkv": 0, "dense": 0, "h_to_4h": 0, "4h_to_h": 0}, 0)
+    assert [ck.launch_options(v) for v in (2, 1, 4)] == [dict(PDL=True, launch_pdl=True), dict(PDL=True),
+                                                          dict(PDL=True, launch_pdl=True)]
+
+
 def test_launches_fix_the_compile_options(stub):
     """Every launch passes cuda_kernels.COMPILE_OPTIONS (FP contraction on, what the kernels were
     checked with on the GPU): Triton 3.9 warned on each first compile that its default turns off
