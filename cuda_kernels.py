@@ -1084,9 +1084,10 @@ LATE_STEPS = 0  # late trigger: 0 after the GEMV's main loop, n > 0 at the start
 
 
 def late_trigger(pdl) -> bool:
-    """Levels 3 / 4 (= 1 / 2): a batch-1 GEMV lets the next kernel launch only after its own main loop
-    (the dependents' programs then take SM slots as this kernel's programs finish, not while later
-    programs of this kernel still need them); other kernels trigger at their start as at 1 / 2."""
+    """Levels 3 / 4 (= 1 / 2): a batch-1 GEMV lets the next kernel launch only after its own main loop,
+    or from its LATE_STEPS-th last step (the dependents' programs then take SM slots as this kernel's
+    programs finish, not while later programs of this kernel still need them); other kernels trigger
+    at their start as at 1 / 2."""
     return _pdl_level(pdl) >= 3
 
 

@@ -260,9 +260,7 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
         cur = tl.load(cur_ptr)  # int32: slot of the new token = number of cached slots
         pad = tl.load(pad_ptr + b)  # int32: left-pad slots of this row
         eff, lo, hi = _attn_share(cur, pad, split, SPLITS, CHUNK)
-        offs = lo + tl.arange(0, BLOCK_S)
-        kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
-        vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
+        kt, vt = _kv_tile(kc, vc, lo + tl.arange(0, BLOCK_S), hi, d, stride_cs)
     _pdl_wait(PDL)
     if not PRE:
         cur = tl.load(cur_ptr)
@@ -292,19 +290,16 @@ def _decode_attn_kernel(qkv_ptr, kc_ptr, vc_ptr, cs_ptr, cur_ptr, pad_ptr,
         acc = tl.zeros([D], tl.float32)
         if PRE:
             for start in range(lo, hi, BLOCK_S):
-                offs = start + BLOCK_S + tl.arange(0, BLOCK_S)  # the next tile (all masked after the last)
-                kn = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
-                vn = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=(offs < hi)[:, None], other=0.0)
-                m_i, l_i, acc = _attn_tile(kt, vt, offs - BLOCK_S < hi, qs, coeff, m_i, l_i, acc, dt)
+                offs = start + tl.arange(0, BLOCK_S)
+                kn, vn = _kv_tile(kc, vc, offs + BLOCK_S, hi, d, stride_cs)  # the next tile (none after the last)
+                m_i, l_i, acc = _attn_tile(kt, vt, offs < hi, qs, coeff, m_i, l_i, acc, dt)
                 kt = kn
                 vt = vn
         else:
             for start in range(lo, hi, BLOCK_S):
                 offs = start + tl.arange(0, BLOCK_S)
-                valid = offs < hi
-                kt = tl.load(kc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
-                vt = tl.load(vc + offs[:, None] * stride_cs + d[None, :], mask=valid[:, None], other=0.0)
-                m_i, l_i, acc = _attn_tile(kt, vt, valid, qs, coeff, m_i, l_i, acc, dt)
+                kt, vt = _kv_tile(kc, vc, offs, hi, d, stride_cs)
+                m_i, l_i, acc = _attn_tile(kt, vt, offs < hi, qs, coeff, m_i, l_i, acc, dt)
         if split == eff - 1:
             sn = tl.sum(qs * k_new.to(tl.float32), 0)
             sn = sn.to(dt).to(tl.float32) * coeff
@@ -353,6 +348,13 @@ def _attn_share(cur, pad, split, SPLITS: tl.constexpr, CHUNK: tl.constexpr):
     lo = pad + split * chunk
     hi = tl.minimum(lo + chunk, cur)
     return eff, lo, hi
+
+
+def _kv_tile(kc, vc, offs, hi, d, stride_cs):
+    # cached keys / values at slots offs (those below hi; zeros elsewhere)
+    ptrs = offs[:, None] * stride_cs + d[None, :]
+    valid = (offs < hi)[:, None]
+    return tl.load(kc + ptrs, mask=valid, other=0.0), tl.load(vc + ptrs, mask=valid, other=0.0)
 
 
 def _attn_tile(kt, vt, valid, qs, coeff, m_i, l_i, acc, dt: tl.constexpr):
@@ -632,7 +634,8 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
 
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
                  _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel)
-_HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows, _attn_tile, _attn_share)  # jitted, rebound by name
+_HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows, _kv_tile, _attn_tile,
+                 _attn_share)  # jitted, rebound by name
 
 
 def available() -> bool:

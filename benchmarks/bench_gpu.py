@@ -226,6 +226,21 @@ def prefill_host_ms(model, length=1024, reps=7):
     return statistics.median(out) * 1e3
 
 
+_FAMILIES = (("gemv", "gemv"), ("qmm", "qmm"), ("splitk", "splitk_reduce"), ("decode_attn", "attention"),
+             ("combine", "attention"), ("ln_kernel", "layernorm"), ("gelu", "gelu"), ("screen_kernel", "screen"),
+             ("cand_kernel", "candidates"), ("head_kernel", "whole_head"), ("bookkeep", "bookkeep"),
+             ("pick_kernel", "pick"))
+
+
+def _kernel_family(name: str) -> str:
+    """A decode-step kernel's family from its name (kernel_breakdown, kernel_timeline)."""
+    for key, family in _FAMILIES:
+        if key in name:
+            return family
+    low = name.lower()
+    return "lm_head/cublas" if any(k in low for k in ("gemm", "gemv", "cutlass", "sm90")) else "other"
+
+
 def kernel_breakdown(model, run, steps=20):
     """Device time per kernel family over `steps` graph replays (torch profiler)."""
     try:
@@ -240,12 +255,7 @@ def kernel_breakdown(model, run, steps=20):
             t = getattr(ev, "device_time_total", None)
             if t is None:
                 t = getattr(ev, "cuda_time_total", 0)
-            key = ("gemv" if "gemv" in name else "qmm" if "qmm" in name else "splitk_reduce" if "splitk" in name
-                   else "attention" if ("decode_attn" in name or "combine" in name) else "layernorm" if "ln_kernel" in name
-                   else "gelu" if "gelu" in name else "screen" if "screen_kernel" in name
-                   else "candidates" if "cand_kernel" in name else "whole_head" if "head_kernel" in name
-                   else "bookkeep" if "bookkeep" in name else "lm_head/cublas" if ("gemm" in name.lower() or "gemv" in name.lower()
-                   or "cutlass" in name.lower() or "sm90" in name.lower()) else "other")
+            key = _kernel_family(name)
             fam.setdefault(key, [0.0, 0])
             fam[key][0] += t / steps
             fam[key][1] += ev.count // steps
@@ -255,20 +265,16 @@ def kernel_breakdown(model, run, steps=20):
 
 
 def _role(name: str, prev: str, lns: int) -> str:
-    """A decode-step kernel's role from its name and the role before it (kernel_timeline)."""
-    if "gemv" in name or "qmm" in name:
-        if prev == "attention":
-            return "dense"
-        if prev in ("h_to_4h", "gelu"):
-            return "4h_to_h"
-        return "qkv" if lns % 2 == 1 else "h_to_4h"
-    for key, role in (("decode_attn", "attention"), ("combine", "attention"), ("ln_kernel", "layernorm"),
-                      ("screen_kernel", "screen"), ("cand_kernel", "candidates"), ("head_kernel", "whole_head"),
-                      ("bookkeep", "bookkeep"), ("pick_kernel", "pick"), ("gelu", "gelu")):
-        if key in name:
-            return role
-    return "lm_head/cublas" if ("gemm" in name.lower() or "cutlass" in name.lower() or "sm90" in name.lower()) \
-        else "other"
+    """A decode-step kernel's role (kernel_timeline): its family, the linears told apart by the role
+    before them and the number of LayerNorms so far in the step (lns)."""
+    family = _kernel_family(name)
+    if family not in ("gemv", "qmm"):
+        return family
+    if prev == "attention":
+        return "dense"
+    if prev in ("h_to_4h", "gelu"):
+        return "4h_to_h"
+    return "qkv" if lns % 2 == 1 else "h_to_4h"
 
 
 def kernel_timeline(model, run, steps=10):
@@ -312,21 +318,18 @@ def kernel_timeline(model, run, steps=10):
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def _use_decode_settings(model, bits, attn, early):
-    fd.ATTN_CFG["small"] = attn
-    fd.EARLY_LINEARS[(bits, "b1")] = tuple(early)
-    release(model)
-
-
 def attention_ab(bits: int, steps=128, rounds=2):
     """Decode-attention variants in the whole batch-1 decode graph, alternating: today's settings, the
     first tile of cached keys / values loaded before the PDL wait (PRE), and PRE with the splits following
     the context (CHUNK positions per split at least); short contexts (33-160), then long ones (1501-1628)
-    and the critical-path timeline (kernel_timeline) of each. Returns the results and the best variant's
-    attention settings (by the sum of its short and long medians)."""
+    and the critical-path timeline (kernel_timeline) of each; "best" by the sum of the short and long
+    medians."""
     model = build(bits)
     base = dict(fd.ATTN_CFG["small"])
-    early = fd.EARLY_LINEARS.get((bits, "b1"), fd.EARLY_LINEARS.get((bits, "small"), ()))
+
+    def use(cfg):
+        fd.ATTN_CFG["small"] = cfg
+        release(model)
     variants = {"today": base, "pre": dict(base, PRE=True)}
     for chunk in (128, 256, 512):
         variants[f"pre_chunk{chunk}"] = dict(base, PRE=True, CHUNK=chunk)
@@ -335,7 +338,7 @@ def attention_ab(bits: int, steps=128, rounds=2):
         tokens = {}
         for _ in range(rounds):
             for name, cfg in variants.items():
-                _use_decode_settings(model, bits, cfg, early)
+                use(cfg)
                 t, run = graph_decode(model, 1, steps=steps)
                 out["ms"][name].append(round(t * 1e3, 4))
                 tokens[name] = run.slot.ids[0, :run.s + run.produced].tolist()
@@ -343,7 +346,7 @@ def attention_ab(bits: int, steps=128, rounds=2):
                 del run
         out["tokens_equal_today"] = {k: sum(a == b for a, b in zip(tokens["today"], v)) for k, v in tokens.items()}
         for name, cfg in variants.items():
-            _use_decode_settings(model, bits, cfg, early)
+            use(cfg)
             t, run = graph_decode(model, 1, steps=steps)
             out[f"timeline_{name}"] = kernel_timeline(model, run)
             log(event="timeline", bits=bits, variant=name, ms=round(t * 1e3, 4), timeline=out[f"timeline_{name}"])
@@ -356,11 +359,11 @@ def attention_ab(bits: int, steps=128, rounds=2):
         best = min(variants, key=lambda k: statistics.median(out["ms"][k]) + statistics.median(out["long_ms"][k]))
         out["best"] = best
     finally:
-        _use_decode_settings(model, bits, base, early)
+        use(base)
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    return out, variants[best]
+    return out
 
 
 _PDL_COMBOS = {  # (linears launched early, linears whose trigger comes late, cuda_kernels.LATE_STEPS: 0 after
@@ -377,11 +380,11 @@ _PDL_COMBOS = {  # (linears launched early, linears whose trigger comes late, cu
 }
 
 
-def pdl_ab(bits: int, steps=128, rounds=2, timelines=True):
+def pdl_ab(bits: int, steps=128, rounds=2, quick=False):
     """Which linears launch early (fast_decode.EARLY_LINEARS) and which let the next kernel launch only
-    after their main loop (fast_decode.LATE_TRIGGER), in the whole batch-1 decode graph, alternating;
-    then the critical-path timeline (kernel_timeline) of each; then batch 16 with the attention's keys /
-    values loaded before the wait (PRE) or after it."""
+    after their main loop or late in it (fast_decode.LATE_TRIGGER, cuda_kernels.LATE_STEPS), in the whole
+    batch-1 decode graph, alternating; then, unless quick, the critical-path timeline (kernel_timeline)
+    of each and batch 16 with the attention's keys / values loaded before the wait (PRE) or after it."""
     model = build(bits)
     key = (bits, "b1")  # (the batch-1 entries of the tables)
     saved = (fd.EARLY_LINEARS.get(key), fd.LATE_TRIGGER.get(key), dict(fd.ATTN_CFG["large"]))
@@ -402,7 +405,7 @@ def pdl_ab(bits: int, steps=128, rounds=2, timelines=True):
                 out["ms"][name].append(round(t * 1e3, 4))
                 log(event="pdl_ab", bits=bits, variant=name, ms=out["ms"][name][-1])
                 del run
-        for name, combo in zip(names, _PDL_COMBOS[bits] if timelines else ()):
+        for name, combo in zip(names, () if quick else _PDL_COMBOS[bits]):
             use(*combo)
             t, run = graph_decode(model, 1, steps=steps)
             out[f"timeline {name}"] = kernel_timeline(model, run)
@@ -410,7 +413,7 @@ def pdl_ab(bits: int, steps=128, rounds=2, timelines=True):
             del run
         use(*_PDL_COMBOS[bits][0])
         large = dict(fd.ATTN_CFG["large"])
-        for _ in range(rounds if timelines else 0):
+        for _ in range(0 if quick else rounds):
             for pre in (False, True):
                 fd.ATTN_CFG["large"] = dict(large, PRE=pre)
                 release(model)
@@ -1306,15 +1309,14 @@ def main():
     if args.attention_ab:
         got = []
         for b in args.attention_ab.split(","):
-            res, _ = attention_ab(int(b))
-            got.append(res)
+            got.append(attention_ab(int(b)))
             if args.json:
                 Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, attention_ab=got, log=LOG), indent=1))
         return
     if args.pdl_ab:
         got = []
         for b in args.pdl_ab.split(","):
-            got.append(pdl_ab(int(b), timelines=not args.quick))
+            got.append(pdl_ab(int(b), quick=args.quick))
             if args.json:
                 Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, pdl_ab=got, log=LOG), indent=1))
         return

@@ -360,8 +360,8 @@ def test_pdl_instructions_only_where_asked(stub):
 
 def test_late_trigger_comes_after_the_main_loop(stub):
     """PDL levels 3 / 4 launch like 1 / 2; the batch-1 GEMV built for them lets the next kernel launch
-    after its main loop (its launch_dependents follows its wait and the loop's FMAs), the others at its
-    start (before the wait)."""
+    after its main loop (its launch_dependents follows its wait, outside the loop) or, with LATE_STEPS,
+    inside the loop; built for the others it does so at its start (before the wait)."""
     assert ck.launch_options(3) == ck.launch_options(1) == dict(PDL=True)
     assert ck.launch_options(4) == ck.launch_options(2) == dict(PDL=True, launch_pdl=True)
     assert [ck.late_trigger(p) for p in (0, 1, 2, 3, 4, True)] == [False, False, False, True, True, False]
