@@ -585,14 +585,16 @@ def _head_kernel(x_ptr, w_ptr, y_ptr, key_ptr, bad_ptr, scr_ptr, V, K, stride_w,
 
 def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos_ptr, cur_ptr, alive_ptr,
                      genlen_ptr, key_ptr, flag_ptr, scr_ptr, B, stride_ids, NEOS: tl.constexpr,
-                     BLOCK_B: tl.constexpr, KEYS: tl.constexpr = 0, SCREEN: tl.constexpr = False):
+                     BLOCK_B: tl.constexpr, KEYS: tl.constexpr = 0, SCREEN: tl.constexpr = False,
+                     FLAG5: tl.constexpr = False):
     # After choosing `nxt` for every row (one program): finished rows get pad; the token goes to
     # ids[:, cur + 1]; rows that produced an eos id finish; gen_len counts the step if any row was
     # still running; the next step's input token, position (block position + 1) and cache slot.
     # KEYS 1: nxt comes from _pick_kernel's keys (which are reset here); 2: also token 5 for every
     # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset. SCREEN: the screened
     # head's threshold and fallback flag (scr[0], scr[1]) are reset, scr[2] counts the steps it sent to
-    # the whole head.
+    # the whole head. FLAG5 (tokens from _sample_kernel with InvalidScoreLogitsProcessor): token 5 for
+    # every row when flag[0] is 1, and the flag is reset.
     r = tl.arange(0, BLOCK_B)
     if SCREEN:  # count a step sent to the whole head, reset threshold and flag
         i = tl.arange(0, 4)
@@ -613,6 +615,11 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
             tl.store(flag_ptr + one1, tl.zeros([1], tl.int32))
     else:
         nxt = tl.load(nxt_ptr + r, mask=m, other=0)
+        if FLAG5:
+            one1 = tl.arange(0, 1)
+            flag = tl.max(tl.load(flag_ptr + one1), 0)
+            nxt = tl.where(flag == 1, 5, nxt)
+            tl.store(flag_ptr + one1, tl.where(flag == 1, 0, flag) + tl.zeros([1], tl.int32))
     any_before = tl.max(unf.to(tl.int64), 0)
     nxt = tl.where(unf, nxt, tl.load(padid_ptr))
     cur = tl.load(cur_ptr)
@@ -632,10 +639,183 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     tl.store(cur_ptr + one, tl.load(cur_ptr + one) + 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Sampling with the chat defaults (temperature, top-k, top-p; InvalidScoreLogitsProcessor) in one kernel.
+# transformers' warpers sort all V scores for top-p and run two row softmaxes over them; at batch 1 each
+# of those is one thread block (H100, INT4 chat step: softmax 113 µs, topk / sort / scan ~150 µs of the
+# 0.51 ms that sampling added to greedy decoding). Here one program per row finds the k-th largest score
+# by radix selection on the 16-bit keys of the logits (two 256-bin histograms), so that the top k is
+# A (values above the k-th, fewer than k) and B (the values equal to it, any number, all of one
+# probability). The warpers' result follows in closed form: with scores s = x / T, Z the sum of exp(s -
+# max) over A and B, and the stable ascending order (value, index) of transformers' sort, an element's
+# cumulative probability is |B| p_B + (the A elements up to it) for A and j p_B for the j-th element of
+# B (by index); top-p drops those with cumulative <= 1 - top_p, keeping the largest. One uniform number
+# per row then picks a token with probability proportional to exp(s - max) over what is kept.
+
+def _order16(x):
+    # 16-bit floats (fp16 / bf16) -> int32 keys in [0, 65535] ordered as the values, -0.0 like +0.0
+    u = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    u = tl.where((u & 0x7FFF) == 0, 0, u)
+    return tl.where(u >= 0x8000, 0xFFFF - u, u + 0x8000)
+
+
+def _kth_bin(hist, k):
+    # hist [256] counts, 1 <= k <= their sum: (the bin holding the k-th largest key, the number of keys
+    # in bins above it, that bin's count)
+    bins = tl.arange(0, 256)
+    above = tl.sum(hist, 0) - tl.cumsum(hist, 0)
+    b = tl.max(tl.where((above < k) & (above + hist >= k), bins, -1), 0)
+    return b, tl.sum(tl.where(bins == b, above, 0), 0), tl.sum(tl.where(bins == b, hist, 0), 0)
+
+
+# A row's sampling work buffer (int32, _SAMPLE_WORK entries): [0, 256) high-byte counts, [256, 512) low-byte
+# counts, 512 / 513: A / B counts, 514: bad mark, [520, 776): A's indices, [776, 1032): B's first indices.
+
+
+def _sample_pass_kernel(l_ptr, w_ptr, flag_ptr, V, stride_l, K, WS, KMAX: tl.constexpr, BMAX: tl.constexpr,
+                        BLOCK: tl.constexpr, PASS: tl.constexpr, PROC: tl.constexpr):
+    # One block of one row of logits (grid: rows x blocks of V), into the row's work buffer w [WS] (int32,
+    # zero on entry to pass 1; _sample_pick_kernel zeroes it again). PASS 1: the high bytes of the keys
+    # (_order16) counted into w[0:256]; a NaN / +inf (PROC: also -inf) sets w[514] and flag[0] (1 with
+    # the processor, 2 without). PASS 2: the low bytes of the keys in the bin holding the K-th largest,
+    # into w[256:512]. PASS 3: the indices of keys above the K-th largest (A, < K <= KMAX of them) and
+    # of the first BMAX keys equal to it (B) appended at w[520:] / w[520 + KMAX:] (in no particular
+    # order; counts in w[512], w[513]).
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < V
+    x = tl.load(l_ptr + row * stride_l + c, mask=m, other=0.0)
+    key = _order16(x)
+    w = w_ptr + row * WS
+    bins = tl.arange(0, 256)
+    if PASS == 1:
+        h = tl.histogram(key >> 8, 256, mask=m)
+        tl.atomic_add(w + bins, h, mask=h != 0, sem="relaxed")
+        xf = x.to(tl.float32)
+        if PROC:
+            bad = tl.max((m & _non_finite(xf)).to(tl.int32), 0)
+        else:
+            bad = tl.max((m & ((xf != xf) | (xf == float("inf")))).to(tl.int32), 0)
+        if bad != 0:
+            tl.atomic_max(w + 514, 1, sem="relaxed")
+            tl.atomic_max(flag_ptr, 1 if PROC else 2, sem="relaxed")
+    else:
+        hb, above_hi, _n = _kth_bin(tl.load(w + bins), K)
+        if PASS == 2:
+            h = tl.histogram(key & 255, 256, mask=m & ((key >> 8) == hb))
+            tl.atomic_add(w + 256 + bins, h, mask=h != 0, sem="relaxed")
+        else:
+            lb, _a, _b = _kth_bin(tl.load(w + 256 + bins), K - above_hi)
+            kth = hb * 256 + lb
+            sel = m & (key > kth)
+            n = tl.sum(sel.to(tl.int32), 0)
+            if n > 0:
+                start = tl.atomic_add(w + 512, n, sem="relaxed")
+                tl.store(w + 520 + start + tl.cumsum(sel.to(tl.int32), 0) - 1, c, mask=sel)
+            sel = m & (key == kth)
+            n = tl.sum(sel.to(tl.int32), 0)
+            if n > 0:
+                start = tl.atomic_add(w + 513, n, sem="relaxed")
+                pos = start + tl.cumsum(sel.to(tl.int32), 0) - 1
+                tl.store(w + 776 + pos, c, mask=sel & (pos < BMAX))
+
+
+def _sample_pick_kernel(l_ptr, w_ptr, u_ptr, invt_ptr, cut_ptr, tok_ptr, V, stride_l, K, WS,
+                        KMAX: tl.constexpr, BMAX: tl.constexpr, BLOCK: tl.constexpr, TEMP: tl.constexpr,
+                        TOPP: tl.constexpr):
+    # One row (after the three _sample_pass_kernel passes): the token drawn with u[row], to tok[row]; the
+    # row's work buffer is zeroed for the next step. A row marked bad gets token 0 (its flag decides).
+    row = tl.program_id(0).to(tl.int64)
+    base = l_ptr + row * stride_l
+    w = w_ptr + row * WS
+    bins = tl.arange(0, 256)
+    bad = tl.load(w + 514)
+    if bad != 0:
+        tl.store(tok_ptr + row, tl.zeros([], tl.int64))
+    else:
+        hb, above_hi, _n = _kth_bin(tl.load(w + bins), K)
+        lb, _a, nb = _kth_bin(tl.load(w + 256 + bins), K - above_hi)
+        kth = hb * 256 + lb
+        na = tl.load(w + 512)  # A: keys above the k-th (< K of them); B: nb keys equal to it
+        j = tl.arange(0, KMAX)
+        am = j < na
+        ia = tl.load(w + 520 + j, mask=am, other=0)
+        xa = tl.load(base + ia, mask=am, other=0.0).to(tl.float32)
+        kb = tl.where(kth >= 0x8000, kth - 0x8000, 0xFFFF - kth)  # the k-th value's bits
+        xb = kb.to(tl.int16).to(l_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        if TEMP:
+            invt = tl.load(invt_ptr)
+            sa = xa * invt
+            sb = xb * invt
+        else:
+            sa = xa
+            sb = xb
+        smax = tl.where(na > 0, tl.max(tl.where(am, sa, float("-inf")), 0), sb)
+        ea = tl.where(am, tl.exp(sa - smax), 0.0)
+        eb = tl.exp(sb - smax)
+        z = tl.sum(ea, 0) + nb.to(tl.float32) * eb
+        drop_b = nb * 0
+        keep_a = am
+        if TOPP:
+            cut = tl.load(cut_ptr)
+            pa = ea / z
+            pb = eb / z
+            # B's j-th element (by index) has cumulative j pb: the first d with d pb <= cut are dropped
+            nbf = nb.to(tl.float32)
+            d = tl.where(pb > 0, tl.minimum(tl.floor(cut / tl.maximum(pb, 1e-38)), nbf), nbf).to(tl.int32)
+            d = tl.where((d < nb) & ((d + 1).to(tl.float32) * pb <= cut), d + 1, d)
+            d = tl.where((d > 0) & (d.to(tl.float32) * pb > cut), d - 1, d)
+            drop_b = tl.where(na > 0, d, tl.minimum(d, nb - 1))  # (B holds the largest when A is empty)
+            before = (xa[None, :] < xa[:, None]) | ((xa[None, :] == xa[:, None]) & (ia[None, :] <= ia[:, None]))
+            cum = nbf * pb + tl.sum(tl.where(before & am[None, :], pa[None, :], 0.0), 1)
+            # the largest element (the last of A in (value, index) order) is kept in any case
+            later = (xa[None, :] > xa[:, None]) | ((xa[None, :] == xa[:, None]) & (ia[None, :] > ia[:, None]))
+            is_top = am & (tl.sum((later & am[None, :]).to(tl.int32), 1) == 0)
+            keep_a = am & ((cum > cut) | is_top)
+        wa = tl.where(keep_a, ea, 0.0)
+        wsum = tl.sum(wa, 0)
+        kept_b = nb - drop_b
+        t = tl.load(u_ptr + row) * (wsum + kept_b.to(tl.float32) * eb)
+        # A in index order: the first whose running weight passes t
+        upto = tl.sum(tl.where((ia[None, :] <= ia[:, None]) & keep_a[None, :], wa[None, :], 0.0), 1)
+        first = tl.min(tl.where(keep_a & (upto > t), ia, 2147483647), 0)
+        if first < 2147483647:
+            tl.store(tok_ptr + row, first.to(tl.int64))
+        elif kept_b > 0:  # the (drop_b + r)-th element of B in index order
+            r = ((t - wsum) / eb).to(tl.int32)
+            want = drop_b + tl.minimum(tl.maximum(r, 0), kept_b - 1)
+            if nb <= BMAX:  # all of B's indices were kept: rank them
+                jb = tl.arange(0, BMAX)
+                bm = jb < nb
+                ib = tl.load(w + 776 + jb, mask=bm, other=2147483647)
+                rank = tl.sum(((ib[None, :] < ib[:, None]) & bm[None, :]).to(tl.int32), 1)
+                found = tl.min(tl.where(bm & (rank == want), ib, 2147483647), 0)
+            else:  # many ties at the k-th value: find it in the row
+                cols = tl.arange(0, BLOCK)
+                seen = 0
+                found = 2147483647
+                for c0 in range(0, V, BLOCK):
+                    c = c0 + cols
+                    m = c < V
+                    eq = m & (_order16(tl.load(base + c, mask=m, other=0.0)) == kth)
+                    rk = seen + tl.cumsum(eq.to(tl.int32), 0) - 1
+                    found = tl.minimum(found, tl.min(tl.where(eq & (rk == want), c, 2147483647), 0))
+                    seen += tl.sum(eq.to(tl.int32), 0)
+            tl.store(tok_ptr + row, found.to(tl.int64))
+        else:  # (t rounded up to the whole weight) the last kept element of A in index order
+            tl.store(tok_ptr + row, tl.max(tl.where(keep_a, ia, -1), 0).to(tl.int64))
+    tl.debug_barrier()  # (every read of the work buffer is done) zero it for the next step
+    tl.store(w + bins, tl.zeros([256], tl.int32))
+    tl.store(w + 256 + bins, tl.zeros([256], tl.int32))
+    z4 = tl.arange(0, 4)
+    tl.store(w + 512 + z4, tl.zeros([4], tl.int32), mask=z4 < 3)  # counts and the bad mark
+
+
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
-                 _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel)
+                 _bookkeep_kernel, _screen_kernel, _cand_kernel, _head_kernel, _sample_pass_kernel,
+                 _sample_pick_kernel)
 _HELPER_FUNCS = (_f32_order, _non_finite, _no_key, _argmax_key, _head_rows, _kv_tile, _attn_tile,
-                 _attn_share)  # jitted, rebound by name
+                 _attn_share, _order16, _kth_bin)  # jitted, rebound by name
 
 
 def available() -> bool:
@@ -1136,8 +1316,9 @@ class _Plan:
     def sample_key(self, vocab: int):
         if not self.do_sample:
             return ("greedy",)
-        return ("sample", self.temperature != 1.0, min(self.top_k, vocab) if self.top_k > 0 else 0,
-                self.top_p < 1.0)
+        top_k = min(self.top_k, vocab) if self.top_k > 0 else 0
+        return ("sample", self.temperature != 1.0, top_k, self.top_p < 1.0,
+                fused_sampling(top_k, self.temperature))
 
 
 # transformers' GenerationConfig fields: those we interpret, those that do not change greedy /
@@ -1248,6 +1429,7 @@ class _Slot:
         self.top_p_cut = torch.zeros(1, dtype=torch.float32, device=dev)
         self.pick_key = torch.full((batch,), _KEY_EMPTY, dtype=torch.long, device=dev)  # greedy (_pick_kernel)
         self.pick_flag = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.sample_work = torch.zeros(batch, _SAMPLE_WORK, dtype=torch.int32, device=dev)  # (sample_tokens)
         if batch == 1:  # the screened LM head's: x's norms, hi per row, [threshold key, fallback flag, fallbacks]
             self.norms = torch.zeros(1, 2, dtype=torch.float32, device=dev)
             self.hi = torch.empty(cfg.vocab_size, dtype=torch.float32, device=dev)
@@ -1592,6 +1774,9 @@ def _choose(logits, slot: _Slot, plan_key, processors):
         k["pick_kernel"][(b, triton_cdiv(V, block))](logits, slot.pick_key, slot.pick_flag, V, logits.stride(0),
                                                      BLOCK=block, CHECK=bool(processors), num_warps=4)
         return 2 if processors else 1
+    if len(plan_key) > 4 and plan_key[4] and logits.dtype in (torch.float16, torch.bfloat16):
+        return sample_tokens(logits, plan_key, bool(processors), slot.inv_temperature, slot.top_p_cut,
+                             slot.pick_flag, work=slot.sample_work)
     scores = logits.float()
     for proc in processors:
         scores = proc(slot.ids, scores)
@@ -1604,7 +1789,7 @@ def _choose(logits, slot: _Slot, plan_key, processors):
 def warp(scores, plan_key, inv_temperature, top_p_cut):
     """Temperature, top-k, top-p on fp32 scores [b, V], as transformers' warpers do (ties at the k-th
     value are kept; top-p keeps at least one token); removed entries become -inf."""
-    _, temp_on, top_k, top_p_on = plan_key
+    temp_on, top_k, top_p_on = plan_key[1:4]
     if temp_on:
         scores = scores * inv_temperature  # transformers: scores / T, computed by torch as scores * (1/T)
     if top_k:
@@ -1619,17 +1804,65 @@ def warp(scores, plan_key, inv_temperature, top_p_cut):
     return scores
 
 
+SAMPLE_KERNEL = os.environ.get("CHATGLM_SAMPLE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+SAMPLE_MAX_K = 256  # top_k served by _sample_kernel (larger or none: transformers' warpers in torch ops)
+# InvalidScoreLogitsProcessor's 5e4 makes token 5 certain (every other probability exp(-5e4 / T) is 0 in
+# fp32) for T up to ~400; above this the torch ops run
+SAMPLE_MAX_TEMPERATURE = 100.0
+_SAMPLE_BLOCK = 4096  # vocabulary entries per program of a pass
+_SAMPLE_BMAX = 256  # indices of ties at the k-th value kept (more: the pick kernel scans the row for one)
+_SAMPLE_WORK = 1032  # int32 per row (layout above _sample_pass_kernel)
+
+
+def fused_sampling(top_k: int, temperature: float) -> bool:
+    """Whether sampling with these settings runs _sample_kernel (part of a plan's graph key)."""
+    return SAMPLE_KERNEL and 0 < top_k <= SAMPLE_MAX_K and 0.0 < temperature <= SAMPLE_MAX_TEMPERATURE
+
+
+def sample_tokens(logits: torch.Tensor, plan_key, processors: bool, inv_temperature: torch.Tensor,
+                  top_p_cut: torch.Tensor, flag: torch.Tensor, u: Optional[torch.Tensor] = None,
+                  work: Optional[torch.Tensor] = None):
+    """Draw one token per row of fp16 / bf16 logits [b, V] as transformers' temperature / top-k / top-p
+    warpers, softmax and multinomial would (_sample_pass_kernel x 3, _sample_pick_kernel; no host sync).
+    u: uniform numbers [b] (default torch.rand); work: int32 [>= b, _SAMPLE_WORK], zero (left zero;
+    default a new one). Returns the tokens [b] (int64), or (tokens, True) with processors (what _bookkeep
+    takes: it turns every row to token 5 when flag[0] is 1). flag[0] becomes 2 when a row has NaN or
+    +inf and there is no processor (the generation then raises)."""
+    k = _build()
+    b, V = logits.shape
+    top_k = plan_key[2]
+    dev = logits.device
+    if u is None:
+        u = torch.rand(b, device=dev, dtype=torch.float32)
+    if work is None:
+        work = torch.zeros(b, _SAMPLE_WORK, dtype=torch.int32, device=dev)
+    kmax = max(16, _pow2(top_k))
+    tok = torch.empty(b, dtype=torch.long, device=dev)
+    grid = (b, triton_cdiv(V, _SAMPLE_BLOCK))
+    for step in (1, 2, 3):
+        k["sample_pass_kernel"][grid](logits, work, flag, V, logits.stride(0), top_k, work.stride(0), KMAX=kmax,
+                                      BMAX=_SAMPLE_BMAX, BLOCK=_SAMPLE_BLOCK, PASS=step, PROC=processors, num_warps=4)
+    k["sample_pick_kernel"][(b,)](logits, work, u, inv_temperature, top_p_cut, tok, V, logits.stride(0), top_k,
+                                  work.stride(0), KMAX=kmax, BMAX=_SAMPLE_BMAX, BLOCK=_SAMPLE_BLOCK,
+                                  TEMP=bool(plan_key[1]), TOPP=bool(plan_key[3]), num_warps=4)
+    return (tok, True) if processors else tok
+
+
 def _bookkeep(slot: _Slot, nxt, screen: bool = False):
     """Record the step's tokens (pad for finished rows), update eos state, advance one position.
-    nxt: the tokens [b], or _choose's KEYS mode (greedy: the tokens are in slot.pick_key).
+    nxt: the tokens [b], or _choose's KEYS mode (greedy: the tokens are in slot.pick_key), or
+    (tokens, True) from sample_tokens with the InvalidScore processor (token 5 when the flag is set).
     screen: the step ran the screened head (its threshold / flag in slot.scr are reset)."""
     k = _build()
+    flag5 = isinstance(nxt, tuple)
+    if flag5:
+        nxt = nxt[0]
     keys = nxt if isinstance(nxt, int) else 0
     k["bookkeep_kernel"][(1,)](slot.pick_key if keys else nxt, slot.unfinished, slot.eos, slot.pad_id, slot.ids,
                                slot.tok, slot.pos, slot.cache.pos, slot.alive, slot.gen_len, slot.pick_key,
                                slot.pick_flag, slot.scr if screen else slot.pick_flag, slot.batch,
                                slot.ids.stride(0), NEOS=MAX_EOS, BLOCK_B=_pow2(slot.batch), KEYS=keys,
-                               SCREEN=screen, num_warps=1)
+                               SCREEN=screen, FLAG5=flag5, num_warps=1)
 
 
 def _bookkeep_torch(slot: _Slot, nxt: torch.Tensor):
@@ -1711,6 +1944,18 @@ def _left_pad(pad_mask: torch.Tensor) -> Optional[torch.Tensor]:
     if not bool(torch.equal(expect, real)) or bool((pads >= s).any()):
         return None
     return pads
+
+
+def _check_scores(run: "_Run", flag: Optional[int] = None) -> None:
+    """Sampling without a processor (_sample_kernel) met NaN or +inf scores: raise as transformers'
+    multinomial does (flag: slot.pick_flag[0] as read already, else it is read here)."""
+    if run.key[0] != "sample" or len(run.key) < 5 or not run.key[4] or run.plan.processors:
+        return
+    if (int(run.slot.pick_flag[0]) if flag is None else flag) == 2:
+        raise RuntimeError("chatglm6b: the logits held NaN or inf while sampling (transformers' multinomial "
+                           "fails on them too); pass logits_processor=[InvalidScoreLogitsProcessor()] as "
+                           "model.chat does to turn such steps into token 5, or find where the model's "
+                           "activations overflow (an fp16 model in bf16 / fp32 may help)")
 
 
 class _Run:
@@ -1924,6 +2169,7 @@ def _run_generate(model, input_ids, mask, position_ids, plan: _Plan):
                     ev.record(stream)
                     pending = (idx, ev)
             total = run.s + int(slot.gen_len.item())
+            _check_scores(run)
             out = slot.ids[:, :total]
             if logs is not None:
                 state.last_logits = torch.stack(logs[:total - run.s], dim=1)
@@ -1997,8 +2243,9 @@ def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
     def snapshot():
         stream = torch.cuda.current_stream(state.device)
         ids = slot.ids[:, :run.s + run.produced].clone()
-        flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        flag.copy_(slot.alive, non_blocking=True)
+        flag = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        flag[:1].copy_(slot.alive, non_blocking=True)
+        flag[1:].copy_(slot.pick_flag, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record(stream)
         return ids, flag, ev
@@ -2014,6 +2261,7 @@ def _stream_iter(run: _Run, state: _State) -> Iterator[torch.Tensor]:
                     nxt = snapshot()
                 ids, flag, ev = current
                 ev.synchronize()
+            _check_scores(run, int(flag[1]))
             yield ids
             if not bool(flag[0]) or nxt is None:
                 break

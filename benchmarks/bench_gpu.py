@@ -158,15 +158,46 @@ def _seconds_per_step(run, steps: int) -> float:
     return time_gpu(replays, reps=1, warmup=0) / steps
 
 
-def graph_sampling_decode(model, prompt_len=32, steps=128):
-    """Per step with the chat defaults (temperature 0.95, top-k 50, top-p 0.7) sampled in the graph."""
+def graph_sampling_decode(model, prompt_len=32, steps=128, keep=False):
+    """Per step with the chat defaults (temperature 0.95, top-k 50, top-p 0.7) sampled in the graph
+    (keep: also the run)."""
     ids = prompt(1, prompt_len)
     st = fd._state(model)
     plan = fd._Plan(prompt_len + steps + 8, [], 3, True, 0.95, 50, 0.7, [mc.InvalidScoreLogitsProcessor()])
     mask = torch.ones_like(ids)
     pos = mc.build_position_ids(ids, 130004, 130000, 130001, mask)
     with torch.inference_mode():
-        return _seconds_per_step(fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask)), steps)
+        run = fd._Run(model, st, plan, ids, pos, mask, fd._left_pad(mask))
+        t = _seconds_per_step(run, steps)
+    return (t, run) if keep else t
+
+
+def sampling_profile(bits: int, rounds=2):
+    """Greedy against sampled (chat defaults) batch-1 decode steps, alternating, and the critical-path
+    timeline of each with the head / sampling kernels by name: where sampling's extra time goes."""
+    model = build(bits)
+    out = dict(bits=bits, greedy_ms=[], sample_ms=[])
+    try:
+        for _ in range(rounds):
+            t, run = graph_decode(model, 1)
+            out["greedy_ms"].append(round(t * 1e3, 4))
+            del run
+            t, run = graph_sampling_decode(model, keep=True)
+            out["sample_ms"].append(round(t * 1e3, 4))
+            log(event="sampling_profile", bits=bits, greedy=out["greedy_ms"][-1], sample=out["sample_ms"][-1])
+        with torch.inference_mode():
+            out["timeline_sample"] = kernel_timeline(model, run, by_name=True)
+        del run
+        t, run = graph_decode(model, 1)
+        with torch.inference_mode():
+            out["timeline_greedy"] = kernel_timeline(model, run, by_name=True)
+        del run
+    finally:
+        release(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
 
 
 def end_to_end(model, batch, prompt_len, new_tokens):
@@ -277,7 +308,7 @@ def _role(name: str, prev: str, lns: int) -> str:
     return "qkv" if lns % 2 == 1 else "h_to_4h"
 
 
-def kernel_timeline(model, run, steps=10):
+def kernel_timeline(model, run, steps=10, by_name=False):
     """Where a decode step's time goes on its critical path: the kernels of each step in the order they
     end; each one's end minus the previous one's end, summed per role (qkv / dense / h_to_4h / 4h_to_h,
     attention, layernorm, ...), µs per step. Unlike kernel_breakdown's durations these add up to the
@@ -300,6 +331,9 @@ def kernel_timeline(model, run, steps=10):
                 lns += 1
             end = e.time_range.end
             key = "step start" if first else role
+            if by_name and role not in ("gemv", "qmm", "qkv", "dense", "h_to_4h", "4h_to_h", "attention",
+                                        "layernorm", "gelu", "splitk_reduce"):
+                key = e.name[:90]
             if prev_end is not None:
                 cur[key] = cur.get(key, 0.0) + (end - prev_end)
                 durations[role] = durations.get(role, 0.0) + e.time_range.elapsed_us()
@@ -1285,6 +1319,8 @@ def main():
                     help="batch-1 decode: which linears launch early and which trigger the next kernel late, "
                          "alternating, with the critical-path timeline; batch 16 with / without PRE (no table)")
     ap.add_argument("--quick", action="store_true", help="with --pdl-ab: the step times only")
+    ap.add_argument("--sampling-profile", default=None, metavar="BITS[,...]",
+                    help="greedy vs chat-default sampling per step, and where sampling's time goes")
     ap.add_argument("--no-candidates", action="store_true",
                     help="with --wide-batches: only the current plan and the former one")
     args = ap.parse_args()
@@ -1319,6 +1355,13 @@ def main():
             got.append(pdl_ab(int(b), quick=args.quick))
             if args.json:
                 Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, pdl_ab=got, log=LOG), indent=1))
+        return
+    if args.sampling_profile:
+        got = []
+        for b in args.sampling_profile.split(","):
+            got.append(sampling_profile(int(b)))
+            if args.json:
+                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, sampling=got, log=LOG), indent=1))
         return
     if args.screen_ab:
         got = [screen_ab(int(b)) for b in args.screen_ab.split(",")]

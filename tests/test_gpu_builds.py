@@ -195,7 +195,7 @@ def test_linear_kernels_compile(stub, cap, bits, dtype):
 def test_prefill_and_decode_kernels_compile(stub, target):
     """fast_decode's kernels: LayerNorm (residual, embedding gather), GELU, prefill rotary into the
     KV cache, decode attention (one split, splits merged in-kernel and by the combine kernel), the
-    greedy pick and the bookkeeping step; fp16 and bf16; PDL on sm_90."""
+    greedy pick, the fused sampler and the bookkeeping step; fp16 and bf16; PDL on sm_90."""
     pdl = 2 if target >= (9, 0) else 0
     for dtype in (torch.float16, torch.bfloat16):
         for rows in (1, 16, 1024):
@@ -243,6 +243,12 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         mode = fd._choose(logits, slot, ("greedy",), processors)
         fd._bookkeep(slot, mode)
     fd._bookkeep(slot, torch.zeros(2, dtype=torch.long))  # sampled tokens
+    # the fused sampler (three passes and the pick; with and without temperature / top-p / the processor)
+    for dtype in (torch.float16, torch.bfloat16):
+        for processors, key in ((False, ("sample", True, 50, True, True)), (True, ("sample", False, 7, False, True))):
+            fd.sample_tokens(torch.randn(2, VOCAB, dtype=dtype), key, processors, torch.ones(1), torch.zeros(1),
+                             slot.pick_flag)
+    fd._bookkeep(slot, (torch.zeros(2, dtype=torch.long), True))  # (with the processor: token 5 on the flag)
     # the screened LM head of batch-1 greedy steps (INT8 screen on the batch-1 GEMV's main loop, candidates,
     # the whole head when undecided, the final LayerNorm's norms) and the bookkeeping that resets it
     for dtype in (torch.float16, torch.bfloat16):
@@ -267,7 +273,8 @@ def test_prefill_and_decode_kernels_compile(stub, target):
     # and specialization, e.g. the GELU kernel that a linear's prompt path runs after cuBLAS)
     names = set(_loaded_since(stub, 0))
     want = {"_ln_kernel", "_gelu_kernel", "_prefill_rotary_kernel", "_decode_attn_kernel", "_attn_combine_kernel",
-            "_pick_kernel", "_bookkeep_kernel", "_screen_kernel", "_cand_kernel", "_head_kernel"}
+            "_pick_kernel", "_bookkeep_kernel", "_screen_kernel", "_cand_kernel", "_head_kernel",
+            "_sample_pass_kernel", "_sample_pick_kernel"}
     assert want <= names, want - names
 
 
