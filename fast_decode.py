@@ -516,18 +516,27 @@ def _screen_kernel(x_ptr, xv_ptr, q_ptr, q8_ptr, s_ptr, rn_ptr, mx_ptr, nrm_ptr,
         tl.atomic_max(scr_ptr + 1, bad, sem="relaxed")
 
 
-def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, V, K, stride_w, SPAN: tl.constexpr,
-                 MAX_LOCAL: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr, LOG_K: tl.constexpr,
-                 STORE: tl.constexpr = False, PDL: tl.constexpr = False):
+def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, hist_ptr, V, K, stride_w, TOP_K,
+                 SPAN: tl.constexpr, MAX_LOCAL: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 LOG_K: tl.constexpr, STORE: tl.constexpr = False, HIST: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     # Vocabulary entries [pid * SPAN, +SPAN): those with hi >= T (scr[0]) are candidates; their exact
     # logits (_head_rows on HEAD_BLOCK_N candidates at a time, rounded to x's dtype) compete for key[0]
     # (_argmax_key, atomic max), or (STORE) are written to y at their rows. More than MAX_LOCAL candidates
-    # here: scr[1] = 1 and the whole head decides (_head_kernel, COND).
+    # here: scr[1] = 1 and the whole head decides (_head_kernel, COND). HIST: T is instead the TOP_K-th
+    # largest lower bound rounded down to its high 16 bits, from the counts _sample_pass_kernel (KEY32)
+    # left at hist[0:512] (a lower T only adds candidates).
     _pdl_start(PDL)
     cols = tl.program_id(0) * SPAN + tl.arange(0, SPAN)
     valid = cols < V
     _pdl_wait(PDL)
-    t = _f32_order(tl.load(scr_ptr).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
+    if HIST:
+        bins = tl.arange(0, 256)
+        hb, above_hi, _n = _kth_bin(tl.load(hist_ptr + bins), TOP_K)
+        lb, _a, _b = _kth_bin(tl.load(hist_ptr + 256 + bins), TOP_K - above_hi)
+        t = _f32_order(((hb * 256 + lb - 32768) << 16).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
+    else:
+        t = _f32_order(tl.load(scr_ptr).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
     h = tl.load(hi_ptr + cols, mask=valid, other=0.0)
     cand = valid & (h >= t)
     n = tl.sum(cand.to(tl.int32), 0)
@@ -669,36 +678,42 @@ def _kth_bin(hist, k):
 
 
 # A row's sampling work buffer (int32, _SAMPLE_WORK entries): [0, 256) high-byte counts, [256, 512) low-byte
-# counts, 512 / 513: A / B counts, 514: bad mark, [520, 776): A's indices, [776, 1032): B's first indices.
+# counts, 512 / 513: A / B counts, 514: bad mark, [520, 776): A's indices, [776, 1032): B's first indices,
+# [1032, 1544): the screened head's high / low-byte counts of its lower bounds (ScreenHead.pick, work=).
 
 
 def _sample_pass_kernel(l_ptr, w_ptr, flag_ptr, V, stride_l, K, WS, KMAX: tl.constexpr, BMAX: tl.constexpr,
-                        BLOCK: tl.constexpr, PASS: tl.constexpr, PROC: tl.constexpr):
+                        BLOCK: tl.constexpr, PASS: tl.constexpr, PROC: tl.constexpr, KEY32: tl.constexpr = False):
     # One block of one row of logits (grid: rows x blocks of V), into the row's work buffer w [WS] (int32,
     # zero on entry to pass 1; _sample_pick_kernel zeroes it again). PASS 1: the high bytes of the keys
     # (_order16) counted into w[0:256]; a NaN / +inf (PROC: also -inf) sets w[514] and flag[0] (1 with
     # the processor, 2 without). PASS 2: the low bytes of the keys in the bin holding the K-th largest,
     # into w[256:512]. PASS 3: the indices of keys above the K-th largest (A, < K <= KMAX of them) and
     # of the first BMAX keys equal to it (B) appended at w[520:] / w[520 + KMAX:] (in no particular
-    # order; counts in w[512], w[513]).
+    # order; counts in w[512], w[513]). KEY32 (passes 1 and 2 only, no bad mark): l holds fp32 values
+    # and the keys are the high 16 bits of their _f32_order (the screened head's lower bounds).
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < V
     x = tl.load(l_ptr + row * stride_l + c, mask=m, other=0.0)
-    key = _order16(x)
+    if KEY32:
+        key = (_f32_order(x) >> 16) + 32768
+    else:
+        key = _order16(x)
     w = w_ptr + row * WS
     bins = tl.arange(0, 256)
     if PASS == 1:
         h = tl.histogram(key >> 8, 256, mask=m)
         tl.atomic_add(w + bins, h, mask=h != 0, sem="relaxed")
-        xf = x.to(tl.float32)
-        if PROC:
-            bad = tl.max((m & _non_finite(xf)).to(tl.int32), 0)
-        else:
-            bad = tl.max((m & ((xf != xf) | (xf == float("inf")))).to(tl.int32), 0)
-        if bad != 0:
-            tl.atomic_max(w + 514, 1, sem="relaxed")
-            tl.atomic_max(flag_ptr, 1 if PROC else 2, sem="relaxed")
+        if not KEY32:
+            xf = x.to(tl.float32)
+            if PROC:
+                bad = tl.max((m & _non_finite(xf)).to(tl.int32), 0)
+            else:
+                bad = tl.max((m & ((xf != xf) | (xf == float("inf")))).to(tl.int32), 0)
+            if bad != 0:
+                tl.atomic_max(w + 514, 1, sem="relaxed")
+                tl.atomic_max(flag_ptr, 1 if PROC else 2, sem="relaxed")
     else:
         hb, above_hi, _n = _kth_bin(tl.load(w + bins), K)
         if PASS == 2:
@@ -809,6 +824,8 @@ def _sample_pick_kernel(l_ptr, w_ptr, u_ptr, invt_ptr, cut_ptr, tok_ptr, V, stri
     tl.store(w + 256 + bins, tl.zeros([256], tl.int32))
     z4 = tl.arange(0, 4)
     tl.store(w + 512 + z4, tl.zeros([4], tl.int32), mask=z4 < 3)  # counts and the bad mark
+    tl.store(w + 1032 + bins, tl.zeros([256], tl.int32))  # the screened head's counts (ScreenHead.pick)
+    tl.store(w + 1288 + bins, tl.zeros([256], tl.int32))
 
 
 _KERNEL_FUNCS = (_ln_kernel, _prefill_rotary_kernel, _decode_attn_kernel, _attn_combine_kernel, _pick_kernel,
@@ -946,14 +963,16 @@ class ScreenHead:
         self.version = w._version
 
     def pick(self, x: torch.Tensor, w: torch.Tensor, key, flag, scr, hi, norms, check: bool = False,
-             pdl_screen=0, pdl=0, top_k: int = 0, lo=None, y=None):
+             pdl_screen=0, pdl=0, top_k: int = 0, lo=None, y=None, work=None):
         """Greedy pick for one row x [1, K] (contiguous; norms [1, 2] = its sum x^2, sum |x|, e.g. from
         layer_norm(norms=)): key[0] gets the _argmax_key of the token (atomic max; reset by the caller),
         flag[0] = 1 when check and a logit is not finite (only the whole head can see one: the screen
         sends every such step there); scr = [INT32_MIN, 0, n] on entry, hi: fp32 [V] scratch.
         top_k > 0 (sampling; key, flag unused): y [1, V] gets the exact logits of every row that may be
         among the top_k (every row when undecided) and the dtype's lowest finite value elsewhere, which
-        top-k, and whatever follows it, treats as the whole head's logits; lo: fp32 [V] scratch."""
+        top-k, and whatever follows it, treats as the whole head's logits; lo: fp32 [V] scratch; work: int32
+        [>= 512] zeros (a row's sample_tokens work buffer from offset 1032, which the pick zeroes again): the
+        threshold comes from a radix count of the lower bounds instead of torch.topk (sampling only)."""
         k = _build()
         V, K = self.shape
         cfg = dict(SCREEN_CFG)
@@ -971,14 +990,20 @@ class ScreenHead:
             V, KW, 2.5 * K * u, 1.0 + 4.0 * K * u + 1e-6, rel, float(torch.finfo(dt).max), BLOCK_N=block_n,
             BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, XVEC=xvec, ASM=not interpreting(), STORE_LO=bool(top_k),
             **cfg, **_launch(pdl_screen))
-        if top_k:  # the threshold: the k-th largest lower bound (its order key, as the greedy atomic max leaves)
+        hist = top_k and work is not None
+        if hist:  # the threshold's counts (two passes over the lower bounds; the candidates kernel finishes it)
+            for step in (1, 2):
+                k["sample_pass_kernel"][(1, triton_cdiv(V, _SAMPLE_BLOCK))](
+                    lo, work, scr, V, V, top_k, work.stride(0), KMAX=16, BMAX=16, BLOCK=_SAMPLE_BLOCK, PASS=step,
+                    PROC=False, KEY32=True, num_warps=4)
+        elif top_k:  # the threshold: the k-th largest lower bound (its order key, as the greedy atomic max leaves)
             bits = torch.topk(lo, top_k).values[-1:].view(torch.int32)
             scr[:1].copy_(torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
         bk = _head_block_k(K)
         k["cand_kernel"][(triton_cdiv(V, SCREEN_SPAN),)](
-            hi, scr, x, w, key if not top_k else scr, y if top_k else x, V, K, w.stride(0), SPAN=SCREEN_SPAN,
-            MAX_LOCAL=SCREEN_MAX_LOCAL_TOPK if top_k else SCREEN_MAX_LOCAL, R=HEAD_BLOCK_N, BLOCK_K=bk,
-            LOG_K=bk.bit_length() - 1, STORE=bool(top_k), num_warps=4, **_launch(pdl))
+            hi, scr, x, w, key if not top_k else scr, y if top_k else x, work if hist else scr, V, K, w.stride(0),
+            top_k, SPAN=SCREEN_SPAN, MAX_LOCAL=SCREEN_MAX_LOCAL_TOPK if top_k else SCREEN_MAX_LOCAL, R=HEAD_BLOCK_N,
+            BLOCK_K=bk, LOG_K=bk.bit_length() - 1, STORE=bool(top_k), HIST=bool(hist), num_warps=4, **_launch(pdl))
         if top_k:
             _run_head(x, w, y, None, None, scr, cond=True, pdl=pdl)
         else:
@@ -1751,7 +1776,8 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
         return
     if screen is not None:  # top-k sampling: exact logits where they can make the top k
         screen.pick(x1, model.lm_head.weight, None, None, slot.scr, slot.hi, slot.norms, pdl_screen=pdl_lin["qkv"],
-                    pdl=pdl, top_k=plan_key[2], lo=slot.lo, y=slot.ylogits)
+                    pdl=pdl, top_k=plan_key[2], lo=slot.lo, y=slot.ylogits,
+                    work=slot.sample_work[:1, 1032:] if len(plan_key) > 4 and plan_key[4] else None)
         _bookkeep(slot, _choose(slot.ylogits, slot, plan_key, processors), screen=True)
         return
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
@@ -1811,7 +1837,7 @@ SAMPLE_MAX_K = 256  # top_k served by _sample_kernel (larger or none: transforme
 SAMPLE_MAX_TEMPERATURE = 100.0
 _SAMPLE_BLOCK = 4096  # vocabulary entries per program of a pass
 _SAMPLE_BMAX = 256  # indices of ties at the k-th value kept (more: the pick kernel scans the row for one)
-_SAMPLE_WORK = 1032  # int32 per row (layout above _sample_pass_kernel)
+_SAMPLE_WORK = 1544  # int32 per row (layout above _sample_pass_kernel)
 
 
 def fused_sampling(top_k: int, temperature: float) -> bool:

@@ -531,6 +531,22 @@ def test_sampling_matches_transformers_warpers(gpu, models):
             ref = procs(None, scores.clone())
             assert torch.equal(torch.isinf(mine), torch.isinf(ref))
             torch.testing.assert_close(mine.softmax(-1), ref.softmax(-1), atol=1e-6, rtol=0)
+            if k:  # the fused sampler (the graph's default for these): u in the middle of each kept token's
+                # interval (above the k-th value by index, then the kept ties at it, highest indices: CUDA's
+                # sort is stable) gives that token
+                probs = ref[0].softmax(-1).double()
+                x = scores[0].half()
+                kth = float(torch.topk(x.float(), k).values[-1])
+                kept = torch.nonzero(probs > 0).flatten().tolist()
+                above = sorted(i for i in kept if float(x[i]) > kth)
+                tied = [i for i in kept if float(x[i]) == kth]
+                order = above + sorted(tied)
+                hi = torch.cumsum(probs[order], 0)
+                mids = ((torch.cat([hi.new_zeros(1), hi[:-1]]) + hi) / 2).float()
+                flag = torch.zeros(1, dtype=torch.int32, device=gpu)
+                got = fd.sample_tokens(x[None].expand(len(order), -1), key + (True,), False, inv,
+                                       torch.tensor([1.0 - p], device=gpu), flag, u=mids)
+                assert got.tolist() == order and int(flag) == 0
 
 
 def test_top_k_1_sampling_is_greedy(models, golden):
@@ -855,9 +871,12 @@ def test_screened_pick_on_a_full_size_head(gpu, models, dtype):
     lo = torch.empty(V, dtype=torch.float32, device=gpu)
     y = torch.empty(1, V, dtype=dtype, device=gpu)
     fill = torch.finfo(dtype).min
-    for k in (1, 50, 256):
+    work = torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32, device=gpu)
+    for k, hist in ((1, False), (50, False), (256, False), (1, True), (50, True), (256, True)):
         scr.copy_(scr0)
-        head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y)
+        # hist: the threshold from radix counts of the lower bounds (the fused sampler's work buffer)
+        head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y, work=work[:, 1032:] if hist else None)
+        work.zero_()
         full = fd.head_logits(x, w)
         kept = full.float() >= full.float().topk(k).values[0, -1]
         assert int(scr[1]) == 0
@@ -865,7 +884,7 @@ def test_screened_pick_on_a_full_size_head(gpu, models, dtype):
         key_ = ("sample", True, k, True)
         inv, cut = torch.tensor([1 / 0.95], device=gpu), torch.tensor([0.3], device=gpu)
         assert torch.equal(fd.warp(y.float(), key_, inv, cut), fd.warp(full.float(), key_, inv, cut))
-        print(f"{dtype} top-{k}: {int((y != fill).sum())} exact logits")
+        print(f"{dtype} top-{k} (counts {hist}): {int((y != fill).sum())} exact logits")
     # undecided: 40 equal best rows in one candidate block; a NaN; logits past fp16's range
     tok = pick(x)
     w2 = w.clone()

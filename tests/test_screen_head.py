@@ -70,7 +70,7 @@ def run(w, x, check=True):
                                + summed).all()) if finite else None
     return out
 
-def run_topk(w, x, k):
+def run_topk(w, x, k, hist=False):
     head = fd.ScreenHead(w)
     xf = x.float()
     norms = torch.stack([(xf * xf).sum(), xf.abs().sum()]).view(1, 2)
@@ -78,7 +78,9 @@ def run_topk(w, x, k):
     V = w.shape[0]
     hi, lo = torch.full((V,), float("nan")), torch.full((V,), float("nan"))
     y = torch.full((1, V), 7.0, dtype=w.dtype)
-    head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y)
+    # hist: the threshold from radix counts of the lower bounds (the fused sampler's work buffer)
+    work = torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32)[:, 1032:] if hist else None
+    head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y, work=work)
     full = fd.head_logits(x, w)
     kth = full.float().topk(k).values[0, -1]
     kept = full.float() >= kth
@@ -120,6 +122,9 @@ res["topk50_bf16"] = run_topk(w.bfloat16(), x.bfloat16(), 50)
 w2 = w.clone(); w2[100:240] = w[tok]
 res["topk_crowded"] = run_topk(w2, x, 5)  # 140 candidates in one block: the whole head writes every logit
 res["topk_nan"] = run_topk(w, xn, 5)
+for name, args in (("topk5", (w, x, 5)), ("topk50", (w, x, 50)), ("topk50_bf16", (w.bfloat16(), x.bfloat16(), 50)),
+                   ("topk_crowded", (w2, x, 5))):
+    res[name + "_hist"] = run_topk(*args, hist=True)
 # the INT8 copy itself (a zero row included)
 w4 = w.clone(); w4[7] = 0
 h = fd.ScreenHead(w4)
@@ -208,17 +213,18 @@ def test_undecided_steps_run_the_whole_head(res, case, want_flag):
         assert not r["finite"], r
 
 
-@pytest.mark.parametrize("case", ["topk5", "topk50", "topk50_bf16"])
+@pytest.mark.parametrize("case", ["topk5", "topk50", "topk50_bf16", "topk5_hist", "topk50_hist", "topk50_bf16_hist"])
 def test_top_k_sampling_sees_the_whole_heads_top_k(res, case):
     """Sampling steps: every logit that can make the top k (ties at the k-th included) is the whole head's,
-    the rest hold the lowest finite value, so temperature / top-k / top-p give the same distribution."""
+    the rest hold the lowest finite value, so temperature / top-k / top-p give the same distribution. (_hist:
+    the threshold from the radix counts, rounded down to 16 bits of its order key, instead of torch.topk.)"""
     r = res[case]
     assert r["fallback"] == 0, r
     assert r["all_exact_or_fill"] and r["kept_exact"] and r["warped_equal"], r
     assert r["kept"] <= r["candidates"] < 1200, r
 
 
-@pytest.mark.parametrize("case", ["topk_crowded", "topk_nan"])
+@pytest.mark.parametrize("case", ["topk_crowded", "topk_nan", "topk_crowded_hist"])
 def test_top_k_sampling_undecided_writes_the_whole_head(res, case):
     r = res[case]
     assert r["fallback"] == 1 and r["whole"], r
