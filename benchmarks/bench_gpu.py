@@ -1342,27 +1342,16 @@ def main():
             Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, choice=best, confirm=confirm, log=LOG),
                                                   indent=1))
         return
-    if args.attention_ab:
-        got = []
-        for b in args.attention_ab.split(","):
-            got.append(attention_ab(int(b)))
-            if args.json:
-                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, attention_ab=got, log=LOG), indent=1))
-        return
-    if args.pdl_ab:
-        got = []
-        for b in args.pdl_ab.split(","):
-            got.append(pdl_ab(int(b), quick=args.quick))
-            if args.json:
-                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, pdl_ab=got, log=LOG), indent=1))
-        return
-    if args.sampling_profile:
-        got = []
-        for b in args.sampling_profile.split(","):
-            got.append(sampling_profile(int(b)))
-            if args.json:
-                Path(args.json).write_text(json.dumps(dict(env=env, bandwidth=bw, sampling=got, log=LOG), indent=1))
-        return
+    per_bits = (("attention_ab", args.attention_ab, attention_ab), ("pdl_ab", args.pdl_ab,
+                lambda b: pdl_ab(b, quick=args.quick)), ("sampling", args.sampling_profile, sampling_profile))
+    for name, value, fn in per_bits:  # one study per weight type, the JSON rewritten after each
+        if value:
+            got = []
+            for b in value.split(","):
+                got.append(fn(int(b)))
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"env": env, "bandwidth": bw, name: got, "log": LOG}, indent=1))
+            return
     if args.screen_ab:
         got = [screen_ab(int(b)) for b in args.screen_ab.split(",")]
         if args.json:

@@ -2,9 +2,10 @@
 own warpers: TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper followed by softmax give the
 distribution a token must be drawn from; the kernel turns a uniform number u into a token by walking the
 kept tokens in a fixed order (those above the k-th value by index, then the tied ones at the k-th value
-by index). So for every kept token, u at the middle of its interval in that order (float64 cumulative
-of transformers' probabilities), and just inside both ends of every interval wider than 1e-3, must give
-that token: the intervals are the probabilities, and no token outside the kept set can come out.
+by index). So for every kept token (24 per case where more are kept: the first, the last and a random
+rest; the interpreter runs one program per u), u at the middle of its interval in that order (float64
+cumulative of transformers' probabilities), and just inside both ends of every interval wider than 1e-3,
+must give that token: the intervals are the probabilities, and no token outside the kept set can come out.
 
 Ties: transformers' top-p sorts ascending and drops, among equal values, whichever its sort puts first;
 the kernel keeps the order of a stable sort (CUDA's), dropping the lowest indices first. So the number
