@@ -649,17 +649,18 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling with the chat defaults (temperature, top-k, top-p; InvalidScoreLogitsProcessor) in one kernel.
+# Sampling with the chat defaults (temperature, top-k, top-p; InvalidScoreLogitsProcessor) in four kernels.
 # transformers' warpers sort all V scores for top-p and run two row softmaxes over them; at batch 1 each
 # of those is one thread block (H100, INT4 chat step: softmax 113 µs, topk / sort / scan ~150 µs of the
-# 0.51 ms that sampling added to greedy decoding). Here one program per row finds the k-th largest score
-# by radix selection on the 16-bit keys of the logits (two 256-bin histograms), so that the top k is
-# A (values above the k-th, fewer than k) and B (the values equal to it, any number, all of one
-# probability). The warpers' result follows in closed form: with scores s = x / T, Z the sum of exp(s -
-# max) over A and B, and the stable ascending order (value, index) of transformers' sort, an element's
-# cumulative probability is |B| p_B + (the A elements up to it) for A and j p_B for the j-th element of
-# B (by index); top-p drops those with cumulative <= 1 - top_p, keeping the largest. One uniform number
-# per row then picks a token with probability proportional to exp(s - max) over what is kept.
+# 0.51 ms that sampling added to greedy decoding). Here three passes over the logits (many programs per
+# row) find the k-th largest score by radix selection on the 16-bit keys of the logits (two 256-bin
+# histograms) and collect the indices above it, so that the top k is A (values above the k-th, fewer than
+# k) and B (the values equal to it, any number, all of one probability). The warpers' result follows in
+# closed form (one program per row): with scores s = x / T, Z the sum of exp(s - max) over A and B, and
+# the stable ascending order (value, index) of transformers' sort (CUDA's), an element's cumulative
+# probability is |B| p_B + (the A elements up to it) for A and j p_B for the j-th element of B (by index);
+# top-p drops those with cumulative <= 1 - top_p, keeping the largest. One uniform number per row then
+# picks a token with probability proportional to exp(s - max) over what is kept.
 
 def _order16(x):
     # 16-bit floats (fp16 / bf16) -> int32 keys in [0, 65535] ordered as the values, -0.0 like +0.0
