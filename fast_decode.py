@@ -534,9 +534,10 @@ def _cand_kernel(hi_ptr, scr_ptr, x_ptr, w_ptr, key_ptr, y_ptr, hist_ptr, V, K, 
         bins = tl.arange(0, 256)
         hb, above_hi, _n = _kth_bin(tl.load(hist_ptr + bins), TOP_K)
         lb, _a, _b = _kth_bin(tl.load(hist_ptr + 256 + bins), TOP_K - above_hi)
-        t = _f32_order(((hb * 256 + lb - 32768) << 16).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
+        tkey = (hb * 256 + lb - 32768) << 16
     else:
-        t = _f32_order(tl.load(scr_ptr).to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
+        tkey = tl.load(scr_ptr)
+    t = _f32_order(tkey.to(tl.float32, bitcast=True)).to(tl.float32, bitcast=True)
     h = tl.load(hi_ptr + cols, mask=valid, other=0.0)
     cand = valid & (h >= t)
     n = tl.sum(cand.to(tl.int32), 0)
@@ -600,10 +601,10 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
     # ids[:, cur + 1]; rows that produced an eos id finish; gen_len counts the step if any row was
     # still running; the next step's input token, position (block position + 1) and cache slot.
     # KEYS 1: nxt comes from _pick_kernel's keys (which are reset here); 2: also token 5 for every
-    # row when its flag is set (InvalidScoreLogitsProcessor), and the flag is reset. SCREEN: the screened
+    # row when flag[0] is 1 (InvalidScoreLogitsProcessor), and the flag is reset. SCREEN: the screened
     # head's threshold and fallback flag (scr[0], scr[1]) are reset, scr[2] counts the steps it sent to
-    # the whole head. FLAG5 (tokens from _sample_kernel with InvalidScoreLogitsProcessor): token 5 for
-    # every row when flag[0] is 1, and the flag is reset.
+    # the whole head. FLAG5 (tokens from sample_tokens with InvalidScoreLogitsProcessor): token 5 for
+    # every row when flag[0] is 1, and the flag is reset (its 2, sampling's NaN without a processor, stays).
     r = tl.arange(0, BLOCK_B)
     if SCREEN:  # count a step sent to the whole head, reset threshold and flag
         i = tl.arange(0, 4)
@@ -617,18 +618,13 @@ def _bookkeep_kernel(nxt_ptr, unf_ptr, eos_ptr, padid_ptr, ids_ptr, tok_ptr, pos
         key = tl.load(key_ptr + r, mask=m, other=0)
         nxt = 0x7FFFFFFF - (key & 0xFFFFFFFF)
         tl.store(key_ptr + r, _no_key(BLOCK_B), mask=m)
-        if KEYS == 2:
-            one1 = tl.arange(0, 1)
-            flag = tl.max(tl.load(flag_ptr + one1), 0)
-            nxt = tl.where(flag != 0, 5, nxt)
-            tl.store(flag_ptr + one1, tl.zeros([1], tl.int32))
     else:
         nxt = tl.load(nxt_ptr + r, mask=m, other=0)
-        if FLAG5:
-            one1 = tl.arange(0, 1)
-            flag = tl.max(tl.load(flag_ptr + one1), 0)
-            nxt = tl.where(flag == 1, 5, nxt)
-            tl.store(flag_ptr + one1, tl.where(flag == 1, 0, flag) + tl.zeros([1], tl.int32))
+    if (KEYS == 2) or FLAG5:  # the processor's condition was met: token 5 for every row, flag reset
+        one1 = tl.arange(0, 1)
+        flag = tl.max(tl.load(flag_ptr + one1), 0)
+        nxt = tl.where(flag == 1, 5, nxt)
+        tl.store(flag_ptr + one1, tl.where(flag == 1, 0, flag) + tl.zeros([1], tl.int32))
     any_before = tl.max(unf.to(tl.int64), 0)
     nxt = tl.where(unf, nxt, tl.load(padid_ptr))
     cur = tl.load(cur_ptr)
@@ -683,14 +679,14 @@ def _kth_bin(hist, k):
 # [1032, 1544): the screened head's high / low-byte counts of its lower bounds (ScreenHead.pick, work=).
 
 
-def _sample_pass_kernel(l_ptr, w_ptr, flag_ptr, V, stride_l, K, WS, KMAX: tl.constexpr, BMAX: tl.constexpr,
-                        BLOCK: tl.constexpr, PASS: tl.constexpr, PROC: tl.constexpr, KEY32: tl.constexpr = False):
+def _sample_pass_kernel(l_ptr, w_ptr, flag_ptr, V, stride_l, K, WS, BMAX: tl.constexpr, BLOCK: tl.constexpr,
+                        PASS: tl.constexpr, PROC: tl.constexpr, KEY32: tl.constexpr = False):
     # One block of one row of logits (grid: rows x blocks of V), into the row's work buffer w [WS] (int32,
     # zero on entry to pass 1; _sample_pick_kernel zeroes it again). PASS 1: the high bytes of the keys
     # (_order16) counted into w[0:256]; a NaN / +inf (PROC: also -inf) sets w[514] and flag[0] (1 with
     # the processor, 2 without). PASS 2: the low bytes of the keys in the bin holding the K-th largest,
-    # into w[256:512]. PASS 3: the indices of keys above the K-th largest (A, < K <= KMAX of them) and
-    # of the first BMAX keys equal to it (B) appended at w[520:] / w[520 + KMAX:] (in no particular
+    # into w[256:512]. PASS 3: the indices of keys above the K-th largest (A, < K <= SAMPLE_MAX_K of
+    # them) and of the first BMAX keys equal to it (B) appended at w[520:] / w[776:] (in no particular
     # order; counts in w[512], w[513]). KEY32 (passes 1 and 2 only, no bad mark): l holds fp32 values
     # and the keys are the high 16 bits of their _f32_order (the screened head's lower bounds).
     row = tl.program_id(0).to(tl.int64)
@@ -972,7 +968,7 @@ class ScreenHead:
         top_k > 0 (sampling; key, flag unused): y [1, V] gets the exact logits of every row that may be
         among the top_k (every row when undecided) and the dtype's lowest finite value elsewhere, which
         top-k, and whatever follows it, treats as the whole head's logits; lo: fp32 [V] scratch; work: int32
-        [>= 512] zeros (a row's sample_tokens work buffer from offset 1032, which the pick zeroes again): the
+        [>= 512] zeros (a row's sample_tokens work buffer from _SAMPLE_SCREEN, which the pick zeroes again): the
         threshold comes from a radix count of the lower bounds instead of torch.topk (sampling only)."""
         k = _build()
         V, K = self.shape
@@ -995,8 +991,8 @@ class ScreenHead:
         if hist:  # the threshold's counts (two passes over the lower bounds; the candidates kernel finishes it)
             for step in (1, 2):
                 k["sample_pass_kernel"][(1, triton_cdiv(V, _SAMPLE_BLOCK))](
-                    lo, work, scr, V, V, top_k, work.stride(0), KMAX=16, BMAX=16, BLOCK=_SAMPLE_BLOCK, PASS=step,
-                    PROC=False, KEY32=True, num_warps=4)
+                    lo, work, scr, V, V, top_k, work.stride(0), BMAX=16, BLOCK=_SAMPLE_BLOCK, PASS=step, PROC=False,
+                    KEY32=True, num_warps=4)
         elif top_k:  # the threshold: the k-th largest lower bound (its order key, as the greedy atomic max leaves)
             bits = torch.topk(lo, top_k).values[-1:].view(torch.int32)
             scr[:1].copy_(torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits))
@@ -1778,7 +1774,7 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
     if screen is not None:  # top-k sampling: exact logits where they can make the top k
         screen.pick(x1, model.lm_head.weight, None, None, slot.scr, slot.hi, slot.norms, pdl_screen=pdl_lin["qkv"],
                     pdl=pdl, top_k=plan_key[2], lo=slot.lo, y=slot.ylogits,
-                    work=slot.sample_work[:1, 1032:] if len(plan_key) > 4 and plan_key[4] else None)
+                    work=slot.sample_work[:1, _SAMPLE_SCREEN:] if _fused(plan_key) else None)
         _bookkeep(slot, _choose(slot.ylogits, slot, plan_key, processors), screen=True)
         return
     logits = F.linear(x1, model.lm_head.weight.to(x1.dtype))
@@ -1801,7 +1797,7 @@ def _choose(logits, slot: _Slot, plan_key, processors):
         k["pick_kernel"][(b, triton_cdiv(V, block))](logits, slot.pick_key, slot.pick_flag, V, logits.stride(0),
                                                      BLOCK=block, CHECK=bool(processors), num_warps=4)
         return 2 if processors else 1
-    if len(plan_key) > 4 and plan_key[4] and logits.dtype in (torch.float16, torch.bfloat16):
+    if _fused(plan_key) and logits.dtype in (torch.float16, torch.bfloat16):
         return sample_tokens(logits, plan_key, bool(processors), slot.inv_temperature, slot.top_p_cut,
                              slot.pick_flag, work=slot.sample_work)
     scores = logits.float()
@@ -1832,17 +1828,23 @@ def warp(scores, plan_key, inv_temperature, top_p_cut):
 
 
 SAMPLE_KERNEL = os.environ.get("CHATGLM_SAMPLE_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
-SAMPLE_MAX_K = 256  # top_k served by _sample_kernel (larger or none: transformers' warpers in torch ops)
+SAMPLE_MAX_K = 256  # top_k served by sample_tokens (larger or none: transformers' warpers in torch ops)
 # InvalidScoreLogitsProcessor's 5e4 makes token 5 certain (every other probability exp(-5e4 / T) is 0 in
 # fp32) for T up to ~400; above this the torch ops run
 SAMPLE_MAX_TEMPERATURE = 100.0
 _SAMPLE_BLOCK = 4096  # vocabulary entries per program of a pass
 _SAMPLE_BMAX = 256  # indices of ties at the k-th value kept (more: the pick kernel scans the row for one)
 _SAMPLE_WORK = 1544  # int32 per row (layout above _sample_pass_kernel)
+_SAMPLE_SCREEN = 1032  # where in it the screened head's counts start (ScreenHead.pick's work)
+
+
+def _fused(plan_key) -> bool:
+    """The plan key samples with sample_tokens (its fifth entry, fused_sampling's answer)."""
+    return plan_key[0] == "sample" and len(plan_key) > 4 and bool(plan_key[4])
 
 
 def fused_sampling(top_k: int, temperature: float) -> bool:
-    """Whether sampling with these settings runs _sample_kernel (part of a plan's graph key)."""
+    """Whether sampling with these settings runs sample_tokens (part of a plan's graph key)."""
     return SAMPLE_KERNEL and 0 < top_k <= SAMPLE_MAX_K and 0.0 < temperature <= SAMPLE_MAX_TEMPERATURE
 
 
@@ -1867,7 +1869,7 @@ def sample_tokens(logits: torch.Tensor, plan_key, processors: bool, inv_temperat
     tok = torch.empty(b, dtype=torch.long, device=dev)
     grid = (b, triton_cdiv(V, _SAMPLE_BLOCK))
     for step in (1, 2, 3):
-        k["sample_pass_kernel"][grid](logits, work, flag, V, logits.stride(0), top_k, work.stride(0), KMAX=kmax,
+        k["sample_pass_kernel"][grid](logits, work, flag, V, logits.stride(0), top_k, work.stride(0),
                                       BMAX=_SAMPLE_BMAX, BLOCK=_SAMPLE_BLOCK, PASS=step, PROC=processors, num_warps=4)
     k["sample_pick_kernel"][(b,)](logits, work, u, inv_temperature, top_p_cut, tok, V, logits.stride(0), top_k,
                                   work.stride(0), KMAX=kmax, BMAX=_SAMPLE_BMAX, BLOCK=_SAMPLE_BLOCK,
@@ -1974,9 +1976,9 @@ def _left_pad(pad_mask: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 def _check_scores(run: "_Run", flag: Optional[int] = None) -> None:
-    """Sampling without a processor (_sample_kernel) met NaN or +inf scores: raise as transformers'
+    """Sampling without a processor (sample_tokens) met NaN or +inf scores: raise as transformers'
     multinomial does (flag: slot.pick_flag[0] as read already, else it is read here)."""
-    if run.key[0] != "sample" or len(run.key) < 5 or not run.key[4] or run.plan.processors:
+    if not _fused(run.key) or run.plan.processors:
         return
     if (int(run.slot.pick_flag[0]) if flag is None else flag) == 2:
         raise RuntimeError("chatglm6b: the logits held NaN or inf while sampling (transformers' multinomial "

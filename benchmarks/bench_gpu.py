@@ -331,8 +331,8 @@ def kernel_timeline(model, run, steps=10, by_name=False):
                 lns += 1
             end = e.time_range.end
             key = "step start" if first else role
-            if by_name and role not in ("gemv", "qmm", "qkv", "dense", "h_to_4h", "4h_to_h", "attention",
-                                        "layernorm", "gelu", "splitk_reduce"):
+            if by_name and role not in ("qkv", "dense", "h_to_4h", "4h_to_h", "attention", "layernorm", "gelu",
+                                        "splitk_reduce"):  # (a block's kernels keep their roles)
                 key = e.name[:90]
             if prev_end is not None:
                 cur[key] = cur.get(key, 0.0) + (end - prev_end)

@@ -875,7 +875,7 @@ def test_screened_pick_on_a_full_size_head(gpu, models, dtype):
     for k, hist in ((1, False), (50, False), (256, False), (1, True), (50, True), (256, True)):
         scr.copy_(scr0)
         # hist: the threshold from radix counts of the lower bounds (the fused sampler's work buffer)
-        head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y, work=work[:, 1032:] if hist else None)
+        head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y, work=work[:, fd._SAMPLE_SCREEN:] if hist else None)
         work.zero_()
         full = fd.head_logits(x, w)
         kept = full.float() >= full.float().topk(k).values[0, -1]

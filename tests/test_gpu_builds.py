@@ -262,7 +262,7 @@ def test_prefill_and_decode_kernels_compile(stub, target):
         for check in (False, True):
             head.pick(x, w, slot.pick_key[:1], slot.pick_flag, scr, hi, norms, check=check,
                       pdl_screen=min(pdl, 1), pdl=pdl)
-        for work in (None, torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32)[:, 1032:]):  # (sampling from the top k;
+        for work in (None, torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32)[:, fd._SAMPLE_SCREEN:]):  # (sampling from the top k;
             # work: the threshold from radix counts of the lower bounds)
             head.pick(x, w, None, None, scr, hi, norms, pdl_screen=min(pdl, 1), pdl=pdl, top_k=50, lo=hi.clone(),
                       y=torch.empty(1, w.shape[0], dtype=dtype), work=work)

@@ -1,4 +1,4 @@
-"""The fused sampler (fast_decode._sample_kernel) in Triton's CPU interpreter, against transformers'
+"""The fused sampler (fast_decode.sample_tokens) in Triton's CPU interpreter, against transformers'
 own warpers: TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper followed by softmax give the
 distribution a token must be drawn from; the kernel turns a uniform number u into a token by walking the
 kept tokens in a fixed order (those above the k-th value by index, then the tied ones at the k-th value
@@ -84,7 +84,8 @@ def check(name, x, T, k, p, limit=24):
     u = torch.tensor(us, dtype=torch.float32)
     work = torch.zeros(len(us), fd._SAMPLE_WORK, dtype=torch.int32)
     got = fd.sample_tokens(x[None].expand(len(us), V), key, False, inv, cut, flag, u=u, work=work).tolist()
-    if int(work[:, :515].abs().sum()) + int(work[:, 1032:].abs().sum()) != 0:  # (counts; indices are rewritten)
+    if int(work[:, :515].abs().sum()) + int(work[:, fd._SAMPLE_SCREEN:].abs().sum()) != 0:  # (counts; indices
+        # are rewritten)
         failures.append((name, "work buffer counts not left zero"))
     checked += 1
     kept_total += len(order)
@@ -149,6 +150,12 @@ for f in (0, 1):
     slot.pick_flag.fill_(f)
     fd._bookkeep(slot, (torch.tensor([11, 12, 13]), True))
     book[f] = (slot.ids[:, 1].tolist(), int(slot.pick_flag))
+for f in (0, 1):  # greedy keys with the processor (KEYS 2): the same flag, the same token 5
+    slot = slot_for(2)
+    slot.pick_key.copy_(torch.tensor([(3 << 32) | (0x7FFFFFFF - 21), (3 << 32) | (0x7FFFFFFF - 22)]))
+    slot.pick_flag.fill_(f)
+    fd._bookkeep(slot, 2)
+    book[f"keys{f}"] = (slot.ids[:, 1].tolist(), int(slot.pick_flag))
 slot = slot_for(2)
 slot.pick_flag.fill_(2)
 fd._bookkeep(slot, torch.tensor([11, 12]))
@@ -165,7 +172,8 @@ def test_sampler_draws_from_the_transformers_warpers_distribution():
     assert got["kept"] > 1000 and got["tied"] >= 8  # (real intervals, ties at the k-th value and at top-p)
     assert got["flags"] == {"nan proc=False": 2, "nan proc=True": 1, "inf proc=False": 2, "inf proc=True": 1,
                             "-inf proc=False": 0, "-inf proc=True": 1}
-    assert got["book"] == {"0": [[11, 12, 13], 0], "1": [[5, 5, 5], 0], "2": [[11, 12], 2]}
+    assert got["book"] == {"0": [[11, 12, 13], 0], "1": [[5, 5, 5], 0], "2": [[11, 12], 2],
+                           "keys0": [[21, 22], 0], "keys1": [[5, 5], 0]}
 
 
 def test_nan_scores_without_a_processor_raise_and_the_switches():

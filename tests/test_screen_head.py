@@ -79,7 +79,7 @@ def run_topk(w, x, k, hist=False):
     hi, lo = torch.full((V,), float("nan")), torch.full((V,), float("nan"))
     y = torch.full((1, V), 7.0, dtype=w.dtype)
     # hist: the threshold from radix counts of the lower bounds (the fused sampler's work buffer)
-    work = torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32)[:, 1032:] if hist else None
+    work = torch.zeros(1, fd._SAMPLE_WORK, dtype=torch.int32)[:, fd._SAMPLE_SCREEN:] if hist else None
     head.pick(x, w, None, None, scr, hi, norms, top_k=k, lo=lo, y=y, work=work)
     full = fd.head_logits(x, w)
     kth = full.float().topk(k).values[0, -1]
