@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
-import os
 import re
-import warnings
 from dataclasses import field, make_dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -37,7 +34,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 from .configuration_chatglm import ChatGLMConfig
-from .quantization import QuantizedLinear, kernels_may_run, quantize_model, quantize_weight
+from .quantization import QuantizedLinear, kernels_may_run, quantize_model
 # transformers 4.27 copies, from a local folder, only the modules that this file itself imports
 # (not what those import in turn): name every module of the package here so none is left behind.
 from .dispatch import input_device

@@ -13,7 +13,6 @@ CPU tensors, and the dequantize-in-torch path everywhere else (and as the oracle
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import nn

@@ -15,7 +15,6 @@ tests/test_cuda_model.py (marked cuda). The screen kernel's INT8 main loop there
 GEMV's (inline PTX, which the interpreter cannot run); here its plain-Triton twin computes the same
 sums.
 """
-import sys
 import types
 
 import pytest

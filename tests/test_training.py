@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 import torch.utils.checkpoint
-from torch.nn import functional as F
 
 from conftest import CONFORMANCE, model_folder
 
