@@ -386,6 +386,13 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
         else:
             w_nxt = tl.load(w_ptrs + kt0 * BLOCK_KW * stride_wk, mask=(kt0 * BLOCK_KW + rw < KW)[None, :], other=0,
                             cache_modifier=CM, eviction_policy=EV)
+        if PREFETCH == 2 and not ONE_TILE:  # triple buffer: the two next tiles in flight (twice the bytes)
+            k2 = tl.minimum(kt0 + 1, kt1 - 1)
+            if EVEN_K:
+                w_nx2 = tl.load(w_ptrs + k2 * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
+            else:
+                w_nx2 = tl.load(w_ptrs + k2 * BLOCK_KW * stride_wk, mask=(k2 * BLOCK_KW + rw < KW)[None, :], other=0,
+                                cache_modifier=CM, eviction_policy=EV)
     if L2_BYTES > 0:
         one = tl.zeros([1], dtype=tl.int32)
         for r in tl.static_range(BLOCK_N):
@@ -404,6 +411,15 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
         kmask = ww < KW
         if PREFETCH and ONE_TILE:
             w = w_nxt  # the whole K range was the first tile, loaded before the wait
+        elif PREFETCH == 2:
+            w = w_nxt
+            w_nxt = w_nx2
+            nk = tl.minimum(kt + 2, kt1 - 1)  # the last two iterations re-read the last tile (L2 hit)
+            if EVEN_K:
+                w_nx2 = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
+            else:
+                w_nx2 = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, mask=(nk * BLOCK_KW + rw < KW)[None, :], other=0,
+                                cache_modifier=CM, eviction_policy=EV)
         elif PREFETCH:
             w = w_nxt
             nk = tl.minimum(kt + 1, kt1 - 1)  # last iteration re-reads its own tile (L2 hit)
@@ -1145,7 +1161,8 @@ def _epilogue_options(act: int, pdl: bool) -> dict:
     return opts
 
 
-def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
+def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False, reduce=True):
+    # reduce=False: a split-K config returns its fp32 partials [SPLIT_K, N] unreduced (gemv_partials)
     k = _build()
     cfg = dict(cfg)
     M, K = x2.shape
@@ -1179,9 +1196,46 @@ def _run_gemv(x2, q, scale, bias, bits, cfg, words=None, act=0, pdl=False):
         x2, xv, words, scale, bias if bias is not None else scale, y, ws, N, KW, x2.stride(1), words.stride(0), 1,
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0,
         SPLIT_K=split_k, **cfg, **_epilogue_options(act if split_k == 1 else 0, pdl))
+    if split_k > 1 and not reduce:
+        return ws
     if split_k > 1:
         _reduce(ws, scale, bias, y, split_k, act, pdl)
     return y
+
+
+def gemv_partials(x, q, scale, bits, pdl=0) -> Optional[torch.Tensor]:
+    """The batch-1 GEMV's fp32 partial sums [SPLIT_K, N] (before scale and bias) where this shape's
+    config splits K, for a kernel after it to reduce (fast_decode's LayerNorm folds the reduction into
+    its own, saving the reduce kernel's launch); None where the config does not split K or these
+    tensors are not for the GEMV (the caller then runs `linear`). The splits sum in
+    `_splitk_reduce_kernel`'s order there. x: [1, K] fp16 / bf16 on the GPU."""
+    if not (x.is_cuda and q.is_cuda and x.dim() == 2 and x.shape[0] == 1 and q.dtype == torch.int8):
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16) or bits not in (4, 8) or q.dim() != 2 or q.stride(-1) != 1:
+        return None
+    N, K = q.shape[0], x.shape[1]
+    if K != (q.shape[1] * 2 if bits == 4 else q.shape[1]) or not _device_ok(x.device):
+        return None
+    words = _words(q, bits, K)
+    if words is None or _mma_available(x.device):  # (the opt-in tensor-core GEMV takes batch 1 then)
+        return None
+    name, run, cfg = _plan(1, N, K, bits, x.dtype, True, _capability(x.device))
+    split_k = cfg.get("SPLIT_K", 1)
+    if name != "gemv" or split_k <= 1 or _cdiv(words.shape[1], cfg["BLOCK_KW"]) % split_k:
+        return None
+    key = ("gemv_partials", bits, x.dtype, x.device, 0, _pdl_level(pdl))
+    if key in _BROKEN:
+        return None
+    try:
+        with on_device(x.device):
+            return _run_gemv(x, q, scale, None, bits, cfg, words=words, pdl=_pdl_level(pdl), reduce=False)
+    except Exception as exc:  # as in linear: fall back, once, loudly
+        if STRICT:
+            raise
+        _BROKEN.add(key)
+        warnings.warn(f"chatglm6b cuda_kernels: split-K GEMV failed ({type(exc).__name__}: {exc}); "
+                      f"using the reducing kernels for this case from now on", RuntimeWarning)
+        return None
 
 
 def _split_k_out(M, N, split_k, x2):

@@ -65,8 +65,8 @@ import torch
 from torch.nn import functional as F
 
 from .cuda_kernels import DEQUANT_CHUNK_MIN_M, ahead_workers, compile_ahead, compiling_ahead, dequantize_group, \
-    dequantizes, gelu_ as _ck_gelu, interpreting, jit as ck_jit, jit_helper as ck_jit_helper, jit_helpers, \
-    launch_options as _launch, on_device, pdl_supported, strict as _strict
+    dequantizes, gelu_ as _ck_gelu, gemv_partials, interpreting, jit as ck_jit, jit_helper as ck_jit_helper, \
+    jit_helpers, launch_options as _launch, on_device, pdl_supported, strict as _strict
 from .quantization import QuantizedLinear, kernel_backend
 
 __all__ = [
@@ -152,12 +152,16 @@ MAX_EOS = 8  # eos ids a call may give (more: eager path)
 
 def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a, stride_r, stride_y, alpha, eps,
                HAS_RES: tl.constexpr, BLOCK: tl.constexpr, GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
-               NORMS: tl.constexpr = False):
+               NORMS: tl.constexpr = False, rs_ptr=None, rb_ptr=None, RSPLIT: tl.constexpr = 0,
+               RBIAS: tl.constexpr = False):
     # y = LayerNorm(a) or LayerNorm(round(round(a * alpha) + r)) for one row, like the eager
     # `x * alpha + sublayer(x)` followed by F.layer_norm (fp32 statistics, one rounding at the end).
     # GATHER: row i of a is a[ids[i]] (the embedding lookup, rounded to y's dtype as `.to(dtype)`).
     # NORMS: also nrm[2 row] = sum y^2, nrm[2 row + 1] = sum |y| of the rounded outputs (fp32; the
     # screened LM head's error bound, below).
+    # RSPLIT > 0 (one row): r is a split-K GEMV's unreduced fp32 partials [RSPLIT, N] (split i at
+    # r_ptr + i * stride_r), reduced here as cuda_kernels' _splitk_reduce_kernel does it — splits
+    # summed in order, times the linear's scale rs, plus its bias rb (RBIAS), rounded to y's dtype.
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -165,6 +169,10 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a,
     dt = y_ptr.dtype.element_ty
     w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)  # parameters: before the PDL wait
     b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    if RSPLIT > 0:
+        rs = tl.load(rs_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        if RBIAS:
+            rb = tl.load(rb_ptr + cols, mask=m, other=0.0).to(tl.float32)
     _pdl_wait(PDL)
     if GATHER:
         x = tl.load(a_ptr + tl.load(ids_ptr + row).to(tl.int64) * stride_a + cols, mask=m, other=0.0)
@@ -173,8 +181,17 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a,
         x = x.to(tl.float32).to(dt).to(tl.float32)
     else:
         x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_RES:
+    if HAS_RES and RSPLIT > 0:
+        acc = tl.load(r_ptr + cols, mask=m, other=0.0)
+        for i in tl.static_range(1, RSPLIT):
+            acc += tl.load(r_ptr + i * stride_r + cols, mask=m, other=0.0)
+        acc = acc * rs
+        if RBIAS:
+            acc += rb
+        r = acc.to(dt).to(tl.float32)
+    elif HAS_RES:
         r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
         x = (x * alpha).to(dt).to(tl.float32)
         x = (x + r).to(dt).to(tl.float32)
     mean = tl.sum(x, 0) / N
@@ -870,12 +887,22 @@ def _pow2(n: int) -> int:
 def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
                alpha: float = 1.0, out: Optional[torch.Tensor] = None, pdl=0,
                ids: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
-               norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+               norms: Optional[torch.Tensor] = None, partials: Optional[tuple] = None) -> torch.Tensor:
     """Rows of ``a`` [rows, N]: LN(a), or LN(round(round(a*alpha) + residual)) when residual is given.
     ids (contiguous integer tensor): the rows are ``a[ids.flatten()].to(dtype)`` instead (a = the
     embedding table; no residual), output [ids.numel(), N] in dtype (default a's).
     norms (fp32 [rows, 2]): also receives each output row's sum of squares and sum of magnitudes.
+    partials (one row, instead of residual): (ws, scale, bias) of a split-K GEMV
+    (cuda_kernels.gemv_partials: fp32 [splits, N], the linear's scale and bias or None); the residual
+    is their reduction, rounded as cuda_kernels' split-K reduce kernel rounds it.
     pdl: programmatic dependent launch level (cuda_kernels.launch_options; decode step only)."""
+    fold = dict(rs_ptr=weight, rb_ptr=weight)  # (unused without partials)
+    if partials is not None:
+        ws, rs, rb = partials
+        assert residual is None and ids is None and a.shape[0] == 1, "partials: one row, no residual"
+        assert ws.dtype == torch.float32 and ws.dim() == 2 and ws.shape[1] == a.shape[1] and ws.stride(1) == 1
+        residual = ws  # (r_ptr / stride_r: the splits)
+        fold = dict(rs_ptr=rs, rb_ptr=rb if rb is not None else rs, RSPLIT=ws.shape[0], RBIAS=rb is not None)
     k = _build()
     n = a.shape[1]
     if ids is not None:
@@ -891,7 +918,7 @@ def layer_norm(a: torch.Tensor, weight, bias, eps: float, residual: Optional[tor
     k["ln_kernel"][(rows,)](a, r, weight, bias, out, ids if ids is not None else a,
                             norms if norms is not None else out, n, a.stride(0), r.stride(0),
                             out.stride(0), float(alpha), float(eps), HAS_RES=residual is not None, BLOCK=block,
-                            GATHER=ids is not None, NORMS=norms is not None,
+                            GATHER=ids is not None, NORMS=norms is not None, **fold,
                             num_warps=(LN_WARPS["small" if rows <= 2 else "large"] if block >= 2048 else 4),
                             **_launch(pdl))
     return out
@@ -1725,6 +1752,26 @@ def _linear(m, x, act: Optional[str] = None, pdl=0):
     return y
 
 
+# Batch-1 decode: where a linear's GEMV config splits K (cuda_kernels._GEMV_SHAPE_CFG, SPLIT_K), the LayerNorm
+# after it reduces the fp32 partials itself (layer_norm(partials=...)) instead of a reduce kernel between the
+# two — one launch less per linear, the same values (the reduction's order and rounding are the reduce
+# kernel's). No batch-1 config splits K today; CHATGLM_FOLD_REDUCE=0 keeps the reduce kernel.
+FOLD_REDUCE = os.environ.get("CHATGLM_FOLD_REDUCE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _linear_residual_ln(m, x, pdl_linear, a, ln, alpha: float, pdl, norms=None):
+    """layer_norm(a, ln, residual=_linear(m, x)) — a block's dense / dense_4h_to_h and the LayerNorm after
+    it — with a split-K GEMV's reduction folded into the LayerNorm (FOLD_REDUCE, one row)."""
+    if FOLD_REDUCE and x.shape[0] == 1 and type(m) is QuantizedLinear and m.use_kernels \
+            and kernel_backend("cuda") is not None:
+        ws = gemv_partials(x, m.weight, m.weight_scale, m.bits, pdl=pdl_linear)
+        if ws is not None:
+            return layer_norm(a, ln.weight, ln.bias, ln.eps, alpha=alpha, pdl=pdl, norms=norms,
+                              partials=(ws, m.weight_scale, m.bias))
+    return layer_norm(a, ln.weight, ln.bias, ln.eps, residual=_linear(m, x, pdl=pdl_linear), alpha=alpha, pdl=pdl,
+                      norms=norms)
+
+
 def _pdl_levels(state: _State, slot: _Slot) -> Tuple[Dict[str, int], int]:
     """({linear name: level}, small kernels' level): programmatic-dependent-launch levels of this decode
     step (cuda_kernels.launch_options), from PDL_MODE, EARLY_LINEARS and LATE_TRIGGER by weight kind and
@@ -1757,15 +1804,12 @@ def _decode_body(model, state: _State, slot: _Slot, plan_key, processors):
         qkv = _linear(att.query_key_value, x1, pdl=pdl_lin["qkv"])
         ctx = decode_attention(qkv, cache.keys[i], cache.values[i], cs, cache.pos, slot.pad, slot.attn_out, denom,
                                coeff, slot.splits, slot.scratch, pdl=pdl)
-        dense = _linear(att.dense, ctx, pdl=pdl_lin["dense"])
-        ln = block.post_attention_layernorm
-        x2 = layer_norm(x1, ln.weight, ln.bias, ln.eps, residual=dense, alpha=alpha, pdl=pdl)
+        x2 = _linear_residual_ln(att.dense, ctx, pdl_lin["dense"], x1, block.post_attention_layernorm, alpha, pdl)
         h = _linear(block.mlp.dense_h_to_4h, x2, act="gelu", pdl=pdl_lin["h_to_4h"])  # GELU in the epilogue
-        m = _linear(block.mlp.dense_4h_to_h, h, pdl=pdl_lin["4h_to_h"])
         last = i + 1 == len(layers)
         ln = tr.final_layernorm if last else layers[i + 1].input_layernorm
-        x1 = layer_norm(x2, ln.weight, ln.bias, ln.eps, residual=m, alpha=alpha, pdl=pdl,
-                        norms=slot.norms if screen is not None and last else None)
+        x1 = _linear_residual_ln(block.mlp.dense_4h_to_h, h, pdl_lin["4h_to_h"], x2, ln, alpha, pdl,
+                                 norms=slot.norms if screen is not None and last else None)
     if screen is not None and plan_key[0] == "greedy":  # the screened head picks the token (into pick_key)
         screen.pick(x1, model.lm_head.weight, slot.pick_key, slot.pick_flag, slot.scr, slot.hi, slot.norms,
                     check=bool(processors), pdl_screen=pdl_lin["qkv"], pdl=pdl)

@@ -672,7 +672,9 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
     """Choose the linear-kernel config of each layer shape for (weights, batch) by timing the whole
     CUDA-graph decode step (PDL as in fast_decode.PDL_MODE), greedily: knobs for all shapes first
     (batch 1), then tiles per shape. Every candidate is also checked in isolation against float64.
-    Batch 1 fills cuda_kernels._GEMV_SHAPE_CFG, batch 2-16 _DECODE_SHAPE_CFG. Returns {shape: cfg}."""
+    Batch 1 fills cuda_kernels._GEMV_SHAPE_CFG, batch 2-16 _DECODE_SHAPE_CFG. Returns {shape: cfg}.
+    SWEEP_TILES (JSON {"knobs": [...], "qkv": [...], ...}, or the path of a .json file holding it) replaces the
+    built-in candidates with these (benchmarks/sweep_int4_b1.json: the triple-buffered and split-K tiles)."""
     cap = ck._capability(torch.device("cuda"))
     t_start = time.time()
     model = build(bits)
@@ -705,6 +707,12 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
 
     best_ms = measure(cur, "start")
     knobs, tiles_big, tiles_small = _sweep_candidates(bits, batch)
+    given = os.environ.get("SWEEP_TILES", "{}")  # {"knobs": [...], shape name: [...]} or a .json file: these only
+    given = json.loads(Path(given).read_text() if given.endswith(".json") else given)
+    if given:
+        knobs = given.get("knobs", [])
+    per_shape = {name: given.get(name, []) if given else (tiles_small if N <= ck._SMALL_N else tiles_big)
+                 for name, (N, K) in shapes.items()}
     for extra in knobs:  # knobs applied to every shape at once (batch 1: GEMV dicts)
         cand = {n: dict(c, **extra) for n, c in cur.items()}
         try:
@@ -716,7 +724,7 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
             best_ms, cur = ms, cand
     kept = {k: v for k, v in cur["qkv"].items() if k in ("XVEC", "CM", "EV")} if batch == 1 else {}
     for name, (N, K) in shapes.items():
-        for tile in (tiles_small if N <= ck._SMALL_N else tiles_big):
+        for tile in per_shape[name]:
             if time.time() - t_start > budget_s:
                 log(event="sweep_linear_budget", skipped=name, cfg=tile)
                 continue

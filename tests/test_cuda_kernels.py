@@ -289,6 +289,11 @@ def test_chatglm_shapes(gpu, bits, N, K, M):
     # whole rows, and one tile per K slice
     ("gemv", 1, 77, 2048, dict(BLOCK_N=2, BLOCK_KW=512, PREFETCH=True, num_warps=4, XVEC=2)),
     ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=256, PREFETCH=True, num_warps=4, SPLIT_K=4, XVEC=2)),
+    # two tiles in flight (PREFETCH=2): ragged K, whole tiles, fewer tiles than the depth, a K split
+    ("gemv", 1, 77, 1000, dict(BLOCK_N=8, BLOCK_KW=32, PREFETCH=2, num_warps=4, XVEC=2, EV="evict_first")),
+    ("gemv", 1, 77, 4096, dict(BLOCK_N=8, BLOCK_KW=64, PREFETCH=2, num_warps=4, XVEC=2)),
+    ("gemv", 1, 77, 1024, dict(BLOCK_N=16, BLOCK_KW=64, PREFETCH=2, num_warps=8)),
+    ("gemv", 1, 77, 4096, dict(BLOCK_N=4, BLOCK_KW=64, PREFETCH=2, num_warps=4, SPLIT_K=2, XVEC=2)),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3)),
     ("qmm", 16, 130, 4096, dict(BLOCK_N=128, BLOCK_M=16, BLOCK_KQ=128, num_warps=4, num_stages=4, SPLIT_K=4)),
     ("qmm", 5, 77, 1000, dict(BLOCK_N=64, BLOCK_M=16, BLOCK_KQ=64, num_warps=4, num_stages=3, SPLIT_K=3, XT=1)),

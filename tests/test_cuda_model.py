@@ -804,6 +804,44 @@ def test_pdl_modes_give_identical_steps(models, golden):
             assert torch.equal(logits, runs[0][2]), (tag, mode, rel_err(logits, runs[0][2]))
 
 
+def test_folded_split_k_reduce_gives_identical_steps(models, golden, monkeypatch):
+    """Where a batch-1 GEMV config splits K, the LayerNorm after dense / dense_4h_to_h reduces the partials
+    itself (fast_decode.FOLD_REDUCE) instead of the reduce kernel: the same per-step logits and ids, bit
+    for bit, as the reduce kernel then the LayerNorm (INT8 and INT4; the fold really ran: 2 per layer),
+    and the greedy ids those of the eager path until a near-tie. (CPU interpreter:
+    tests/test_fold_reduce.py.)"""
+    for tag in TAGS:
+        model = models[tag]
+        fd, ck = fd_of(model), ck_of(model)
+        ids = prompt_ids(golden, tag, 0, model.device)
+        # every shape of the small model splits K in two (4 words per tile: 2..16 tiles per row)
+        split = dict(BLOCK_N=8, BLOCK_KW=4, PREFETCH=True, EV="evict_first", XVEC=2, num_warps=4, SPLIT_K=2)
+        for key in list(ck._GEMV_CFG):
+            monkeypatch.setitem(ck._GEMV_CFG, key, split)
+        calls = []
+        real = fd.gemv_partials
+
+        def counted(*a, **kw):
+            ws = real(*a, **kw)
+            calls.append(ws is not None)
+            return ws
+
+        monkeypatch.setattr(fd, "gemv_partials", counted)
+        runs = []
+        for fold in (False, True):
+            monkeypatch.setattr(fd, "FOLD_REDUCE", fold)
+            fd.release(model)
+            with debug_logits(model) as st:
+                runs.append((fast_greedy(model, ids, 12), st.last_logits.clone()))
+        fd.release(model)
+        layers = model.config.num_layers
+        assert calls and all(calls) and len(calls) % (2 * layers) == 0, (tag, len(calls))  # (per captured step)
+        assert torch.equal(runs[1][0], runs[0][0]), tag
+        assert torch.equal(runs[1][1], runs[0][1]), (tag, rel_err(runs[1][1], runs[0][1]))
+        want, margin = eager_greedy(model, ids, 12)
+        assert_same_until_tie(runs[1][0], want, margin, ids.shape[1], DELTA_EAGER, f"{tag} folded vs eager")
+
+
 # ----------------------------------------------------------------------------------------------
 # the screened LM head (fast_decode.ScreenHead; CPU-interpreter checks in tests/test_screen_head.py)
 

@@ -203,6 +203,11 @@ def test_prefill_and_decode_kernels_compile(stub, target):
             w, b = torch.randn(HIDDEN, dtype=dtype), torch.randn(HIDDEN, dtype=dtype)
             assert fd.layer_norm(a, w, b, 1e-5).shape == a.shape
             assert fd.layer_norm(a, w, b, 1e-5, residual=a, alpha=7.48, pdl=pdl if rows <= 16 else 0).shape == a.shape
+        # a split-K GEMV's partials reduced by the LayerNorm (with and without the linear's bias, with norms)
+        for splits, lin_bias in ((2, b), (4, None)):
+            ws = torch.randn(splits, HIDDEN)
+            assert fd.layer_norm(a[:1], w, b, 1e-5, alpha=7.48, pdl=pdl, norms=torch.zeros(1, 2),
+                                 partials=(ws, torch.rand(HIDDEN, dtype=dtype), lin_bias)).shape == (1, HIDDEN)
         table = torch.randn(1000, HIDDEN, dtype=torch.float16)
         ids = torch.randint(0, 1000, (2,))
         assert fd.layer_norm(table, w, b, 1e-5, ids=ids, dtype=dtype, pdl=pdl).dtype == dtype
@@ -721,3 +726,38 @@ def test_mma_cubin_cache_is_reused_and_pruned(tmp_path, monkeypatch):
     assert mm._cached_cubin("sm_80", defines) == cubin and not calls  # read back, not compiled
     assert made[0].stat().st_mtime > time.time() - 60  # in use again: no longer stale
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([made[0].name, recent.name, other.name])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gemv_triple_buffer_has_two_tiles_in_flight_before_the_wait(stub, bits):
+    """PREFETCH=2 (the triple-buffered batch-1 GEMV): the program issues its first two weight tiles before
+    the PDL wait, twice the weight loads PREFETCH=True issues there, and builds for every target with a
+    ragged K (masked tiles) as well as whole tiles. (Its values are checked on the device: the CUDA
+    kernel tests run it against float64.)"""
+    N, K = SHAPES["4h_to_h"]
+    before = {}
+    for cap, _, _ in TARGETS:
+        _use(stub, cap)
+        for k in (K, K - 8 * 3 * 7):
+            q, scale, bias = _weights(bits, N, k, torch.float16)
+            x = torch.randn(1, k, dtype=torch.float16)
+            for pf in (True, 2):
+                cfg = dict(BLOCK_N=8, BLOCK_KW=128, PREFETCH=pf, EV="evict_first", XVEC=2, num_warps=4)
+                ck._run_gemv(x, q, scale, bias, bits, cfg, pdl=2 if cap >= (9, 0) else 0)
+            # unreduced split-K partials (the LayerNorm after the linear reduces them: fast_decode FOLD_REDUCE)
+            ws = ck._run_gemv(x, q, scale, None, bits, dict(cfg, PREFETCH=True, SPLIT_K=2),
+                              pdl=2 if cap >= (9, 0) else 0, reduce=False)
+            assert ws.dtype == torch.float32 and ws.shape == (2, N)
+    kern = ck._build().gemv_kernel
+    for compiled in kern.device_caches[90][0].values():
+        consts = compiled.src.constants
+        if not consts.get((kern.arg_names.index("PDL"),), False):
+            continue
+        ptx = compiled.asm["ptx"]
+        head = ptx[:ptx.index("griddepcontrol.wait")]
+        pf = consts[(kern.arg_names.index("PREFETCH"),)]
+        even = consts[(kern.arg_names.index("EVEN_K"),)]
+        before[(int(pf), bool(even))] = len(re.findall(r"ld\.global", head))
+    assert set(before) == {(1, True), (2, True), (1, False), (2, False)}, before
+    for even in (True, False):
+        assert before[(1, even)] > 0 and before[(2, even)] == 2 * before[(1, even)], before
