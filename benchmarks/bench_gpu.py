@@ -723,7 +723,8 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
         if ms < best_ms:
             best_ms, cur = ms, cand
     kept = {k: v for k, v in cur["qkv"].items() if k in ("XVEC", "CM", "EV")} if batch == 1 else {}
-    for name, (N, K) in shapes.items():
+    order = [n for n in given if n in shapes] if given else list(shapes)  # (SWEEP_TILES: in its key order)
+    for name in order:
         for tile in per_shape[name]:
             if time.time() - t_start > budget_s:
                 log(event="sweep_linear_budget", skipped=name, cfg=tile)
@@ -743,6 +744,14 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
         pairs.append((measure(base, "confirm start"), measure(cur, "confirm chosen")))
     log(event="sweep_linear_choice", bits=bits, batch=batch, cfgs=cur, start_ms=[a for a, _ in pairs],
         chosen_ms=[b for _, b in pairs])
+    if batch == 1 and cur != base:  # where the change lands on the step's critical path
+        for tag, cfgs in (("start", base), ("chosen", cur)):
+            apply(cfgs)
+            release(model)
+            t, run = graph_decode(model, 1, steps=steps)
+            log(event="sweep_linear_timeline", bits=bits, tag=tag, ms=round(t * 1e3, 4),
+                timeline=kernel_timeline(model, run))
+            del run
     apply(cur)
     release(model)
     del model
