@@ -674,7 +674,8 @@ def sweep_linear(bits=8, batch=1, steps=128, budget_s=float(os.environ.get("SWEE
     (batch 1), then tiles per shape. Every candidate is also checked in isolation against float64.
     Batch 1 fills cuda_kernels._GEMV_SHAPE_CFG, batch 2-16 _DECODE_SHAPE_CFG. Returns {shape: cfg}.
     SWEEP_TILES (JSON {"knobs": [...], "qkv": [...], ...}, or the path of a .json file holding it) replaces the
-    built-in candidates with these (benchmarks/sweep_int4_b1.json: the triple-buffered and split-K tiles)."""
+    built-in candidates with these (benchmarks/sweep_int4_b1.json, sweep_int8_b1.json: the triple-buffered and
+    split-K tiles)."""
     cap = ck._capability(torch.device("cuda"))
     t_start = time.time()
     model = build(bits)
