@@ -361,6 +361,24 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
         tl.store(y_ptr + rn, _activate(out, y_ptr, ACT, LIBDEVICE), mask=rn < N)
 
 
+def _w_tile(w_ptrs, kt, rw, KW, stride_wk, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, CM: tl.constexpr,
+            EV: tl.constexpr):
+    # K tile kt of the weight rows at w_ptrs (_gemv_rows), columns past KW read as 0 unless EVEN_K
+    if EVEN_K:
+        return tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
+    return tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=(kt * BLOCK_KW + rw < KW)[None, :], other=0,
+                   cache_modifier=CM, eviction_policy=EV)
+
+
+def _sum_splits(ws_ptr, offs, stride, mask, SPLIT_K: tl.constexpr):
+    # The split-K partial sums ws[i * stride + offs] added in split order (fp32): _splitk_reduce_kernel's
+    # reduction, and the LayerNorm's that folds it in (fast_decode); both then scale, add the bias, round.
+    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for i in tl.static_range(1, SPLIT_K):
+        acc += tl.load(ws_ptr + i * stride + offs, mask=mask, other=0.0)
+    return acc
+
+
 def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn, stride_wk, BITS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
                EV: tl.constexpr, PDL: tl.constexpr, L2_BYTES: tl.constexpr, CM: tl.constexpr, XVEC: tl.constexpr,
@@ -381,18 +399,9 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
     w_ptrs = w_ptr + rn_c[:, None] * stride_wn + rw[None, :] * stride_wk
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)  # fp32 bit patterns (asm in/out is .b32)
     if PREFETCH:  # register double buffer: the next tile's loads are in flight during the math
-        if EVEN_K:
-            w_nxt = tl.load(w_ptrs + kt0 * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-        else:
-            w_nxt = tl.load(w_ptrs + kt0 * BLOCK_KW * stride_wk, mask=(kt0 * BLOCK_KW + rw < KW)[None, :], other=0,
-                            cache_modifier=CM, eviction_policy=EV)
+        w_nxt = _w_tile(w_ptrs, kt0, rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
         if PREFETCH == 2 and not ONE_TILE:  # triple buffer: the two next tiles in flight (twice the bytes)
-            k2 = tl.minimum(kt0 + 1, kt1 - 1)
-            if EVEN_K:
-                w_nx2 = tl.load(w_ptrs + k2 * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-            else:
-                w_nx2 = tl.load(w_ptrs + k2 * BLOCK_KW * stride_wk, mask=(k2 * BLOCK_KW + rw < KW)[None, :], other=0,
-                                cache_modifier=CM, eviction_policy=EV)
+            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt0 + 1, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
     if L2_BYTES > 0:
         one = tl.zeros([1], dtype=tl.int32)
         for r in tl.static_range(BLOCK_N):
@@ -414,26 +423,14 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
         elif PREFETCH == 2:
             w = w_nxt
             w_nxt = w_nx2
-            nk = tl.minimum(kt + 2, kt1 - 1)  # the last two iterations re-read the last tile (L2 hit)
-            if EVEN_K:
-                w_nx2 = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-            else:
-                w_nx2 = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, mask=(nk * BLOCK_KW + rw < KW)[None, :], other=0,
-                                cache_modifier=CM, eviction_policy=EV)
+            # (the last two iterations re-read the last tile: L2 hits)
+            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt + 2, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
         elif PREFETCH:
             w = w_nxt
-            nk = tl.minimum(kt + 1, kt1 - 1)  # last iteration re-reads its own tile (L2 hit)
-            if EVEN_K:
-                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-            else:
-                w_nxt = tl.load(w_ptrs + nk * BLOCK_KW * stride_wk, mask=(nk * BLOCK_KW + rw < KW)[None, :], other=0,
-                                cache_modifier=CM, eviction_policy=EV)
+            # (the last iteration re-reads its own tile: an L2 hit)
+            w_nxt = _w_tile(w_ptrs, tl.minimum(kt + 1, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
         else:
-            if EVEN_K:
-                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-            else:
-                w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=kmask[None, :], other=0, cache_modifier=CM,
-                            eviction_policy=EV)
+            w = _w_tile(w_ptrs, kt, rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
         if BITS == 8:
             if XVEC == 2:  # fp16 x: unpack the four halves of the int64 in PTX
                 # x[4t..4t+3]
@@ -725,9 +722,7 @@ def _splitk_reduce_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, MN, N,
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     _pdl_wait(PDL)
-    acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for i in tl.static_range(1, SPLIT_K):
-        acc += tl.load(ws_ptr + i * MN + offs, mask=mask, other=0.0)
+    acc = _sum_splits(ws_ptr, offs, MN, mask, SPLIT_K)
     n = offs % N
     acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -797,8 +792,9 @@ def _dequant4_kernel(q0, q1, q2, q3, s0, s1, s2, s3, w0, w1, w2, w3, N0, N1, N2,
 
 _KERNEL_FUNCS = (_gemv_kernel, _qmm_kernel, _qmm_asm_kernel, _splitk_reduce_kernel, _dequant_kernel, _dequant4_kernel,
                  _gelu_kernel)
-_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_grid_arrive", "_grid_wait", "_gemv_rows", "_l2_prefetch", "_f16x4_to_f32",
-                 "_gelu_f32", "_activate", "_tile_index", "_tile_store", "_dequant_tile", "_x_tile")
+_HELPER_NAMES = ("_pdl_start", "_pdl_wait", "_grid_arrive", "_grid_wait", "_w_tile", "_sum_splits", "_gemv_rows",
+                 "_l2_prefetch", "_f16x4_to_f32", "_gelu_f32", "_activate", "_tile_index", "_tile_store", "_dequant_tile",
+                 "_x_tile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1063,11 +1059,11 @@ def jit_helper(triton, fn):
 
 
 def jit_helpers() -> SimpleNamespace:
-    """The jitted helpers (PDL start / wait, the eager-rounded GELU, the batch-1 GEMV's main loop) for
-    kernels of other modules."""
+    """The jitted helpers (PDL start / wait, the eager-rounded GELU, the batch-1 GEMV's main loop, the split-K
+    partials' sum) for kernels of other modules."""
     _build()
     return SimpleNamespace(pdl_start=_pdl_start, pdl_wait=_pdl_wait, gelu_f32=_gelu_f32, gemv_rows=_gemv_rows,
-                           use_libdevice=_USE_LIBDEVICE)
+                           sum_splits=_sum_splits, use_libdevice=_USE_LIBDEVICE)
 
 
 def pdl_supported(device) -> bool:
@@ -1209,13 +1205,10 @@ def gemv_partials(x, q, scale, bits, pdl=0) -> Optional[torch.Tensor]:
     its own, saving the reduce kernel's launch); None where the config does not split K or these
     tensors are not for the GEMV (the caller then runs `linear`). The splits sum in
     `_splitk_reduce_kernel`'s order there. x: [1, K] fp16 / bf16 on the GPU."""
-    if not (x.is_cuda and q.is_cuda and x.dim() == 2 and x.shape[0] == 1 and q.dtype == torch.int8):
+    x2 = _operands(x, q, scale, None, bits)
+    if x2 is None or x2.shape[0] != 1 or x.dim() != 2:
         return None
-    if x.dtype not in (torch.float16, torch.bfloat16) or bits not in (4, 8) or q.dim() != 2 or q.stride(-1) != 1:
-        return None
-    N, K = q.shape[0], x.shape[1]
-    if K != (q.shape[1] * 2 if bits == 4 else q.shape[1]) or not _device_ok(x.device):
-        return None
+    N, K = q.shape[0], x2.shape[1]
     words = _words(q, bits, K)
     if words is None or _mma_available(x.device):  # (the opt-in tensor-core GEMV takes batch 1 then)
         return None
@@ -1223,19 +1216,10 @@ def gemv_partials(x, q, scale, bits, pdl=0) -> Optional[torch.Tensor]:
     split_k = cfg.get("SPLIT_K", 1)
     if name != "gemv" or split_k <= 1 or _cdiv(words.shape[1], cfg["BLOCK_KW"]) % split_k:
         return None
-    key = ("gemv_partials", bits, x.dtype, x.device, 0, _pdl_level(pdl))
-    if key in _BROKEN:
-        return None
-    try:
-        with on_device(x.device):
-            return _run_gemv(x, q, scale, None, bits, cfg, words=words, pdl=_pdl_level(pdl), reduce=False)
-    except Exception as exc:  # as in linear: fall back, once, loudly
-        if STRICT:
-            raise
-        _BROKEN.add(key)
-        warnings.warn(f"chatglm6b cuda_kernels: split-K GEMV failed ({type(exc).__name__}: {exc}); "
-                      f"using the reducing kernels for this case from now on", RuntimeWarning)
-        return None
+    pdl = _pdl_level(pdl)
+    return _guarded(("gemv_partials", bits, x.dtype, x.device, 0, pdl), x.device, "split-K GEMV",
+                    "using the reducing kernels for this case",
+                    lambda: _run_gemv(x2, q, scale, None, bits, cfg, words=words, pdl=pdl, reduce=False))
 
 
 def _split_k_out(M, N, split_k, x2):
@@ -1311,20 +1295,11 @@ def dequantize_group(weights, bits: int, dtype: torch.dtype) -> Optional[list]:
             return None
         if q.numel() > _INT32_MAX:
             return None
-    if not _device_ok(dev) or ("dequant4", bits, dtype, dev) in _BROKEN:
+    if not _device_ok(dev):
         return None
-    try:
-        with on_device(dev):
-            return _run_dequant_group(weights, bits, dtype)
-    except torch.cuda.OutOfMemoryError:
-        raise  # (the buffer: not the kernel's fault)
-    except Exception as exc:
-        if STRICT:
-            raise
-        _BROKEN.add(("dequant4", bits, dtype, dev))
-        warnings.warn(f"chatglm6b cuda_kernels: dequant4 kernel failed ({type(exc).__name__}: {exc}); "
-                      f"dequantizing one weight per launch from now on", RuntimeWarning)
-        return None
+    return _guarded(("dequant4", bits, dtype, dev), dev, "dequant4 kernel", "dequantizing one weight per launch",
+                    lambda: _run_dequant_group(weights, bits, dtype),
+                    reraise=(torch.cuda.OutOfMemoryError,))  # (the buffer: not the kernel's fault)
 
 
 def _run_dequant_group(weights, bits: int, dtype: torch.dtype) -> list:
@@ -1456,30 +1431,15 @@ def _try_mma_gemv(x2, q, scale, bias, bits, act_id, pdl):
     if not (_mma_available(dev) and act_id == 0 and _mma_supports(bits, N, K, x2.dtype) and _mma_weight_ok(q)
             and scale.dtype == torch.float16 and (bias is None or bias.dtype == torch.float16)):
         return None  # (available() first: switched off, the default, it answers at once)
-    key = ("mma_gemv", bits, x2.dtype, dev, act_id, pdl)
-    if key in _BROKEN:
-        return None
-    try:
-        with on_device(dev):
-            return _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl)
-    except Exception as exc:
-        if STRICT:
-            raise
-        _BROKEN.add(key)
-        warnings.warn(f"chatglm6b cuda_kernels: tensor-core GEMV failed ({type(exc).__name__}: {exc}); "
-                      f"using the Triton GEMV for this case from now on", RuntimeWarning)
-        return None
+    return _guarded(("mma_gemv", bits, x2.dtype, dev, act_id, pdl), dev, "tensor-core GEMV",
+                    "using the Triton GEMV for this case",
+                    lambda: _mma_gemv(x2, q, scale, bias, bits, _mma_config(bits, N, K, _capability(dev)), pdl))
 
 
-def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False):
-    """``x @ (q * scale)^T + bias`` in x's dtype, or None when these tensors are not for us
-    (the caller then runs the torch path). See the module docstring for the layout.
-
-    act="gelu" applies the eager-rounded tanh GELU to the result (in the kernel's epilogue: the
-    output is rounded to x's dtype first, as the eager `gelu_tanh(linear(x))` does). pdl (the
-    caller must have checked `pdl_supported`): 1 lets the next kernel launch early (programmatic
-    dependent launch), 2 or True also launches these kernels so (they may start before the
-    previous kernel ends, and wait for it before reading activations); see `launch_options`."""
+def _operands(x, q, scale, bias, bits) -> Optional[torch.Tensor]:
+    """x as [M, K] (a view where x's leading dims merge) when these tensors are for the kernels (CUDA, one
+    device, fp16 / bf16 activations, an int8 weight [N, K or K / 2] with contiguous rows, [N] scale and bias,
+    32-bit offsets), else None."""
     if not (x.is_cuda and q.is_cuda and scale.is_cuda and (bias is None or bias.is_cuda)):
         return None
     if x.dtype not in (torch.float16, torch.bfloat16) or q.dtype != torch.int8 or bits not in (4, 8):
@@ -1501,6 +1461,41 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
     max_x = (M - 1) * x2.stride(0) + (K - 1) * x2.stride(1)
     if max_x > _INT32_MAX or N * KQ > _INT32_MAX or M * N > _INT32_MAX or q.stride(0) * N > _INT32_MAX:
         return None  # kernels index with 32-bit offsets
+    return x2
+
+
+def _guarded(key, device, what: str, instead: str, launch, reraise=()):
+    """launch() on `device`, or None: after it raised once for `key` (a warning then: `what` failed, `instead`
+    from now on) and every later time; CHATGLM_CUDA_STRICT=1 and the `reraise` types raise instead."""
+    if key in _BROKEN:
+        return None
+    try:
+        with on_device(device):
+            return launch()
+    except reraise:
+        raise
+    except Exception as exc:
+        if STRICT:
+            raise
+        _BROKEN.add(key)
+        warnings.warn(f"chatglm6b cuda_kernels: {what} failed ({type(exc).__name__}: {exc}); {instead} from now on",
+                      RuntimeWarning)
+        return None
+
+
+def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False):
+    """``x @ (q * scale)^T + bias`` in x's dtype, or None when these tensors are not for us
+    (the caller then runs the torch path). See the module docstring for the layout.
+
+    act="gelu" applies the eager-rounded tanh GELU to the result (in the kernel's epilogue: the
+    output is rounded to x's dtype first, as the eager `gelu_tanh(linear(x))` does). pdl (the
+    caller must have checked `pdl_supported`): 1 lets the next kernel launch early (programmatic
+    dependent launch), 2 or True also launches these kernels so (they may start before the
+    previous kernel ends, and wait for it before reading activations); see `launch_options`."""
+    x2 = _operands(x, q, scale, bias, bits)
+    if x2 is None:
+        return None
+    (M, K), N = x2.shape, q.shape[0]
     aligned = _words(q, bits, K) is not None
     act_id = _ACTS[act]
     pdl = _pdl_level(pdl)
@@ -1509,17 +1504,7 @@ def linear(x, q, scale, bias, bits, act: Optional[str] = None, pdl: bool = False
         if y is not None:
             return y.view(*x.shape[:-1], N)
     name, run, cfg = _plan(M, N, K, bits, x.dtype, aligned, _capability(x.device))
-    key = (name, bits, x.dtype, x.device, act_id, pdl)
-    if key in _BROKEN:
-        return None
-    try:
-        with on_device(x.device):  # (x may be on another GPU than the current one)
-            y = run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl)
-    except Exception as exc:  # e.g. a Triton too old for this GPU: fall back, once, loudly
-        if STRICT:
-            raise
-        _BROKEN.add(key)
-        warnings.warn(f"chatglm6b cuda_kernels: {name} kernel failed ({type(exc).__name__}: {exc}); "
-                      f"using the torch path for this case from now on", RuntimeWarning)
-        return None
-    return y.view(*x.shape[:-1], N)
+    # (x may be on another GPU than the current one; a failure is e.g. a Triton too old for this GPU)
+    y = _guarded((name, bits, x.dtype, x.device, act_id, pdl), x.device, f"{name} kernel",
+                 "using the torch path for this case", lambda: run(x2, q, scale, bias, bits, cfg, act=act_id, pdl=pdl))
+    return None if y is None else y.view(*x.shape[:-1], N)

@@ -82,6 +82,7 @@ __all__ = [
 tl = None  # triton.language, bound by _build()
 _pdl_start = _pdl_wait = None  # cuda_kernels' jitted PDL helpers, bound by _build()
 _gemv_rows = None  # cuda_kernels' jitted batch-1 GEMV main loop, bound by _build()
+_sum_splits = None  # cuda_kernels' jitted split-K sum, bound by _build()
 _KERNELS = None
 _BUILD_LOCK = threading.Lock()
 
@@ -160,8 +161,8 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a,
     # NORMS: also nrm[2 row] = sum y^2, nrm[2 row + 1] = sum |y| of the rounded outputs (fp32; the
     # screened LM head's error bound, below).
     # RSPLIT > 0 (one row): r is a split-K GEMV's unreduced fp32 partials [RSPLIT, N] (split i at
-    # r_ptr + i * stride_r), reduced here as cuda_kernels' _splitk_reduce_kernel does it — splits
-    # summed in order, times the linear's scale rs, plus its bias rb (RBIAS), rounded to y's dtype.
+    # r_ptr + i * stride_r), reduced here as cuda_kernels' _splitk_reduce_kernel does it: its _sum_splits,
+    # times the linear's scale rs, plus its bias rb (RBIAS), rounded to y's dtype.
     _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -182,10 +183,7 @@ def _ln_kernel(a_ptr, r_ptr, w_ptr, b_ptr, y_ptr, ids_ptr, nrm_ptr, N, stride_a,
     else:
         x = tl.load(a_ptr + row * stride_a + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_RES and RSPLIT > 0:
-        acc = tl.load(r_ptr + cols, mask=m, other=0.0)
-        for i in tl.static_range(1, RSPLIT):
-            acc += tl.load(r_ptr + i * stride_r + cols, mask=m, other=0.0)
-        acc = acc * rs
+        acc = _sum_splits(r_ptr, cols, stride_r, m, RSPLIT) * rs
         if RBIAS:
             acc += rb
         r = acc.to(dt).to(tl.float32)
@@ -867,6 +865,7 @@ def _build():
             _pdl_start, _pdl_wait = helpers.pdl_start, helpers.pdl_wait
             g = globals()
             g["_gemv_rows"] = helpers.gemv_rows  # (the screened head's INT8 main loop)
+            g["_sum_splits"] = helpers.sum_splits  # (the LayerNorm that folds in a split-K reduction)
             for fn in _HELPER_FUNCS:
                 if not isinstance(g[fn.__name__], triton.runtime.JITFunction):
                     g[fn.__name__] = ck_jit_helper(triton, fn)
@@ -1676,7 +1675,7 @@ def _dequantized_positions(block, rows: int, dtype) -> Tuple[int, ...]:
     dequantize + cuBLAS (cuda_kernels._plan; the others run a kernel on the quantized weight at that many
     rows). The blocks are alike, so a prompt asks once, for its first block."""
     mods = _block_linears(block)
-    if not all(type(m) is QuantizedLinear and m.use_kernels for m in mods) or kernel_backend("cuda") is None:
+    if not all(_kernel_linear(m) is not None for m in mods):
         return ()
     return tuple(i for i, m in enumerate(mods) if dequantizes(rows, m.weight, m.bits, dtype))
 
@@ -1735,17 +1734,22 @@ def _prefill_linears(block, dtype, which: Tuple[int, ...]):
     return lin
 
 
+def _kernel_linear(m):
+    """cuda_kernels.linear for a QuantizedLinear that uses the kernels, else None (any other module, the
+    torch-dequant linears, CHATGLM_KERNELS=torch)."""
+    return kernel_backend("cuda") if type(m) is QuantizedLinear and m.use_kernels else None
+
+
 def _linear(m, x, act: Optional[str] = None, pdl=0):
     """One of a block's linears (prefill or decode step). A QuantizedLinear that uses the kernels goes
     straight to cuda_kernels.linear (no module call; it can fuse the GELU into its epilogue and launch
     with PDL); anything else (FP16 CastLinear, torch-dequant linears) runs the module, then the GELU
     kernel."""
-    if type(m) is QuantizedLinear and m.use_kernels:
-        kernel = kernel_backend("cuda")  # None under CHATGLM_KERNELS=torch
-        if kernel is not None:
-            y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
-            if y is not None:
-                return y
+    kernel = _kernel_linear(m)
+    if kernel is not None:
+        y = kernel(x, m.weight, m.weight_scale, m.bias, m.bits, act=act, pdl=pdl)
+        if y is not None:
+            return y
     y = m(x)
     if act == "gelu":
         gelu_(y, pdl=pdl)
@@ -1762,8 +1766,7 @@ FOLD_REDUCE = os.environ.get("CHATGLM_FOLD_REDUCE", "1").strip().lower() not in 
 def _linear_residual_ln(m, x, pdl_linear, a, ln, alpha: float, pdl, norms=None):
     """layer_norm(a, ln, residual=_linear(m, x)) — a block's dense / dense_4h_to_h and the LayerNorm after
     it — with a split-K GEMV's reduction folded into the LayerNorm (FOLD_REDUCE, one row)."""
-    if FOLD_REDUCE and x.shape[0] == 1 and type(m) is QuantizedLinear and m.use_kernels \
-            and kernel_backend("cuda") is not None:
+    if FOLD_REDUCE and x.shape[0] == 1 and _kernel_linear(m) is not None:
         ws = gemv_partials(x, m.weight, m.weight_scale, m.bits, pdl=pdl_linear)
         if ws is not None:
             return layer_norm(a, ln.weight, ln.bias, ln.eps, alpha=alpha, pdl=pdl, norms=norms,

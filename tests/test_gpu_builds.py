@@ -761,9 +761,7 @@ def test_gemv_triple_buffer_has_two_tiles_in_flight_before_the_wait(stub, bits):
             continue
         ptx = compiled.asm["ptx"]
         head = ptx[:ptx.index("griddepcontrol.wait")]
-        pf = consts[(kern.arg_names.index("PREFETCH"),)]
-        even = consts[(kern.arg_names.index("EVEN_K"),)]
-        before[(int(pf), bool(even))] = len(re.findall(r"ld\.global", head))
+        before[(int(const(consts, "PREFETCH")), bool(const(consts, "EVEN_K")))] = len(re.findall(r"ld\.global", head))
     assert set(before) == {(1, True), (2, True), (1, False), (2, False)}, before
     for even in (True, False):
         assert before[(1, even)] > 0 and before[(2, even)] == 2 * before[(1, even)], before
