@@ -362,12 +362,23 @@ def _gemv_kernel(x_ptr, xv_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, N, KW, strid
 
 
 def _w_tile(w_ptrs, kt, rw, KW, stride_wk, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr, CM: tl.constexpr,
-            EV: tl.constexpr):
-    # K tile kt of the weight rows at w_ptrs (_gemv_rows), columns past KW read as 0 unless EVEN_K
-    if EVEN_K:
-        return tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-    return tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=(kt * BLOCK_KW + rw < KW)[None, :], other=0,
-                   cache_modifier=CM, eviction_policy=EV)
+            EV: tl.constexpr, live=None):
+    # K tile kt of the weight rows at w_ptrs (_gemv_rows), columns past KW read as 0 unless EVEN_K;
+    # live (a scalar condition): when false the load is predicated off (no memory access; zeros)
+    if live is None:
+        if EVEN_K:
+            w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
+        else:
+            w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=(kt * BLOCK_KW + rw < KW)[None, :], other=0,
+                        cache_modifier=CM, eviction_policy=EV)
+    else:
+        if EVEN_K:
+            keep = (rw >= 0) & live
+        else:
+            keep = (kt * BLOCK_KW + rw < KW) & live
+        w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=keep[None, :], other=0, cache_modifier=CM,
+                    eviction_policy=EV)
+    return w
 
 
 def _sum_splits(ws_ptr, offs, stride, mask, SPLIT_K: tl.constexpr):
@@ -401,7 +412,8 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
     if PREFETCH:  # register double buffer: the next tile's loads are in flight during the math
         w_nxt = _w_tile(w_ptrs, kt0, rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
         if PREFETCH == 2 and not ONE_TILE:  # triple buffer: the two next tiles in flight (twice the bytes)
-            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt0 + 1, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
+            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt0 + 1, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV,
+                            kt0 + 1 < kt1)
     if L2_BYTES > 0:
         one = tl.zeros([1], dtype=tl.int32)
         for r in tl.static_range(BLOCK_N):
@@ -423,8 +435,9 @@ def _gemv_rows(blk, kt0, kt1, x_ptr, xv_ptr, w_ptr, N, KW, stride_xk, stride_wn,
         elif PREFETCH == 2:
             w = w_nxt
             w_nxt = w_nx2
-            # (the last two iterations re-read the last tile: L2 hits)
-            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt + 2, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV)
+            # (the last two iterations' loads are predicated off: tiles past kt1 are never used)
+            w_nx2 = _w_tile(w_ptrs, tl.minimum(kt + 2, kt1 - 1), rw, KW, stride_wk, BLOCK_KW, EVEN_K, CM, EV,
+                            kt + 2 < kt1)
         elif PREFETCH:
             w = w_nxt
             # (the last iteration re-reads its own tile: an L2 hit)

@@ -735,7 +735,7 @@ def test_gemv_triple_buffer_has_two_tiles_in_flight_before_the_wait(stub, bits):
     ragged K (masked tiles) as well as whole tiles. (Its values are checked on the device: the CUDA
     kernel tests run it against float64.)"""
     N, K = SHAPES["4h_to_h"]
-    before = {}
+    before, loop = {}, {}
     for cap, _, _ in TARGETS:
         _use(stub, cap)
         for k in (K, K - 8 * 3 * 7):
@@ -761,7 +761,17 @@ def test_gemv_triple_buffer_has_two_tiles_in_flight_before_the_wait(stub, bits):
             continue
         ptx = compiled.asm["ptx"]
         head = ptx[:ptx.index("griddepcontrol.wait")]
-        before[(int(const(consts, "PREFETCH")), bool(const(consts, "EVEN_K")))] = len(re.findall(r"ld\.global", head))
+        key = (int(const(consts, "PREFETCH")), bool(const(consts, "EVEN_K")))
+        before[key] = len(re.findall(r"ld\.global", head))
+        # the weight loads (evict_first) after the wait: the loop's prefetches
+        loop[key] = [(m.group(1), m.group(2)) for m in
+                     re.finditer(r"(@%p\d+ )?(ld\.global\.L1::evict_first\S*)", ptx[len(head):])]
     assert set(before) == {(1, True), (2, True), (1, False), (2, False)}, before
     for even in (True, False):
         assert before[(1, even)] > 0 and before[(2, even)] == 2 * before[(1, even)], before
+    # PREFETCH=2 predicates its loop loads off where the tile they fetch would lie past the program's K
+    # range (they are never used), and whole tiles keep PREFETCH=True's vector width
+    assert loop[(2, True)] and all(p for p, _ in loop[(2, True)]), loop[(2, True)]
+    assert not any(p for p, _ in loop[(1, True)]), loop[(1, True)]
+    for pf in (1, 2):
+        assert {ld.split(".")[-2] for _, ld in loop[(pf, True)]} == {"v4"}, loop[(pf, True)]
