@@ -71,7 +71,7 @@ __all__ = ["available", "BuildCancelled", "linear", "fp16_linear", "kernel_info"
            "to_large_pages", "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
-_ABI_VERSION = 4  # bump together with CG_ABI_VERSION in the C source
+_ABI_VERSION = 5  # bump together with CG_ABI_VERSION in the C source
 
 # Codes shared with the C source.
 _W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
@@ -134,7 +134,7 @@ _C_SOURCE = r"""
 #else
 #define CG_UNROLL _Pragma("GCC unroll 16")
 #endif
-#define CG_ABI_VERSION 4
+#define CG_ABI_VERSION 5
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
 enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
@@ -702,6 +702,15 @@ T512 static void micro_avx512(int kc, const float *xt, int width, const float *w
    this CPU's L3). (With AMX, INT8 from 4 rows and INT4 from 5 run on AMX tiles.) */
 static const isa_ops OPS_AVX512 = {ISA_AVX512, 32, AVX512_NR, 32, 16, {28, 28, 28},
                                    gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
+/* The same kernels on a CPU whose 512-bit FMAs run on 256-bit units in two passes (AMD Zen 4,
+   avx512_halves): there the GEMM's micro-kernel and the GEMV both run at the FMA's peak, and the
+   GEMV, which skips the GEMM's weight conversion and x packing, stays ahead far longer. Sums of the
+   four layer shapes, ms GEMV / GEMM (bench_cpu_kernels.py --crossover, 2 threads of an EPYC family 25
+   model 17, weights cycled from memory, 2026-12-08): INT8 at 64 rows 122.5 / 135.1, 128 238.1 / 281.3 (one
+   GEMM outlier), 160 302.6 / 317.9, 200 378.0 / 405.7, 256 504.0 / 498.1; FP16 at 64 125.7 / 142.0, 96 ahead
+   on three of four shapes, 128 even; INT4 at 28 68.0 / 71.0, 32 76.4 / 70.9 (the GEMM's 32-row tile). */
+static const isa_ops OPS_AVX512_HALVES = {ISA_AVX512, 32, AVX512_NR, 32, 16, {200, 28, 96},
+                                          gemv_avx512, convert_avx512, micro_avx512, halfs_avx512};
 #endif /* CG_X86 */
 
 /* ------------------------------------------------------------------ dispatch ------------ */
@@ -716,6 +725,22 @@ static int has_f16c(void) {
     return __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1u);
 }
 #endif
+
+/* AMD family 19h with AVX-512 is Zen 4 (Zen 3, the same family, has none): its 512-bit operations run
+   on 256-bit units. (Zen 5, family 1Ah, has full-width units in its desktop and server parts.) */
+static int avx512_halves(void) {
+#if CG_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
+        return 0; /* not "AuthenticAMD" */
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    unsigned family = (a >> 8) & 0xFu;
+    if (family == 0xFu) family += (a >> 20) & 0xFFu;
+    return family == 0x19u;
+#else
+    return 0;
+#endif
+}
 
 static int best_isa(void) {
 #if CG_X86
@@ -737,7 +762,11 @@ static int g_amx_min_m = -1;    /* override of AMX_MIN_M / AMX_MIN_M4; -1: those
 static const isa_ops *ops(void) {
     if (g_isa < 0) g_isa = best_isa();
 #if CG_X86
-    if (g_isa >= ISA_AVX512) return &OPS_AVX512; /* AMX: INT8 on tiles, the rest on AVX-512 */
+    if (g_isa >= ISA_AVX512) { /* AMX: INT8 on tiles, the rest on AVX-512 */
+        static int halves = -1;
+        if (halves < 0) halves = avx512_halves();
+        return halves && g_isa == ISA_AVX512 ? &OPS_AVX512_HALVES : &OPS_AVX512;
+    }
     if (g_isa == ISA_AVX2) return &OPS_AVX2;
 #endif
     return &OPS_GENERIC;
@@ -1311,6 +1340,7 @@ CG_API uint64_t cg_read_bytes(const void *src, int64_t bytes, int nthreads) {
 
 CG_API int cg_abi_version(void) { return CG_ABI_VERSION; }
 CG_API int cg_best_isa(void) { return best_isa(); }
+CG_API int cg_avx512_halves(void) { return avx512_halves(); }
 CG_API int cg_isa(void) { ops(); return g_isa; }
 
 /* Select a kernel family (tests and benchmarks); levels above what the CPU has are clamped. */
@@ -1469,7 +1499,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cg_linear.restype = c_int
     lib.cg_gemv_max_m.argtypes = [c_int]
     lib.cg_gemv_max_m.restype = c_int
-    for name in ("cg_abi_version", "cg_best_isa", "cg_isa", "cg_openmp"):
+    for name in ("cg_abi_version", "cg_best_isa", "cg_avx512_halves", "cg_isa", "cg_openmp"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = c_int
     lib.cg_set_isa.argtypes = [c_int]
@@ -1573,6 +1603,8 @@ def kernel_info() -> dict:
         info["isa"] = _ISA_NAMES[lib.cg_isa()]
         info["best_isa"] = _ISA_NAMES[lib.cg_best_isa()]
         info["stalled_parallel_calls"] = lib.cg_stalls()  # each switched to 1 thread for a while
+        if info["isa"] == "avx512":  # (Zen 4: 512-bit operations on 256-bit units; later GEMV / GEMM switch-overs)
+            info["avx512_halves"] = bool(lib.cg_avx512_halves())
         info["gemv_max_m"] = {kind: lib.cg_gemv_max_m(code)
                               for kind, code in (("int8", _W_INT8), ("int4", _W_INT4), ("fp16", _W_FP16))}
         if info["isa"] == "amx":

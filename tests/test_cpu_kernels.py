@@ -373,6 +373,35 @@ def test_quantized_linear_dispatch_uses_the_kernels(lib):
         assert torch.equal(layer(x).double(), ref)
 
 
+def _cpuinfo_amd_family():
+    """(vendor is AMD, CPU family, has avx512f) from Linux's /proc/cpuinfo (an ARM CPU has no vendor_id):
+    independent of the kernels' CPUID reading."""
+    text = Path("/proc/cpuinfo").read_text()
+    first = text.split("\n\n")[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return (fields.get("vendor_id") == "AuthenticAMD", int(fields.get("cpu family", "-1")),
+            "avx512f" in fields.get("flags", "").split())
+
+
+def test_gemv_switch_over_follows_the_fma_width(lib):
+    """Zen 4 (AMD family 25 with AVX-512: 512-bit FMAs on 256-bit units) keeps INT8 / FP16 on the GEMV
+    to 200 / 96 rows (bench_cpu_kernels.py --crossover there); other AVX-512 CPUs switch at 28."""
+    amd, family, avx512 = _cpuinfo_amd_family()
+    halves = amd and family == 25
+    assert bool(lib._built().cg_avx512_halves()) == halves
+    if lib._set_isa("avx512") == "avx512":  # (a CPU without AVX-512 falls back to its best family)
+        try:
+            info = lib.kernel_info()
+            assert info["avx512_halves"] == halves
+            assert info["gemv_max_m"] == ({"int8": 200, "int4": 28, "fp16": 96} if halves else
+                                          {"int8": 28, "int4": 28, "fp16": 28})
+        finally:
+            lib._set_isa(None)
+    else:
+        assert not avx512
+
+
 # ---------------------------------------------------------------------------------------
 # Building, caching and failure handling, each in a fresh process.
 
