@@ -365,19 +365,17 @@ def _w_tile(w_ptrs, kt, rw, KW, stride_wk, BLOCK_KW: tl.constexpr, EVEN_K: tl.co
             EV: tl.constexpr, live=None):
     # K tile kt of the weight rows at w_ptrs (_gemv_rows), columns past KW read as 0 unless EVEN_K;
     # live (a scalar condition): when false the load is predicated off (no memory access; zeros)
-    if live is None:
-        if EVEN_K:
-            w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, cache_modifier=CM, eviction_policy=EV)
-        else:
-            w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=(kt * BLOCK_KW + rw < KW)[None, :], other=0,
-                        cache_modifier=CM, eviction_policy=EV)
+    ptrs = w_ptrs + kt * BLOCK_KW * stride_wk
+    if EVEN_K and live is None:
+        w = tl.load(ptrs, cache_modifier=CM, eviction_policy=EV)
     else:
         if EVEN_K:
-            keep = (rw >= 0) & live
+            keep = rw >= 0
         else:
-            keep = (kt * BLOCK_KW + rw < KW) & live
-        w = tl.load(w_ptrs + kt * BLOCK_KW * stride_wk, mask=keep[None, :], other=0, cache_modifier=CM,
-                    eviction_policy=EV)
+            keep = kt * BLOCK_KW + rw < KW
+        if live is not None:
+            keep = keep & live
+        w = tl.load(ptrs, mask=keep[None, :], other=0, cache_modifier=CM, eviction_policy=EV)
     return w
 
 
