@@ -71,7 +71,7 @@ __all__ = ["available", "BuildCancelled", "linear", "fp16_linear", "kernel_info"
            "to_large_pages", "release_pages", "populate_for_writing", "large_pages_enabled", "large_pages_mode"]
 
 CACHE_DIR_ENV = "CHATGLM_CACHE_DIR"
-_ABI_VERSION = 5  # bump together with CG_ABI_VERSION in the C source
+_ABI_VERSION = 6  # bump together with CG_ABI_VERSION in the C source
 
 # Codes shared with the C source.
 _W_INT8, _W_INT4, _W_FP16 = 0, 1, 2
@@ -134,7 +134,7 @@ _C_SOURCE = r"""
 #else
 #define CG_UNROLL _Pragma("GCC unroll 16")
 #endif
-#define CG_ABI_VERSION 5
+#define CG_ABI_VERSION 6
 
 enum { W_INT8 = 0, W_INT4 = 1, W_FP16 = 2 };
 enum { P_F32 = 0, P_F16 = 1, P_BF16 = 2 };
@@ -991,6 +991,207 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     return counter < nchunks; /* no thread could allocate its buffers */
 }
 
+/* ------------------------------------------ INT4 GEMV on AVX512-VNNI (few rows of x) ------ */
+/* The fp32 INT4 GEMV above turns each nibble into a float through the shuffle unit (a sign extension
+   and two table lookups per 32 weights), which holds it below the memory's speed: 14-20 GB/s of ~31 on
+   this project's Xeon, 14-25 of 35 on a Zen 4. Here the nibbles stay bytes and x comes to them as
+   integers instead, the AMX kernels' way: each row of x as four base-128 digits (amx_pack_row's split:
+   x = s * sum_j d_j 128^-j, s a power of two, d_0 in [-127, 127], d_1..d_3 in [-64, 64]; an error below
+   2^-28 max|x| per element). VPDPBUSD multiplies 64 unsigned bytes by 64 signed ones and adds each
+   group of four products into an int32 lane, exactly. A weight byte b = q_even << 4 | (q_odd & 15)
+   gives two unsigned byte vectors with one ternary-logic operation each, holding q + 8 (q's two's
+   complement with the sign bit flipped; the 8 comes off at the end as 8 * sum_k d_j[k]) for the odd
+   columns and 16 (q + 8) for the even ones. So 64 weight bytes cost 2 bit operations and 8
+   multiply-adds (4 digits x 2 halves) instead of 4 shuffles, 2 bit operations and 4 FMAs per 16
+   bytes, and the sums are exact: the dot product is rounded once, more accurately than the fp32 GEMV.
+   Batch 1 only: VPDPBUSD runs on one port where the FMAs have two, so with 2-4 rows of x, each adding
+   8 multiply-adds per 64 bytes, the fp32 GEMV's shared accumulators are ahead (2 threads here, a
+   token's INT4 linears: M=2 158 / 181 ms, M=4 222 / 298 ms fp32 / VNNI; at M=1 131 / 115 ms). */
+#if CG_X86
+#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define Q4V_DIGITS 4
+#define Q4V_COLS 128               /* columns per step: 64 weight bytes */
+#define Q4V_STEP (Q4V_DIGITS * Q4V_COLS) /* digit bytes per step */
+#define Q4V_SLICE 32               /* steps of a slice of a long row: 4096 columns, 16 KB of digits; the
+                                      int32 sums of a slice stay below 16 * 15 * 127 * 4096 < 2^27 */
+#define Q4V_GROUP 64               /* weight rows taken through the slices together */
+
+/* Row x[0..K) as digits: step c holds, for digit j, the 64 even columns' digits then the 64 odd
+   columns' at xd + c * Q4V_STEP + j * Q4V_COLS (zeros past K); dsum[j] = sum_k d_j[k] and *s the
+   power of two. Returns 1 (nothing usable) for a row that is not finite or too small for 1/s. */
+TVNNI static int q4v_pack_row(const float *x, int64_t K, int8_t *xd, int64_t dsum[Q4V_DIGITS], float *s_out) {
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), x + k);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    if (nan || !(amax <= 3.4e38f)) return 1;
+    int e = 0;
+    float s = 1.0f;
+    if (amax > 0.0f) {
+        frexpf(amax, &e);
+        if (e - 7 < -120) return 1;
+        s = ldexpf(1.0f, e - 7);
+        if (amax / s >= 127.5f) s *= 2.0f;
+    }
+    *s_out = s;
+    const __m512 inv = _mm512_set1_ps(1.0f / s), radix = _mm512_set1_ps(128.0f);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    __m512i sums[Q4V_DIGITS];
+    for (int j = 0; j < Q4V_DIGITS; j++) sums[j] = _mm512_setzero_si512();
+    const int64_t steps = (K + Q4V_COLS - 1) / Q4V_COLS;
+    for (int64_t c = 0; c < steps; c++)
+        for (int h = 0; h < Q4V_COLS / 32; h++) { /* 32 columns: 16 even, 16 odd */
+            const int64_t k = c * Q4V_COLS + 32 * h;
+            const __m512 a = _mm512_maskz_loadu_ps(first_lanes(K - k), x + k);
+            const __m512 b = _mm512_maskz_loadu_ps(first_lanes(K - k - 16), x + k + 16);
+            __m512 r[2] = {_mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), inv),
+                           _mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), inv)};
+            for (int j = 0; j < Q4V_DIGITS; j++)
+                for (int half = 0; half < 2; half++) {
+                    const __m512 d = _mm512_roundscale_ps(r[half], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    r[half] = _mm512_mul_ps(_mm512_sub_ps(r[half], d), radix);
+                    const __m512i di = _mm512_cvtps_epi32(d);
+                    sums[j] = _mm512_add_epi32(sums[j], di);
+                    _mm_storeu_si128((__m128i *)(xd + c * Q4V_STEP + j * Q4V_COLS + half * 64 + 16 * h),
+                                     _mm512_cvtepi32_epi8(di));
+                }
+        }
+    for (int j = 0; j < Q4V_DIGITS; j++) dsum[j] = _mm512_reduce_add_epi32(sums[j]);
+    return 0;
+}
+
+/* The four digit sums of one weight row, from its even-column (16x) and odd-column accumulators:
+   lane-wise (hi >> 4) + lo (exact: every even-column product is a multiple of 16), then one
+   transposing reduction for all four digits. */
+TVNNI CG_INLINE __m128i q4v_sums(const __m512i *hi, const __m512i *lo) {
+    __m512i d[4];
+    for (int j = 0; j < 4; j++) d[j] = _mm512_add_epi32(_mm512_srai_epi32(hi[j], 4), lo[j]);
+    const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[0], d[1]), _mm512_unpackhi_epi32(d[0], d[1]));
+    const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d[2], d[3]), _mm512_unpackhi_epi32(d[2], d[3]));
+    const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)); /* digits 0..3 */
+}
+
+/* Digit sums of weight row n over steps [c0, c1) (64 weight bytes each) against one row of x's
+   digits (xd), added to acc[j]. The odd columns' nibbles enter as q + 8 = (b ^ 0x88) & 0x0F, the even
+   ones in place, as 16 (q + 8) = (b ^ 0x88) & 0xF0 (no shift: the shift would run on the port that
+   also does every VPDPBUSD), into accumulators of their own. One weight row at a time: the block's
+   rows are read as one sequential stream, which the prefetchers follow best (2 or more rows
+   interleaved: 1-2 GB/s less). */
+TVNNI CG_INLINE void q4v_row(const problem *p, const int8_t *xd, int64_t n, int64_t c0, int64_t c1,
+                             int64_t acc[Q4V_DIGITS]) {
+    const int64_t bytes = p->K / 2;
+    const uint8_t *w = p->w + n * p->ldw;
+    const __m512i flip = _mm512_set1_epi8((char)0x88), low = _mm512_set1_epi8(0x0F),
+                  high = _mm512_set1_epi8((char)0xF0);
+    __m512i ah[Q4V_DIGITS], al[Q4V_DIGITS];
+    for (int j = 0; j < Q4V_DIGITS; j++) ah[j] = al[j] = _mm512_setzero_si512();
+    /* the same piece two rows on, requested as this one is read: the hardware prefetchers alone fall
+       behind (two rows ahead, 4 KB at K = 4096: 131 -> 115 ms for a token's INT4 linears, 2 threads;
+       1 / 4 / 8 rows or 0.5-2 KB ahead in the stream: no better) */
+    const uint8_t *next = w + 2 * p->ldw;
+    for (int64_t c = c0; c < c1; c++) {
+        _mm_prefetch((const char *)next + 64 * c, _MM_HINT_T1);
+        const int64_t left = bytes - 64 * c;
+        const __m512i b = left >= 64 ? _mm512_loadu_si512(w + 64 * c)
+                                     : _mm512_maskz_loadu_epi8(((__mmask64)1 << left) - 1, w + 64 * c);
+        /* (b ^ 0x88) & mask in one ternary-logic operation (truth table 0x28 = (A ^ B) & C) */
+        const __m512i lo = _mm512_ternarylogic_epi32(b, flip, low, 0x28);
+        const __m512i hi = _mm512_ternarylogic_epi32(b, flip, high, 0x28);
+        const int8_t *xc = xd + c * Q4V_STEP;
+        for (int j = 0; j < Q4V_DIGITS; j++) {
+            ah[j] = _mm512_dpbusd_epi32(ah[j], hi, _mm512_loadu_si512(xc + j * Q4V_COLS));
+            al[j] = _mm512_dpbusd_epi32(al[j], lo, _mm512_loadu_si512(xc + j * Q4V_COLS + 64));
+        }
+    }
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i *)sums, q4v_sums(ah, al));
+    for (int j = 0; j < Q4V_DIGITS; j++) acc[j] += sums[j];
+}
+
+/* Rows [n0, n1) for every row of x. Long rows go in slices of Q4V_SLICE steps, all the rows of a group
+   (Q4V_GROUP) through one slice before the next, so that the slice's digits (16 KB) stay in L1
+   instead of coming from L2 beside the weights (4096 x 16384, 2 threads: 19 -> 23 GB/s). */
+TVNNI static void q4v_block(const problem *p, const int8_t *xd, const int64_t *dsum, const float *s,
+                            int64_t n0, int64_t n1) {
+    const int64_t steps = (p->K / 2 + 63) / 64, per_row = steps * Q4V_STEP;
+    int64_t acc[Q4V_GROUP][Q4V_DIGITS];
+    for (int64_t m = 0; m < p->M; m++) {
+        const int8_t *xm = xd + m * per_row;
+        const int64_t *dm = dsum + m * Q4V_DIGITS;
+        for (int64_t g = n0; g < n1; g += Q4V_GROUP) {
+            const int64_t g1 = g + Q4V_GROUP < n1 ? g + Q4V_GROUP : n1;
+            memset(acc, 0, sizeof acc);
+            for (int64_t c0 = 0; c0 < steps; c0 += Q4V_SLICE) {
+                const int64_t c1 = c0 + Q4V_SLICE < steps ? c0 + Q4V_SLICE : steps;
+                for (int64_t n = g; n < g1; n++) q4v_row(p, xm, n, c0, c1, acc[n - g]);
+            }
+            for (int64_t n = g; n < g1; n++) {
+                int64_t t = 0; /* sum_k q_k x_k / (s 2^-21), exactly: Horner over the digits, leading first */
+                for (int j = 0; j < Q4V_DIGITS; j++) t = t * 128 + (acc[n - g][j] - 8 * dm[j]);
+                store_out(p, m, n, (float)((double)t * (double)s[m] * 0x1p-21));
+            }
+        }
+    }
+}
+
+/* 1 when this CPU has AVX512-VNNI (and the AVX-512 kernels are in use) */
+static int q4v_supported(void) {
+    static int has = -1;
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+    }
+    return has && g_isa >= ISA_AVX512;
+}
+
+/* Returns 0 done, 1 out of memory, -1 not taken (a row of x not finite or tiny): the fp32 GEMV runs
+   instead. */
+static int q4v_driver(const problem *p, int nthreads) {
+    const int64_t M = p->M, K = p->K, N = p->N;
+    const int64_t per_row = (K + Q4V_COLS - 1) / Q4V_COLS * Q4V_STEP;
+    int8_t *xd = NULL;
+    int64_t *dsum = malloc(sizeof(int64_t) * (size_t)(M * Q4V_DIGITS));
+    float *s = alloc_floats(M);
+    if (posix_memalign((void **)&xd, 64, (size_t)(M * per_row)) || !dsum || !s) {
+        free(xd); free(dsum); free(s);
+        return 1;
+    }
+    int rc = 0;
+    for (int64_t m = 0; m < M && !rc; m++)
+        if (q4v_pack_row(p->x + m * p->ldx, K, xd + m * per_row, dsum + m * Q4V_DIGITS, s + m)) rc = -1;
+    if (!rc) {
+        int64_t block = GEMV_BLOCK_BYTES / (K / 2 > 0 ? K / 2 : 1) / 8 * 8;
+        if (block < 8) block = 8;
+        const int64_t nblocks = (N + block - 1) / block;
+        int64_t counter = 0;
+        const int nt = team_size(nthreads, (double)M * (double)N * (double)K);
+        const double t0 = now_seconds();
+        double t_caller = t0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+        {
+            for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter))
+                q4v_block(p, xd, dsum, s, b * block, b * block + block < N ? b * block + block : N);
+            if (thread_id() == 0) t_caller = now_seconds();
+        }
+        note_join(nt, t_caller - t0, now_seconds() - t_caller);
+    }
+    free(xd); free(dsum); free(s);
+    return rc;
+}
+#else
+static int q4v_supported(void) { return 0; }
+static int q4v_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
+#endif
+
 /* ------------------------------------------------------- AMX (INT8 weights, any M) ------ */
 /* Intel AMX multiplies int8 tiles exactly into int32 sums at ~1000 products per cycle. To keep
    fp32-or-better accuracy the activations are not rounded to 8 bits: each row of x is written
@@ -1238,6 +1439,16 @@ static inline int amx_supported(void) { return 0; }
 static inline int amx_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
 #endif
 
+/* Most rows of x for which INT4 weights take the VNNI GEMV (0 where the CPU has no AVX512-VNNI). */
+#define Q4V_MAX_M 1
+static int g_q4v_max_m = -1; /* override (tests / benchmarks); -1: Q4V_MAX_M */
+static int q4v_max_m(void) {
+    if (!q4v_supported()) return 0;
+    const int m = g_q4v_max_m >= 0 ? g_q4v_max_m : Q4V_MAX_M;
+    const int gemv = g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[W_INT4];
+    return m < gemv ? m : gemv;
+}
+
 /* Fewest rows of x for which INT8 / INT4 weights run on AMX tiles (when the ISA is AMX). */
 static int amx_min_m(int wkind) {
     return g_amx_min_m >= 0 ? g_amx_min_m : wkind == W_INT4 ? AMX_MIN_M4 : AMX_MIN_M;
@@ -1280,6 +1491,7 @@ CG_API int cg_linear(const float *x, int64_t M, int64_t K, int64_t ldx,
     } else {
         const int max_m = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m[wkind];
         rc = wkind != W_FP16 && g_isa == ISA_AMX && M >= amx_min_m(wkind) ? amx_driver(&p, nthreads) : -1;
+        if (rc < 0 && wkind == W_INT4 && M <= q4v_max_m()) rc = q4v_driver(&p, nthreads);
         if (rc < 0) rc = M <= max_m ? gemv_driver(o, &p, nthreads) : gemm_driver(o, &p, nthreads);
     }
     free(scale_owned);
@@ -1354,6 +1566,9 @@ CG_API int cg_gemv_max_m(int wkind) {
     return g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[wkind < 0 || wkind > 2 ? 0 : wkind];
 }
 CG_API void cg_set_gemv_max_m(int m) { g_gemv_max_m = m; }
+
+CG_API int cg_q4v_max_m(void) { return q4v_max_m(); }
+CG_API void cg_set_q4v_max_m(int m) { g_q4v_max_m = m; }
 
 CG_API int cg_amx_min_m(int wkind) { return amx_min_m(wkind); }
 CG_API void cg_set_amx_min_m(int m) { g_amx_min_m = m; }
@@ -1510,6 +1725,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cg_read_bytes.restype = ctypes.c_uint64
     lib.cg_set_gemv_max_m.argtypes = [c_int]
     lib.cg_set_gemv_max_m.restype = None
+    lib.cg_q4v_max_m.argtypes = []
+    lib.cg_q4v_max_m.restype = c_int
+    lib.cg_set_q4v_max_m.argtypes = [c_int]
+    lib.cg_set_q4v_max_m.restype = None
     lib.cg_amx_min_m.argtypes = [c_int]
     lib.cg_amx_min_m.restype = c_int
     lib.cg_set_amx_min_m.argtypes = [c_int]
@@ -1607,6 +1826,8 @@ def kernel_info() -> dict:
             info["avx512_halves"] = bool(lib.cg_avx512_halves())
         info["gemv_max_m"] = {kind: lib.cg_gemv_max_m(code)
                               for kind, code in (("int8", _W_INT8), ("int4", _W_INT4), ("fp16", _W_FP16))}
+        # INT4 with this many rows of x or fewer: the AVX512-VNNI GEMV (exact integer sums; 0 without VNNI)
+        info["int4_vnni_max_m"] = lib.cg_q4v_max_m()
         if info["isa"] == "amx":
             info["amx_min_m"] = {kind: lib.cg_amx_min_m(code) for kind, code in (("int8", _W_INT8), ("int4", _W_INT4))}
     return info
@@ -1638,6 +1859,13 @@ def _set_amx_min_m(m: Optional[int]) -> None:
     value keeps them off AMX). For tests/benchmarks; no effect without AMX."""
     lib = _built()
     lib.cg_set_amx_min_m(-1 if m is None else int(m))
+
+
+def _set_int4_vnni_max_m(m: Optional[int]) -> None:
+    """Override the most rows of x for which INT4 weights take the AVX512-VNNI GEMV (None = default;
+    0 = never: the fp32 GEMV). For tests/benchmarks; no effect without AVX512-VNNI."""
+    lib = _built()
+    lib.cg_set_q4v_max_m(-1 if m is None else int(m))
 
 
 def _read_bytes(t: torch.Tensor) -> int:

@@ -87,19 +87,37 @@ def LARGE_PAGES(t):  # set in main(): weights in 2 MB pages like the loader plac
 
 
 def bench_decode(args, rows, bits: int):
+    """Per-token time of the 28 layers' linears at M=1: kernels, torch path; for INT4 on a CPU with
+    AVX512-VNNI also the fp32 GEMV it replaced (alternating with it, best of three medians each)."""
     x = torch.randn(1, HIDDEN)
-    per_token_kernel = per_token_torch = 0.0
+    per_token_kernel = per_token_torch = per_token_fp32 = 0.0
+    vnni = bits == 4 and cpu_kernels.kernel_info().get("int4_vnni_max_m", 0) >= 1
     for name, n, k in LAYER_SHAPES:
         xk = x if k == HIDDEN else torch.randn(1, k)
         nbytes = n * k * bits // 8
         _, nxt = rotating(lambda: quantized_weight(n, k, bits), nbytes, args.working_set_gb * GB)
-        t_kernel = timed(lambda: cpu_kernels.linear(xk, *nxt(), bits), args.repeats)
+        if vnni:
+            got = {None: [], 0: []}
+            for _ in range(3):
+                for limit in got:
+                    cpu_kernels._set_int4_vnni_max_m(limit)
+                    got[limit].append(timed(lambda: cpu_kernels.linear(xk, *nxt(), bits), args.repeats))
+            cpu_kernels._set_int4_vnni_max_m(None)
+            t_kernel, t_fp32 = min(got[None]), min(got[0])
+            per_token_fp32 += LAYERS * t_fp32
+        else:
+            t_kernel = timed(lambda: cpu_kernels.linear(xk, *nxt(), bits), args.repeats)
         t_torch = timed(lambda: torch_quantized_linear(xk, *nxt(), bits), max(3, args.repeats // 4))
         per_token_kernel += LAYERS * t_kernel
         per_token_torch += LAYERS * t_torch
-        rows.append((f"decode INT{bits} {name} [{n},{k}], M=1", f"{t_kernel * 1e3:.3f} ms",
-                     f"{nbytes / t_kernel / GB:.1f} GB/s", f"{t_torch * 1e3:.2f} ms", f"{t_torch / t_kernel:.1f}x"))
-    return per_token_kernel, per_token_torch
+        rows.append((f"decode INT{bits} {name} [{n},{k}], M=1{', VNNI GEMV' if vnni else ''}",
+                     f"{t_kernel * 1e3:.3f} ms", f"{nbytes / t_kernel / GB:.1f} GB/s", f"{t_torch * 1e3:.2f} ms",
+                     f"{t_torch / t_kernel:.1f}x"))
+        if vnni:
+            rows.append((f"decode INT{bits} {name} [{n},{k}], M=1, fp32 GEMV (before; {t_fp32 / t_kernel:.2f}x "
+                         "the VNNI GEMV's time)", f"{t_fp32 * 1e3:.3f} ms", f"{nbytes / t_fp32 / GB:.1f} GB/s",
+                         f"{t_torch * 1e3:.2f} ms", f"{t_torch / t_fp32:.1f}x"))
+    return per_token_kernel, per_token_torch, per_token_fp32
 
 
 def bench_lm_head(args, rows):
@@ -227,11 +245,13 @@ def main():
     rows, summary = [], []
     head_kernel, head_torch = bench_lm_head(args, rows)
     for bits in args.bits:
-        dk, dt = bench_decode(args, rows, bits)
+        dk, dt, d32 = bench_decode(args, rows, bits)
         dk += head_kernel
         dt += head_torch
         summary.append(f"INT{bits} decode estimate (28 layers x 4 linears + FP16 LM head, from the rows "
-                       f"above): kernels {dk * 1e3:.0f} ms/token, torch path {dt * 1e3:.0f} ms/token")
+                       f"above): kernels {dk * 1e3:.0f} ms/token, torch path {dt * 1e3:.0f} ms/token"
+                       + (f", with the fp32 INT4 GEMV instead of the VNNI one {(d32 + head_kernel) * 1e3:.0f} ms/token"
+                          if d32 else ""))
     for bits in args.bits:
         pk, pt = bench_prefill(args, rows, bits, args.prefill_m, LAYER_SHAPES)
         summary.append(f"INT{bits} prefill estimate, {args.prefill_m} tokens, linears of 28 layers "

@@ -402,6 +402,87 @@ def test_gemv_switch_over_follows_the_fma_width(lib):
         assert not avx512
 
 
+def _cpuinfo_flags():
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    return next((line.split(":", 1)[1].split() for line in first.splitlines() if line.startswith("flags")), [])
+
+
+@pytest.fixture(params=["vnni", "fp32"])
+def int4_gemv(lib, request):
+    """Batch-1 INT4 rows through the AVX512-VNNI GEMV (where the CPU has it) or the fp32 GEMV."""
+    lib._set_int4_vnni_max_m(None if request.param == "vnni" else 0)
+    yield request.param
+    lib._set_int4_vnni_max_m(None)
+
+
+def test_int4_vnni_gemv_follows_the_cpu(lib):
+    """Batch-1 INT4 takes the VNNI GEMV exactly where /proc/cpuinfo lists avx512_vnni and the AVX-512
+    kernels are in use (also with AMX: batch 1 never runs on tiles); not with the AVX2 family."""
+    vnni = "avx512_vnni" in _cpuinfo_flags()
+    assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni and lib.kernel_info()["isa"] in ("avx512", "amx") else 0)
+    try:
+        if lib._set_isa("avx512") == "avx512":
+            assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni else 0)
+        lib._set_isa("avx2")
+        assert lib.kernel_info()["int4_vnni_max_m"] == 0
+        lib._set_isa(None)
+        lib._set_int4_vnni_max_m(0)
+        assert lib.kernel_info()["int4_vnni_max_m"] == 0
+    finally:
+        lib._set_isa(None)
+        lib._set_int4_vnni_max_m(None)
+
+
+# one row of x: K past one 128-column step, ragged in its last 64 bytes, a single byte, long rows in
+# several 4096-column slices (the last ragged), more rows than a 64-row group
+INT4_ROWS = [(1, 64, 5), (1, 2, 3), (1, 126, 7), (1, 130, 9), (1, 4096, 70), (1, 8192 + 130, 33),
+             (1, 16384, 131), (1, 1000, 1)]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int4_batch1_exact_on_integer_data(lib, int4_gemv, with_bias):
+    gen = torch.Generator().manual_seed(31 + with_bias)
+    for M, K, N in INT4_ROWS:
+        x, q, q_values, scale, bias = integer_problem(M, K, N, 4, with_bias, gen)
+        ref, _ = reference(x, q_values, scale, bias)
+        assert torch.equal(lib.linear(x, q, scale, bias, 4).double(), ref), f"{int4_gemv} {M, K, N}"
+
+
+def test_int4_batch1_digits_are_finer_than_fp32(lib, int4_gemv):
+    """Random data with outliers 10^4 above the typical activation: within the fp32 accumulation bound
+    on either GEMV, and the VNNI one (x as four base-128 digits, exact integer sums, one rounding)
+    within the digit bound of the AMX kernels, far inside it."""
+    gen = torch.Generator().manual_seed(37)
+    for M, K, N in INT4_ROWS:
+        q_values = torch.randint(-8, 8, (N, K), generator=gen)
+        scale = (torch.rand(N, generator=gen) * 0.02 + 1e-3).half()
+        bias = torch.randn(N, generator=gen).half()
+        x = torch.randn(M, K, generator=gen)
+        x[:, 1] *= 1e4
+        ref, bound = reference(x, q_values, scale, bias)
+        err = (lib.linear(x, pack_int4_spec(q_values), scale, bias, 4).double() - ref).abs()
+        assert (err <= bound).all(), f"{int4_gemv} {M, K, N}: max err {err.max()}"
+        if int4_gemv == "vnni" and lib.kernel_info()["int4_vnni_max_m"]:
+            assert (err <= amx_bound(x, q_values, scale, ref) + 4 * U * bias.double().abs()).all(), f"{M, K, N}"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e-38])
+def test_int4_batch1_non_finite_or_tiny_rows(lib, int4_gemv, bad):
+    """A row the digits cannot encode (NaN, inf; all elements tiny, 1/s would overflow) goes to the
+    fp32 GEMV: NaN / inf reach every output as in fp32, tiny values give fp32's products."""
+    gen = torch.Generator().manual_seed(41)
+    q_values = torch.randint(-8, 8, (6, 256), generator=gen)
+    scale = torch.full((6,), 0.5).half()
+    x = torch.zeros(1, 256)
+    x[0, 3] = bad
+    x[0, 200] = 1e-38 if bad == 1e-38 else 1.0
+    y = lib.linear(x, pack_int4_spec(q_values), scale, None, 4).double()
+    ref = x.double() @ (q_values.double() * 0.5).T
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert torch.allclose(y[finite], ref[finite], rtol=1e-6, atol=0), f"{int4_gemv} {bad}"
+
+
 # ---------------------------------------------------------------------------------------
 # Building, caching and failure handling, each in a fresh process.
 
