@@ -991,7 +991,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     return counter < nchunks; /* no thread could allocate its buffers */
 }
 
-/* ------------------------------------------ INT4 GEMV on AVX512-VNNI (few rows of x) ------ */
+/* ------------------------------------------------ INT4 GEMV on AVX512-VNNI (batch 1) ------ */
 /* The fp32 INT4 GEMV above turns each nibble into a float through the shuffle unit (a sign extension
    and two table lookups per 32 weights), which holds it below the memory's speed: 14-20 GB/s of ~31 on
    this project's Xeon, 14-25 of 35 on a Zen 4. Here the nibbles stay bytes and x comes to them as
@@ -1002,8 +1002,8 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    gives two unsigned byte vectors with one ternary-logic operation each, holding q + 8 (q's two's
    complement with the sign bit flipped; the 8 comes off at the end as 8 * sum_k d_j[k]) for the odd
    columns and 16 (q + 8) for the even ones. So 64 weight bytes cost 2 bit operations and 8
-   multiply-adds (4 digits x 2 halves) instead of 4 shuffles, 2 bit operations and 4 FMAs per 16
-   bytes, and the sums are exact: the dot product is rounded once, more accurately than the fp32 GEMV.
+   multiply-adds (4 digits x 2 halves) instead of 3 shuffles, a shift and 2 FMAs per 16 bytes,
+   and the sums are exact: the dot product is rounded once, more accurately than the fp32 GEMV.
    Batch 1 only: VPDPBUSD runs on one port where the FMAs have two, so with 2-4 rows of x, each adding
    8 multiply-adds per 64 bytes, the fp32 GEMV's shared accumulators are ahead (2 threads here, a
    token's INT4 linears: M=2 158 / 181 ms, M=4 222 / 298 ms fp32 / VNNI; at M=1 131 / 115 ms). */
