@@ -1008,18 +1008,11 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    8 multiply-adds per 64 bytes, the fp32 GEMV's shared accumulators are ahead (2 threads here, a
    token's INT4 linears: M=2 158 / 181 ms, M=4 222 / 298 ms fp32 / VNNI; at M=1 131 / 115 ms). */
 #if CG_X86
-#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
-#define Q4V_DIGITS 4
-#define Q4V_COLS 128               /* columns per step: 64 weight bytes */
-#define Q4V_STEP (Q4V_DIGITS * Q4V_COLS) /* digit bytes per step */
-#define Q4V_SLICE 32               /* steps of a slice of a long row: 4096 columns, 16 KB of digits; the
-                                      int32 sums of a slice stay below 16 * 15 * 127 * 4096 < 2^27 */
-#define Q4V_GROUP 64               /* weight rows taken through the slices together */
-
-/* Row x[0..K) as digits: step c holds, for digit j, the 64 even columns' digits then the 64 odd
-   columns' at xd + c * Q4V_STEP + j * Q4V_COLS (zeros past K); dsum[j] = sum_k d_j[k] and *s the
-   power of two. Returns 1 (nothing usable) for a row that is not finite or too small for 1/s. */
-TVNNI static int q4v_pack_row(const float *x, int64_t K, int8_t *xd, int64_t dsum[Q4V_DIGITS], float *s_out) {
+/* The power of two s of a row of x written as base-128 digits (the AMX kernels and the VNNI INT4 GEMV):
+   max|x| / s in [64, 127.5), so d_0 = round(x / s) is in [-127, 127]. Returns 1 when the row has a NaN
+   or an inf (fp32 must propagate it) or is so small that 1/s would overflow; the caller then uses the
+   fp32 kernels. */
+T512 static int digit_scale(const float *x, int64_t K, float *s_out) {
     __m512 mx = _mm512_setzero_ps();
     __mmask16 nan = 0;
     for (int64_t k = 0; k < K; k += 16) {
@@ -1037,6 +1030,26 @@ TVNNI static int q4v_pack_row(const float *x, int64_t K, int8_t *xd, int64_t dsu
         s = ldexpf(1.0f, e - 7);
         if (amax / s >= 127.5f) s *= 2.0f;
     }
+    *s_out = s;
+    return 0;
+}
+#endif
+
+#if CG_X86
+#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define Q4V_DIGITS 4
+#define Q4V_COLS 128               /* columns per step: 64 weight bytes */
+#define Q4V_STEP (Q4V_DIGITS * Q4V_COLS) /* digit bytes per step */
+#define Q4V_SLICE 32               /* steps of a slice of a long row: 4096 columns, 16 KB of digits; the
+                                      int32 sums of a slice stay below 16 * 15 * 127 * 4096 < 2^27 */
+#define Q4V_GROUP 64               /* weight rows taken through the slices together */
+
+/* Row x[0..K) as digits: step c holds, for digit j, the 64 even columns' digits then the 64 odd
+   columns' at xd + c * Q4V_STEP + j * Q4V_COLS (zeros past K); dsum[j] = sum_k d_j[k] and *s the
+   power of two. Returns 1 (nothing usable) for a row that is not finite or too small for 1/s. */
+TVNNI static int q4v_pack_row(const float *x, int64_t K, int8_t *xd, int64_t dsum[Q4V_DIGITS], float *s_out) {
+    float s;
+    if (digit_scale(x, K, &s)) return 1;
     *s_out = s;
     const __m512 inv = _mm512_set1_ps(1.0f / s), radix = _mm512_set1_ps(128.0f);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -1261,23 +1274,8 @@ TAMX static void amx_configure(int cols) {
 TAMX static int amx_pack_row(const problem *p, int64_t m, int64_t nsteps, int8_t *bp, double *sm) {
     const int64_t K = p->K;
     const float *x = p->x + m * p->ldx;
-    __m512 mx = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), x + k);
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-    }
-    const float amax = _mm512_reduce_max_ps(mx);
-    if (nan || !(amax <= 3.4e38f)) return 1; /* inf or nan: let fp32 propagate it */
-    int e = 0;
-    float s = 1.0f;
-    if (amax > 0.0f) {
-        frexpf(amax, &e);
-        if (e - 7 < -120) return 1;
-        s = ldexpf(1.0f, e - 7);
-        if (amax / s >= 127.5f) s *= 2.0f;
-    }
+    float s;
+    if (digit_scale(x, K, &s)) return 1;
     sm[m] = s;
     const __m512 inv = _mm512_set1_ps(1.0f / s), radix = _mm512_set1_ps(128.0f);
     int8_t *base = bp + (m / AMX_TOK) * nsteps * 1024 + (m % AMX_TOK) * AMX_DIGITS * 4;
