@@ -991,7 +991,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
     return counter < nchunks; /* no thread could allocate its buffers */
 }
 
-/* ------------------------------------------------ INT4 GEMV on AVX512-VNNI (batch 1) ------ */
+/* ------------------------------------- INT4 GEMV on AVX512-VNNI / AVX-VNNI (batch 1) ------ */
 /* The fp32 INT4 GEMV above turns each nibble into a float through the shuffle unit (a sign extension
    and two table lookups per 32 weights), which holds it below the memory's speed: 14-20 GB/s of ~31 on
    this project's Xeon, 14-25 of 35 on a Zen 4. Here the nibbles stay bytes and x comes to them as
@@ -1012,15 +1012,7 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    max|x| / s in [64, 127.5), so d_0 = round(x / s) is in [-127, 127]. Returns 1 when the row has a NaN
    or an inf (fp32 must propagate it) or is so small that 1/s would overflow; the caller then uses the
    fp32 kernels. */
-T512 static int digit_scale(const float *x, int64_t K, float *s_out) {
-    __m512 mx = _mm512_setzero_ps();
-    __mmask16 nan = 0;
-    for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), x + k);
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
-    }
-    const float amax = _mm512_reduce_max_ps(mx);
+static int scale_from_max(float amax, int nan, float *s_out) {
     if (nan || !(amax <= 3.4e38f)) return 1;
     int e = 0;
     float s = 1.0f;
@@ -1032,6 +1024,38 @@ T512 static int digit_scale(const float *x, int64_t K, float *s_out) {
     }
     *s_out = s;
     return 0;
+}
+
+T512 static int digit_scale(const float *x, int64_t K, float *s_out) {
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(first_lanes(K - k), x + k);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    return scale_from_max(_mm512_reduce_max_ps(mx), nan != 0, s_out);
+}
+
+/* The same on AVX2 (the AVX-VNNI INT4 GEMV of CPUs without AVX-512) */
+T256 static int digit_scale_avx2(const float *x, int64_t K, float *s_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    int nan = 0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(x + k);
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+    }
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, mx);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; k++) {
+        nan |= x[k] != x[k];
+        amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    }
+    return scale_from_max(amax, nan != 0, s_out);
 }
 #endif
 
@@ -1128,11 +1152,120 @@ TVNNI CG_INLINE void q4v_row(const problem *p, const int8_t *xd, int64_t n, int6
     for (int j = 0; j < Q4V_DIGITS; j++) acc[j] += sums[j];
 }
 
-/* Rows [n0, n1) for every row of x. Long rows go in slices of Q4V_SLICE steps, all the rows of a group
-   (Q4V_GROUP) through one slice before the next, so that the slice's digits (16 KB) stay in L1
-   instead of coming from L2 beside the weights (4096 x 16384, 2 threads: 19 -> 23 GB/s). */
-TVNNI static void q4v_block(const problem *p, const int8_t *xd, const int64_t *dsum, const float *s,
-                            int64_t n0, int64_t n1) {
+/* The same on CPUs without AVX-512 that have AVX-VNNI (Intel from Alder Lake / Sapphire Rapids, AMD
+   Zen 5): 256-bit VPDPBUSD, each 64-byte step as two 32-byte halves against the same digit layout. AVX2
+   has no ternary logic: an xor and two ands per half. */
+/* (the "avxvnni" target needs gcc 11 / clang 12; older compilers build without this kernel) */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define CG_AVXVNNI 1
+#define TAVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+TAVXVNNI CG_INLINE void q4y_row(const problem *p, const int8_t *xd, int64_t n, int64_t c0, int64_t c1,
+                             int64_t acc[Q4V_DIGITS]) {
+    const int64_t bytes = p->K / 2;
+    const uint8_t *w = p->w + n * p->ldw;
+    const __m256i flip = _mm256_set1_epi8((char)0x88), low = _mm256_set1_epi8(0x0F),
+                  high = _mm256_set1_epi8((char)0xF0);
+    __m256i ah[Q4V_DIGITS], al[Q4V_DIGITS];
+    for (int j = 0; j < Q4V_DIGITS; j++) ah[j] = al[j] = _mm256_setzero_si256();
+    const uint8_t *next = w + 2 * p->ldw; /* as in q4v_row */
+    for (int64_t c = c0; c < c1; c++) {
+        _mm_prefetch((const char *)next + 64 * c, _MM_HINT_T1);
+        const int8_t *xc = xd + c * Q4V_STEP;
+        for (int h = 0; h < 2; h++) {
+            const int64_t left = bytes - 64 * c - 32 * h;
+            if (left <= 0) break;
+            __m256i b;
+            if (left >= 32) {
+                b = _mm256_loadu_si256((const __m256i *)(w + 64 * c + 32 * h));
+            } else { /* the row's last bytes; nothing read past them */
+                uint8_t tail[32] = {0};
+                memcpy(tail, w + 64 * c + 32 * h, (size_t)left);
+                b = _mm256_loadu_si256((const __m256i *)tail);
+            }
+            const __m256i t = _mm256_xor_si256(b, flip);
+            const __m256i lo = _mm256_and_si256(t, low), hi = _mm256_and_si256(t, high);
+            for (int j = 0; j < Q4V_DIGITS; j++) {
+                ah[j] = _mm256_dpbusd_avx_epi32(ah[j], hi, _mm256_loadu_si256((const __m256i *)(xc + j * Q4V_COLS + 32 * h)));
+                al[j] = _mm256_dpbusd_avx_epi32(al[j], lo, _mm256_loadu_si256((const __m256i *)(xc + j * Q4V_COLS + 64 + 32 * h)));
+            }
+        }
+    }
+    __m256i d[4];
+    for (int j = 0; j < 4; j++) d[j] = _mm256_add_epi32(_mm256_srai_epi32(ah[j], 4), al[j]);
+    /* per 128-bit half: partial sums of digits 0..3; then the halves added */
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i *)sums, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    for (int j = 0; j < Q4V_DIGITS; j++) acc[j] += sums[j];
+}
+
+#endif /* CG_AVXVNNI */
+
+/* q4v_pack_row on AVX2: even / odd columns split with a shuffle and a lane permute, each 8 digits
+   narrowed to bytes with two saturating packs (|d| <= 127: exact). */
+T256 CG_INLINE void q4y_store8(int8_t *dst, __m256i d) {
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(d, d), _mm256_packs_epi32(d, d));
+    const int32_t lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(b)), hi = _mm_cvtsi128_si32(_mm256_extracti128_si256(b, 1));
+    memcpy(dst, &lo, 4);
+    memcpy(dst + 4, &hi, 4);
+}
+
+T256 static int q4y_pack_row(const float *x, int64_t K, int8_t *xd, int64_t dsum[Q4V_DIGITS], float *s_out) {
+    float s;
+    if (digit_scale_avx2(x, K, &s)) return 1;
+    *s_out = s;
+    const __m256 inv = _mm256_set1_ps(1.0f / s), radix = _mm256_set1_ps(128.0f);
+    __m256i sums[Q4V_DIGITS];
+    for (int j = 0; j < Q4V_DIGITS; j++) sums[j] = _mm256_setzero_si256();
+    const int64_t steps = (K + Q4V_COLS - 1) / Q4V_COLS;
+    for (int64_t c = 0; c < steps; c++)
+        for (int h = 0; h < Q4V_COLS / 32; h++) { /* 32 columns: 16 even, 16 odd */
+            const int64_t k = c * Q4V_COLS + 32 * h;
+            float buf[32];
+            const float *src = x + k;
+            if (K - k < 32) { /* zeros past K */
+                memset(buf, 0, sizeof buf);
+                if (K > k) memcpy(buf, x + k, sizeof(float) * (size_t)(K - k));
+                src = buf;
+            }
+            __m256 r[4]; /* columns 0, 2, .. 14; 16 .. 30; 1 .. 15; 17 .. 31 of the 32 */
+            for (int q = 0; q < 2; q++) {
+                const __m256 a = _mm256_loadu_ps(src + 16 * q), b = _mm256_loadu_ps(src + 16 * q + 8);
+                r[q] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+                r[2 + q] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+            }
+            for (int q = 0; q < 4; q++) {
+                __m256 v = _mm256_mul_ps(r[q], inv);
+                int8_t *dst = xd + c * Q4V_STEP + (q / 2) * 64 + 16 * h + 8 * (q % 2);
+                for (int j = 0; j < Q4V_DIGITS; j++) {
+                    const __m256 dv = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    v = _mm256_mul_ps(_mm256_sub_ps(v, dv), radix);
+                    const __m256i di = _mm256_cvtps_epi32(dv);
+                    sums[j] = _mm256_add_epi32(sums[j], di);
+                    q4y_store8(dst + j * Q4V_COLS, di);
+                }
+            }
+        }
+    for (int j = 0; j < Q4V_DIGITS; j++) {
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, sums[j]);
+        dsum[j] = 0;
+        for (int i = 0; i < 8; i++) dsum[j] += lanes[i];
+    }
+    return 0;
+}
+
+typedef void (*q4_row_fn)(const problem *p, const int8_t *xd, int64_t n, int64_t c0, int64_t c1,
+                          int64_t acc[Q4V_DIGITS]);
+typedef int (*q4_pack_fn)(const float *x, int64_t K, int8_t *xd, int64_t dsum[Q4V_DIGITS], float *s_out);
+
+/* Rows [n0, n1) for every row of x, inlined into one function per row kernel (q4v_block, q4y_block; a
+   call through a pointer instead: 118 -> 127 ms for a token's linears). Long rows go in slices of
+   Q4V_SLICE steps, all the rows of a group (Q4V_GROUP) through one slice before the next, so
+   that the slice's digits (16 KB) stay in L1 instead of coming from L2 beside the weights (4096 x 16384,
+   2 threads: 19 -> 23 GB/s). */
+CG_INLINE void q4_block(const problem *p, q4_row_fn row, const int8_t *xd, const int64_t *dsum,
+                        const float *s, int64_t n0, int64_t n1) {
     const int64_t steps = (p->K / 2 + 63) / 64, per_row = steps * Q4V_STEP;
     int64_t acc[Q4V_GROUP][Q4V_DIGITS];
     for (int64_t m = 0; m < p->M; m++) {
@@ -1143,7 +1276,7 @@ TVNNI static void q4v_block(const problem *p, const int8_t *xd, const int64_t *d
             memset(acc, 0, sizeof acc);
             for (int64_t c0 = 0; c0 < steps; c0 += Q4V_SLICE) {
                 const int64_t c1 = c0 + Q4V_SLICE < steps ? c0 + Q4V_SLICE : steps;
-                for (int64_t n = g; n < g1; n++) q4v_row(p, xm, n, c0, c1, acc[n - g]);
+                for (int64_t n = g; n < g1; n++) row(p, xm, n, c0, c1, acc[n - g]);
             }
             for (int64_t n = g; n < g1; n++) {
                 int64_t t = 0; /* sum_k q_k x_k / (s 2^-21), exactly: Horner over the digits, leading first */
@@ -1154,20 +1287,51 @@ TVNNI static void q4v_block(const problem *p, const int8_t *xd, const int64_t *d
     }
 }
 
-/* 1 when this CPU has AVX512-VNNI (and the AVX-512 kernels are in use) */
+typedef void (*q4_block_fn)(const problem *p, const int8_t *xd, const int64_t *dsum, const float *s,
+                            int64_t n0, int64_t n1);
+
+TVNNI static void q4v_block(const problem *p, const int8_t *xd, const int64_t *dsum, const float *s,
+                            int64_t n0, int64_t n1) {
+    q4_block(p, q4v_row, xd, dsum, s, n0, n1);
+}
+
+#ifdef CG_AVXVNNI
+TAVXVNNI static void q4y_block(const problem *p, const int8_t *xd, const int64_t *dsum, const float *s,
+                               int64_t n0, int64_t n1) {
+    q4_block(p, q4y_row, xd, dsum, s, n0, n1);
+}
+#endif
+
+/* 2: AVX512-VNNI with the AVX-512 kernels in use; 1: AVX-VNNI (CPUID leaf 7.1 EAX bit 4) with the AVX2
+   ones; 0: neither. */
 static int q4v_supported(void) {
-    static int has = -1;
-    if (has < 0) {
+    static int has512 = -1, has256 = -1;
+    if (has512 < 0) {
+        unsigned a = 0, b = 0, c = 0, d = 0;
         __builtin_cpu_init();
-        has = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+        has512 = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+#ifdef CG_AVXVNNI
+        has256 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1u);
+#else
+        has256 = 0;
+        (void)a; (void)b; (void)c; (void)d;
+#endif
     }
-    return has && g_isa >= ISA_AVX512;
+    if (g_isa >= ISA_AVX512) return has512 ? 2 : 0;
+    return g_isa == ISA_AVX2 && has256 ? 1 : 0;
 }
 
 /* Returns 0 done, 1 out of memory, -1 not taken (a row of x not finite or tiny): the fp32 GEMV runs
    instead. */
 static int q4v_driver(const problem *p, int nthreads) {
     const int64_t M = p->M, K = p->K, N = p->N;
+    const int wide = q4v_supported() == 2;
+#ifdef CG_AVXVNNI
+    const q4_block_fn block_fn = wide ? q4v_block : q4y_block;
+#else
+    const q4_block_fn block_fn = q4v_block; /* (q4v_supported() is 2 or this is not called) */
+#endif
+    const q4_pack_fn pack = wide ? q4v_pack_row : q4y_pack_row;
     const int64_t per_row = (K + Q4V_COLS - 1) / Q4V_COLS * Q4V_STEP;
     int8_t *xd = NULL;
     int64_t *dsum = malloc(sizeof(int64_t) * (size_t)(M * Q4V_DIGITS));
@@ -1178,7 +1342,7 @@ static int q4v_driver(const problem *p, int nthreads) {
     }
     int rc = 0;
     for (int64_t m = 0; m < M && !rc; m++)
-        if (q4v_pack_row(p->x + m * p->ldx, K, xd + m * per_row, dsum + m * Q4V_DIGITS, s + m)) rc = -1;
+        if (pack(p->x + m * p->ldx, K, xd + m * per_row, dsum + m * Q4V_DIGITS, s + m)) rc = -1;
     if (!rc) {
         int64_t block = GEMV_BLOCK_BYTES / (K / 2 > 0 ? K / 2 : 1) / 8 * 8;
         if (block < 8) block = 8;
@@ -1192,7 +1356,7 @@ static int q4v_driver(const problem *p, int nthreads) {
 #endif
         {
             for (int64_t b = next_item(&counter); b < nblocks; b = next_item(&counter))
-                q4v_block(p, xd, dsum, s, b * block, b * block + block < N ? b * block + block : N);
+                block_fn(p, xd, dsum, s, b * block, b * block + block < N ? b * block + block : N);
             if (thread_id() == 0) t_caller = now_seconds();
         }
         note_join(nt, t_caller - t0, now_seconds() - t_caller);

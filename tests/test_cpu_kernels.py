@@ -417,13 +417,18 @@ def int4_gemv(lib, request):
 
 def test_int4_vnni_gemv_follows_the_cpu(lib):
     """Batch-1 INT4 takes the VNNI GEMV exactly where /proc/cpuinfo lists avx512_vnni and the AVX-512
-    kernels are in use (also with AMX: batch 1 never runs on tiles); not with the AVX2 family."""
-    vnni = "avx512_vnni" in _cpuinfo_flags()
-    assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni and lib.kernel_info()["isa"] in ("avx512", "amx") else 0)
+    kernels are in use (also with AMX: batch 1 never runs on tiles), or avx_vnni with the AVX2 ones."""
+    flags = _cpuinfo_flags()
+    vnni512, vnni256 = "avx512_vnni" in flags, "avx_vnni" in flags
+    isa = lib.kernel_info()["isa"]
+    assert lib.kernel_info()["int4_vnni_max_m"] == (
+        1 if (vnni512 and isa in ("avx512", "amx")) or (vnni256 and isa == "avx2") else 0)
     try:
         if lib._set_isa("avx512") == "avx512":
-            assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni else 0)
-        lib._set_isa("avx2")
+            assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni512 else 0)
+        if lib._set_isa("avx2") == "avx2":
+            assert lib.kernel_info()["int4_vnni_max_m"] == (1 if vnni256 else 0)
+        lib._set_isa("generic")
         assert lib.kernel_info()["int4_vnni_max_m"] == 0
         lib._set_isa(None)
         lib._set_int4_vnni_max_m(0)
@@ -439,16 +444,18 @@ INT4_ROWS = [(1, 64, 5), (1, 2, 3), (1, 126, 7), (1, 130, 9), (1, 4096, 70), (1,
              (1, 16384, 131), (1, 1000, 1)]
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], indirect=True)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int4_batch1_exact_on_integer_data(lib, int4_gemv, with_bias):
+def test_int4_batch1_exact_on_integer_data(lib, isa, int4_gemv, with_bias):
     gen = torch.Generator().manual_seed(31 + with_bias)
     for M, K, N in INT4_ROWS:
         x, q, q_values, scale, bias = integer_problem(M, K, N, 4, with_bias, gen)
         ref, _ = reference(x, q_values, scale, bias)
-        assert torch.equal(lib.linear(x, q, scale, bias, 4).double(), ref), f"{int4_gemv} {M, K, N}"
+        assert torch.equal(lib.linear(x, q, scale, bias, 4).double(), ref), f"{isa} {int4_gemv} {M, K, N}"
 
 
-def test_int4_batch1_digits_are_finer_than_fp32(lib, int4_gemv):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], indirect=True)
+def test_int4_batch1_digits_are_finer_than_fp32(lib, isa, int4_gemv):
     """Random data with outliers 10^4 above the typical activation: within the fp32 accumulation bound
     on either GEMV, and the VNNI one (x as four base-128 digits, exact integer sums, one rounding)
     within the digit bound of the AMX kernels, far inside it."""
@@ -461,13 +468,14 @@ def test_int4_batch1_digits_are_finer_than_fp32(lib, int4_gemv):
         x[:, 1] *= 1e4
         ref, bound = reference(x, q_values, scale, bias)
         err = (lib.linear(x, pack_int4_spec(q_values), scale, bias, 4).double() - ref).abs()
-        assert (err <= bound).all(), f"{int4_gemv} {M, K, N}: max err {err.max()}"
+        assert (err <= bound).all(), f"{isa} {int4_gemv} {M, K, N}: max err {err.max()}"
         if int4_gemv == "vnni" and lib.kernel_info()["int4_vnni_max_m"]:
             assert (err <= amx_bound(x, q_values, scale, ref) + 4 * U * bias.double().abs()).all(), f"{M, K, N}"
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"], indirect=True)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e-38])
-def test_int4_batch1_non_finite_or_tiny_rows(lib, int4_gemv, bad):
+def test_int4_batch1_non_finite_or_tiny_rows(lib, isa, int4_gemv, bad):
     """A row the digits cannot encode (NaN, inf; all elements tiny, 1/s would overflow) goes to the
     fp32 GEMV: NaN / inf reach every output as in fp32, tiny values give fp32's products."""
     gen = torch.Generator().manual_seed(41)
