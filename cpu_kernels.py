@@ -1601,12 +1601,17 @@ static inline int amx_supported(void) { return 0; }
 static inline int amx_driver(const problem *p, int nthreads) { (void)p; (void)nthreads; return -1; }
 #endif
 
-/* Most rows of x for which INT4 weights take the VNNI GEMV (0 where the CPU has no AVX512-VNNI). */
+/* Most rows of x for which INT4 weights take the VNNI GEMV (0 where the CPU has no VNNI). AVX-512: 1
+   (see the VNNI section). AVX2 family: 3 — there the 256-bit VPDPBUSD has two ports and the fp32 GEMV
+   is slower (this Xeon forced to AVX2, a token's INT4 linears fp32 / VNNI ms: M=1 235 / 131, M=2 352 /
+   218, M=3 311 / 299, M=4 391 / 382). */
 #define Q4V_MAX_M 1
-static int g_q4v_max_m = -1; /* override (tests / benchmarks); -1: Q4V_MAX_M */
+#define Q4Y_MAX_M 3
+static int g_q4v_max_m = -1; /* override (tests / benchmarks); -1: Q4V_MAX_M / Q4Y_MAX_M */
 static int q4v_max_m(void) {
-    if (!q4v_supported()) return 0;
-    const int m = g_q4v_max_m >= 0 ? g_q4v_max_m : Q4V_MAX_M;
+    const int vnni = q4v_supported();
+    if (!vnni) return 0;
+    const int m = g_q4v_max_m >= 0 ? g_q4v_max_m : vnni == 2 ? Q4V_MAX_M : Q4Y_MAX_M;
     const int gemv = g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[W_INT4];
     return m < gemv ? m : gemv;
 }
