@@ -36,6 +36,10 @@ How it works
     multiplied exactly in int32 (INT4 weights unpacked into int8 rows first; see the AMX section
     of the C source). Prefill of 200 tokens: 2x the AVX-512 GEMM (INT8 and INT4). Decode (fewer
     rows) stays on the AVX-512 GEMV, which streams the weights faster.
+  * INT4 decode on CPUs with VNNI (AVX512-VNNI: 1 row of x; AVX-VNNI with the AVX2 kernels: 1-3 rows)
+    uses the same digits of x against the weight nibbles taken as unsigned bytes, summed exactly by
+    VPDPBUSD (the VNNI section of the C source): 198 -> 180 ms/token on the AVX-512 Xeon, 306 -> 196
+    on it forced to the AVX2 family.
   * Without a compiler, or when compilation fails, ``available()`` is False after ONE warning
     that says why, and the model keeps working on the torch path.
   * ``to_large_pages`` puts a weight in memory advised for 2 MB pages (the loader does this for
@@ -44,8 +48,8 @@ How it works
 Numerics: products and sums are fp32 with FMA (no reduced precision anywhere). The large-M path
 multiplies ``q * scale`` in fp32 (exact for an fp16 scale, so the weight equals the torch
 reference's dequantized weight bit for bit); only the summation order differs from torch. The
-AMX path is more accurate than fp32 (exact integer products and sums of the digits, one rounding
-at the end; the digits drop less than 2^-28 * max|x_m| per element).
+AMX path and the VNNI INT4 GEMV are more accurate than fp32 (exact integer products and sums of the
+digits, one rounding at the end; the digits drop less than 2^-28 * max|x_m| per element).
 """
 from __future__ import annotations
 
@@ -1004,9 +1008,10 @@ static int gemm_driver(const isa_ops *o, const problem *p, int nthreads) {
    columns and 16 (q + 8) for the even ones. So 64 weight bytes cost 2 bit operations and 8
    multiply-adds (4 digits x 2 halves) instead of 3 shuffles, a shift and 2 FMAs per 16 bytes,
    and the sums are exact: the dot product is rounded once, more accurately than the fp32 GEMV.
-   Batch 1 only: VPDPBUSD runs on one port where the FMAs have two, so with 2-4 rows of x, each adding
-   8 multiply-adds per 64 bytes, the fp32 GEMV's shared accumulators are ahead (2 threads here, a
-   token's INT4 linears: M=2 158 / 181 ms, M=4 222 / 298 ms fp32 / VNNI; at M=1 131 / 115 ms). */
+   On AVX-512 batch 1 only: VPDPBUSD runs on one port where the FMAs have two, so with 2-4 rows of x,
+   each adding 8 multiply-adds per 64 bytes, the fp32 GEMV's shared accumulators are ahead (2 threads
+   here, a token's INT4 linears: M=2 158 / 181 ms, M=4 222 / 298 ms fp32 / VNNI; at M=1 131 / 115 ms).
+   The AVX-VNNI version (256 bits, below) takes 1-3 rows (q4v_max_m). */
 #if CG_X86
 /* The power of two s of a row of x written as base-128 digits (the AMX kernels and the VNNI INT4 GEMV):
    max|x| / s in [64, 127.5), so d_0 = round(x / s) is in [-127, 127]. Returns 1 when the row has a NaN
