@@ -1614,10 +1614,11 @@ static inline int amx_driver(const problem *p, int nthreads) { (void)p; (void)nt
 #define Q4Y_MAX_M 3
 static int g_q4v_max_m = -1; /* override (tests / benchmarks); -1: Q4V_MAX_M / Q4Y_MAX_M */
 static int q4v_max_m(void) {
+    const isa_ops *o = ops(); /* (selects the ISA on a first call) */
     const int vnni = q4v_supported();
     if (!vnni) return 0;
     const int m = g_q4v_max_m >= 0 ? g_q4v_max_m : vnni == 2 ? Q4V_MAX_M : Q4Y_MAX_M;
-    const int gemv = g_gemv_max_m >= 0 ? g_gemv_max_m : ops()->gemv_max_m[W_INT4];
+    const int gemv = g_gemv_max_m >= 0 ? g_gemv_max_m : o->gemv_max_m[W_INT4];
     return m < gemv ? m : gemv;
 }
 
