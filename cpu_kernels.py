@@ -1157,8 +1157,8 @@ TVNNI CG_INLINE void q4v_row(const problem *p, const int8_t *xd, int64_t n, int6
     for (int j = 0; j < Q4V_DIGITS; j++) acc[j] += sums[j];
 }
 
-/* The same on CPUs without AVX-512 that have AVX-VNNI (Intel from Alder Lake / Sapphire Rapids, AMD
-   Zen 5): 256-bit VPDPBUSD, each 64-byte step as two 32-byte halves against the same digit layout. AVX2
+/* The same on CPUs without AVX-512 that have AVX-VNNI (Intel client cores from Alder Lake, the
+   E-core Xeons), and on any CPU with both when the AVX2 kernels are selected: 256-bit VPDPBUSD, each 64-byte step as two 32-byte halves against the same digit layout. AVX2
    has no ternary logic: an xor and two ands per half. */
 /* (the "avxvnni" target needs gcc 11 / clang 12; older compilers build without this kernel) */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
