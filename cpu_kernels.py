@@ -1062,9 +1062,7 @@ T256 static int digit_scale_avx2(const float *x, int64_t K, float *s_out) {
     }
     return scale_from_max(amax, nan != 0, s_out);
 }
-#endif
 
-#if CG_X86
 #define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define Q4V_DIGITS 4
 #define Q4V_COLS 128               /* columns per step: 64 weight bytes */
@@ -1312,14 +1310,12 @@ TAVXVNNI static void q4y_block(const problem *p, const int8_t *xd, const int64_t
 static int q4v_supported(void) {
     static int has512 = -1, has256 = -1;
     if (has512 < 0) {
-        unsigned a = 0, b = 0, c = 0, d = 0;
         __builtin_cpu_init();
         has512 = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
-#ifdef CG_AVXVNNI
-        has256 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1u);
-#else
         has256 = 0;
-        (void)a; (void)b; (void)c; (void)d;
+#ifdef CG_AVXVNNI
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        has256 = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1u);
 #endif
     }
     if (g_isa >= ISA_AVX512) return has512 ? 2 : 0;

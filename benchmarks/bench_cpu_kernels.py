@@ -88,7 +88,7 @@ def LARGE_PAGES(t):  # set in main(): weights in 2 MB pages like the loader plac
 
 def bench_decode(args, rows, bits: int):
     """Per-token time of the 28 layers' linears at M=1: kernels, torch path; for INT4 on a CPU with
-    AVX512-VNNI also the fp32 GEMV it replaced (alternating with it, best of three medians each)."""
+    VNNI (AVX512-VNNI, or AVX-VNNI with --isa avx2) also the fp32 GEMV it replaced (alternating with it, best of three medians each)."""
     x = torch.randn(1, HIDDEN)
     per_token_kernel = per_token_torch = per_token_fp32 = 0.0
     vnni = bits == 4 and cpu_kernels.kernel_info().get("int4_vnni_max_m", 0) >= 1

@@ -373,13 +373,16 @@ def test_quantized_linear_dispatch_uses_the_kernels(lib):
         assert torch.equal(layer(x).double(), ref)
 
 
-def _cpuinfo_amd_family():
-    """(vendor is AMD, CPU family, has avx512f) from Linux's /proc/cpuinfo (an ARM CPU has no vendor_id):
-    independent of the kernels' CPUID reading."""
-    text = Path("/proc/cpuinfo").read_text()
-    first = text.split("\n\n")[0]
+def _cpuinfo_fields():
+    """The first CPU's fields in Linux's /proc/cpuinfo: independent of the kernels' CPUID reading."""
+    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return {k.strip(): v.strip() for k, v in fields.items()}
+
+
+def _cpuinfo_amd_family():
+    """(vendor is AMD, CPU family, has avx512f) (an ARM CPU has no vendor_id)."""
+    fields = _cpuinfo_fields()
     return (fields.get("vendor_id") == "AuthenticAMD", int(fields.get("cpu family", "-1")),
             "avx512f" in fields.get("flags", "").split())
 
@@ -402,11 +405,6 @@ def test_gemv_switch_over_follows_the_fma_width(lib):
         assert not avx512
 
 
-def _cpuinfo_flags():
-    first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    return next((line.split(":", 1)[1].split() for line in first.splitlines() if line.startswith("flags")), [])
-
-
 @pytest.fixture(params=["vnni", "fp32"])
 def int4_gemv(lib, request):
     """Batch-1 INT4 rows through the VNNI GEMV (where the CPU has it) or the fp32 GEMV."""
@@ -418,7 +416,7 @@ def int4_gemv(lib, request):
 def test_int4_vnni_gemv_follows_the_cpu(lib):
     """Batch-1 INT4 takes the VNNI GEMV exactly where /proc/cpuinfo lists avx512_vnni and the AVX-512
     kernels are in use (also with AMX: batch 1 never runs on tiles), or avx_vnni with the AVX2 ones."""
-    flags = _cpuinfo_flags()
+    flags = _cpuinfo_fields().get("flags", "").split()
     vnni512, vnni256 = "avx512_vnni" in flags, "avx_vnni" in flags
     isa = lib.kernel_info()["isa"]
     assert lib.kernel_info()["int4_vnni_max_m"] == (
